@@ -12,8 +12,9 @@ from hessrank.cli import main
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "hessrank", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "hessrank", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_models_lists_bundled(capsys):

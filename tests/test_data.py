@@ -61,7 +61,11 @@ def test_plain_text(tmp_path):
         (None, {}, "data file not found"),
         ("", {}, "file is empty"),
         ("sentence\tlabel\n", {}, "no data rows"),
-        ("sentence\tlabel\nhi\t1\n", {"text_field": "text"}, "text field 'text' not found; available: 'sentence', 'label'"),
+        (
+            "sentence\tlabel\nhi\t1\n",
+            {"text_field": "text"},
+            "text field 'text' not found; available: 'sentence', 'label'",
+        ),
         ("sentence\tlabel\nhi\t1\n", {"label_field": "y"}, "label field 'y' not found"),
         ("sentence\tlabel\nhi\t\n", {}, r"line 2: empty label field 'label'"),
         ("sentence\tlabel\nhi\t7\n", {"label_names": ("a", "b")}, "label 7 has no name"),
@@ -91,7 +95,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     f = write(tmp_path / "d.tsv", "text\tlabel\n" + "".join(f"t{i}\t{i % 2}\n" for i in range(50)))
     ds = load_dataset(str(f))
     tr, ev = split_dataset(ds, 0.2, seed=3)
-    tr2, ev2 = split_dataset(ds, 0.2, seed=3)
+    _, ev2 = split_dataset(ds, 0.2, seed=3)
     assert [e.text for e in ev.examples] == [e.text for e in ev2.examples]
     assert len(ev) == 10 and len(tr) == 40
     assert not {e.text for e in tr.examples} & {e.text for e in ev.examples}
@@ -114,7 +118,9 @@ def test_causal_encoding_masks_prompt(smollm2_tokenizer, tmp_path):
     # truncation keeps the answer
     enc8 = Encoder(smollm2_tokenizer, "causal-lm", max_length=8, dataset=ds)
     item = enc8.encode(ds.examples[0])
-    assert len(item["input_ids"]) <= 8 and tok.decode([t for t in item["labels"] if t != IGNORE_INDEX]).startswith(" positive")
+    assert len(item["input_ids"]) <= 8 and tok.decode([t for t in item["labels"] if t != IGNORE_INDEX]).startswith(
+        " positive"
+    )
 
 
 @pytest.mark.slow

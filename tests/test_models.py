@@ -50,8 +50,10 @@ def test_minilm_seq_cls_head_is_seeded(minilm_cls):
     assert torch.equal(same.classifier.weight, m.classifier.weight)
     assert not torch.equal(other.classifier.weight, m.classifier.weight)
     # body weights are the pretrained ones, identical across seeds
-    assert torch.equal(other.bert.encoder.layer[0].attention.self.query.weight,
-                       m.bert.encoder.layer[0].attention.self.query.weight)
+    assert torch.equal(
+        other.bert.encoder.layer[0].attention.self.query.weight,
+        m.bert.encoder.layer[0].attention.self.query.weight,
+    )
 
 
 @pytest.mark.slow
@@ -86,8 +88,9 @@ def _lora_step_all_grads(model, tok):
 
     # init_lora_weights=False: B != 0, so A gets a gradient on the first step too (PEFT's default B = 0 would
     # give A a zero gradient at step 0 for a legitimate reason and hide the trap this test is about)
-    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                          init_lora_weights=False))
+    pm = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    )
     x = tok(["Hello, my name is John and", "The capital of France is"], return_tensors="pt", padding=True)
     pm.eval()
     with torch.no_grad():  # the eval-mode forward without grad that triggers bitsandbytes' CPU repacking
@@ -116,8 +119,7 @@ def test_quantized_lora_step_every_tensor_gets_gradient(quant, smollm2_tokenizer
         if quant == "nf4":
             assert isinstance(q, bnb.nn.Linear4bit)
             assert lm.info["bnb_cpu_fixed_modules"] == 210
-            assert all(not m.support_avx512bf16_for_cpu for m in lm.model.modules()
-                       if isinstance(m, bnb.nn.Linear4bit))
+            assert all(not m.support_avx512bf16_for_cpu for m in lm.model.modules() if isinstance(m, bnb.nn.Linear4bit))
         else:
             assert isinstance(q, bnb.nn.Linear8bitLt)
         loss = _lora_step_all_grads(lm.model, smollm2_tokenizer)
@@ -127,7 +129,7 @@ def test_quantized_lora_step_every_tensor_gets_gradient(quant, smollm2_tokenizer
 def test_bad_model_inputs(tmp_path):
     with pytest.raises(ModelError, match="not a bundled model"):
         resolve_model("nobody/no-such-model")
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_model(tmp_path)
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x")

@@ -11,9 +11,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .data import DataSpec, Dataset, Encoder, Example, analysis_batches, load_dataset, make_batches, split_dataset
+from .data import (
+    Dataset,
+    DataSpec,
+    Encoder,
+    Example,
+    analysis_batches,
+    load_dataset,
+    make_batches,
+    split_dataset,
+)
 from .errors import DataError, HessrankError, ModelError, NumericalError, ScopeError
-from .models import BUNDLED_MODELS, LoadedModel, load_model, load_tokenizer, resolve_targets, target_candidates
+from .models import (
+    BUNDLED_MODELS,
+    LoadedModel,
+    load_model,
+    load_tokenizer,
+    resolve_targets,
+    target_candidates,
+)
 from .tasks import causal_lm_loss, loss_fn_for, loss_weight, seq_cls_loss
 
 __all__ = [

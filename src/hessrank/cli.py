@@ -54,17 +54,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"model       {args.model}  ({d['class']}, {d['model_type']}, task {lm.task})")
     print(f"path        {lm.path}")
-    print(f"parameters  {_fmt_int(d['num_parameters'])}   layers {d['num_layers']}   hidden {d['hidden_size']}   "
-          f"dtype {d['dtype']}   tied embeddings {'yes' if d['tied_embeddings'] else 'no'}")
+    print(
+        f"parameters  {_fmt_int(d['num_parameters'])}   layers {d['num_layers']}   hidden {d['hidden_size']}   "
+        f"dtype {d['dtype']}   tied embeddings {'yes' if d['tied_embeddings'] else 'no'}"
+    )
     print("\nLoRA target-module candidates (PEFT target_modules names):")
     print(f"  {'name':<16}{'count':>6}  {'shape (out x in)':<18}{'params/module':>15}{'total':>14}  all-linear")
     for g in d["target_candidates"]:
         shape = ", ".join(f"{o}x{i}" for o, i in g["shape"])
         per = _fmt_int(g["params_per_module"]) if len(g["shape"]) == 1 else "mixed"
-        print(f"  {g['name']:<16}{g['count']:>6}  {shape:<18}{per:>15}"
-              f"{_fmt_int(g['total_params']):>14}  {'yes' if g['in_all_linear'] else 'no'}")
+        print(
+            f"  {g['name']:<16}{g['count']:>6}  {shape:<18}{per:>15}"
+            f"{_fmt_int(g['total_params']):>14}  {'yes' if g['in_all_linear'] else 'no'}"
+        )
     al = d["all_linear"]
-    print(f"\n  \"all-linear\" = {al['count']} modules: {', '.join(al['suffixes'])}")
+    print(f'\n  "all-linear" = {al["count"]} modules: {", ".join(al["suffixes"])}')
     return 0
 
 

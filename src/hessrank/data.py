@@ -272,9 +272,11 @@ def read_records(spec: DataSpec) -> tuple[list[dict[str | int, Any]], list[str |
             delim = "\t" if fmt == "tsv" else ","
             header = spec.header
             if header is None:
-                header = any(isinstance(_parse_field(f), str) for f in (spec.text_field, spec.label_field,
-                                                                        spec.prompt_field, spec.answer_field)
-                             if f is not None) or (spec.text_field is None and spec.label_field is None)
+                header = any(
+                    isinstance(_parse_field(f), str)
+                    for f in (spec.text_field, spec.label_field, spec.prompt_field, spec.answer_field)
+                    if f is not None
+                ) or (spec.text_field is None and spec.label_field is None)
             with path.open(encoding="utf-8", newline="") as f:
                 quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
                 reader = csv.reader(f, delimiter=delim, quoting=quoting)
@@ -337,8 +339,9 @@ def load_dataset(data: str | DataSpec, split: str = "train", **overrides: Any) -
             ans = _get(r, spec.answer_field, path, keys, "answer field")
             if spec.template is not None:
                 try:
-                    prompt = spec.template.format(**{str(k): v for k, v in r.items()},
-                                                  text=r.get(pf, "") if pf is not None else "")
+                    prompt = spec.template.format(
+                        **{str(k): v for k, v in r.items()}, text=r.get(pf, "") if pf is not None else ""
+                    )
                 except KeyError as e:
                     raise DataError(f"{path}: template field {e} not found; available: {keys}") from None
             else:
@@ -346,15 +349,19 @@ def load_dataset(data: str | DataSpec, split: str = "train", **overrides: Any) -
             if ans is None or not str(ans).strip():
                 raise DataError(f"{path}, {line_of(i)}: empty answer field {spec.answer_field!r}")
             examples.append(Example(text=str(prompt), answer=str(ans)))
-        return Dataset(examples, "instruction", path, template=spec.template, answer_prefix=spec.answer_prefix,
-                       meta={"format": fmt})
+        return Dataset(
+            examples,
+            "instruction",
+            path,
+            template=spec.template,
+            answer_prefix=spec.answer_prefix,
+            meta={"format": fmt},
+        )
 
     # --- text (+ label)
     tf = spec.text_field
     if tf is None:
-        if fmt == "text":
-            tf = "text"
-        elif "text" in keys:
+        if fmt == "text" or "text" in keys:
             tf = "text"
         elif "sentence" in keys:
             tf = "sentence"
@@ -381,8 +388,15 @@ def load_dataset(data: str | DataSpec, split: str = "train", **overrides: Any) -
         return Dataset([Example(t) for t in texts], "text", path, template=spec.template, meta={"format": fmt})
     names, labels = _map_labels(raw_labels, spec.label_names, path)
     examples = [Example(t, label=y) for t, y in zip(texts, labels)]
-    return Dataset(examples, "classification", path, label_names=names, template=spec.template,
-                   answer_prefix=spec.answer_prefix, meta={"format": fmt})
+    return Dataset(
+        examples,
+        "classification",
+        path,
+        label_names=names,
+        template=spec.template,
+        answer_prefix=spec.answer_prefix,
+        meta={"format": fmt},
+    )
 
 
 def _map_labels(raw: list[str], label_names: tuple[str, ...] | None, path: str) -> tuple[list[str], list[int]]:
@@ -407,8 +421,13 @@ def _map_labels(raw: list[str], label_names: tuple[str, ...] | None, path: str) 
     return uniq, [index[v] for v in raw]
 
 
-def split_dataset(ds: Dataset, eval_fraction: float = 0.1, seed: int = 0,
-                  max_train: int | None = None, max_eval: int | None = None) -> tuple[Dataset, Dataset]:
+def split_dataset(
+    ds: Dataset,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> tuple[Dataset, Dataset]:
     """Deterministic train/eval split: a seeded permutation, the first ``eval_fraction`` for evaluation."""
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
@@ -487,7 +506,7 @@ class Encoder:
         a_ids = a_ids[: self.max_length - 1]
         keep = self.max_length - len(a_ids)
         if len(p_ids) > keep:
-            p_ids = p_ids[:1] + p_ids[len(p_ids) - keep + 1:] if keep > 1 else p_ids[-keep:]
+            p_ids = p_ids[:1] + p_ids[len(p_ids) - keep + 1 :] if keep > 1 else p_ids[-keep:]
         ids = p_ids + a_ids
         labels = [IGNORE_INDEX] * len(p_ids) + a_ids
         return {"input_ids": ids, "labels": labels}
@@ -512,20 +531,22 @@ class Encoder:
         return batch
 
 
-def make_batches(ds: Dataset, encoder: Encoder, batch_size: int,
-                 indices: Sequence[int] | None = None) -> list[dict[str, torch.Tensor]]:
+def make_batches(
+    ds: Dataset, encoder: Encoder, batch_size: int, indices: Sequence[int] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Consecutive batches of ``ds`` (in ``indices`` order), each padded to its own longest item."""
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     idx = list(range(len(ds))) if indices is None else list(indices)
     return [
-        encoder.collate([encoder.encode(ds.examples[i]) for i in idx[s: s + batch_size]])
+        encoder.collate([encoder.encode(ds.examples[i]) for i in idx[s : s + batch_size]])
         for s in range(0, len(idx), batch_size)
     ]
 
 
-def analysis_batches(ds: Dataset, encoder: Encoder, num_batches: int, batch_size: int,
-                     seed: int = 0, offset: int = 0) -> list[dict[str, torch.Tensor]]:
+def analysis_batches(
+    ds: Dataset, encoder: Encoder, num_batches: int, batch_size: int, seed: int = 0, offset: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """``num_batches`` fixed batches of ``batch_size`` examples chosen by ``seed``.
 
     Independent batch sets for error bars use the same seed with ``offset = 0, 1, 2, ...``: they take
@@ -540,5 +561,5 @@ def analysis_batches(ds: Dataset, encoder: Encoder, num_batches: int, batch_size
             f"{batch_size}"
         )
     perm = np.random.default_rng(seed).permutation(len(ds))
-    chosen = perm[offset * need: (offset + 1) * need].tolist()
+    chosen = perm[offset * need : (offset + 1) * need].tolist()
     return make_batches(ds, encoder, batch_size, chosen)

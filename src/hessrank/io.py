@@ -7,6 +7,7 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,10 +46,8 @@ def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(path.parent)
     return path

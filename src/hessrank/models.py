@@ -344,9 +344,7 @@ def load_model(
             if task == "causal-lm":
                 model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), num_labels=num_labels, **kwargs
-                )
+                model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise ModelError(f"model '{sname}' ({path}): cannot load for task '{task}': {e}") from None
     finally:
@@ -462,9 +460,7 @@ def resolve_targets(model: nn.Module, patterns: str | list[str] | tuple[str, ...
     for t in items:
         if not any(n == t or n.endswith("." + t) for n in linear):
             suffixes = sorted({n.split(".")[-1] for n in linear})
-            raise ScopeError(
-                f"module pattern '{t}' matches no linear module; candidates: {', '.join(suffixes)}"
-            )
+            raise ScopeError(f"module pattern '{t}' matches no linear module; candidates: {', '.join(suffixes)}")
     return names
 
 

@@ -39,6 +39,11 @@ def _selective_path(model: nn.Module) -> bool:
     )
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast to float32 for the softmax; float32/float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction over label tokens (labels != -100, shifted by one)."""
     labels = batch["labels"]
@@ -53,13 +58,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
         logits = model.lm_head(h)
     else:
         logits = model(**_forward_kwargs(batch), use_cache=False).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), target[keep], reduction="sum") / n
+    return F.cross_entropy(_upcast(logits), target[keep], reduction="sum") / n
 
 
 def seq_cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the classifier's logits."""
     logits = model(**_forward_kwargs(batch)).logits
-    return F.cross_entropy(logits.float(), batch["labels"])
+    return F.cross_entropy(_upcast(logits), batch["labels"])
 
 
 def loss_weight(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,490 @@
+"""Lanczos for the extreme eigenvalues of a symmetric operator, and stochastic Lanczos quadrature.
+
+Both take an *operator*, not a model: anything with ``shape`` ``(n, n)`` and ``matvec(v)`` on torch vectors (a
+:class:`hessrank.HessianOperator`, or :class:`DenseOperator` around a matrix in tests). The Krylov basis lives
+on the operator's device (the GPU when the operator is there) in the operator's dtype; the small projected
+matrix is float64 on the CPU.
+
+:func:`lanczos` is thick-restart Lanczos (Wu & Simon, SIAM J. Matrix Anal. Appl. 22(2), 2000) with full
+reorthogonalization (classical Gram–Schmidt applied twice, "CGS2"; Giraud et al. 2005). The projected matrix
+``T = Vᵀ A V`` is filled from the reorthogonalization coefficients, so after a thick restart it has the
+arrowhead form of Wu & Simon without special cases. Ritz pairs are checked after *every* step, so the run stops
+as soon as the wanted pairs have converged — HVPs are the expensive part, so we spend none that are not needed.
+
+Convergence ("eigenvalue" criterion, default): for a Ritz pair (θ, y) with residual r = ‖Ay − θy‖ = |β_s
+y_s| (the last component of the Ritz vector in the basis times the last Lanczos coefficient), the eigenvalue
+error is bounded by ``min(r, r²/δ)`` where δ is the gap from θ to the rest of the spectrum (Parlett, *The
+Symmetric Eigenvalue Problem*, Thm 11.7.1; Saad, *Numerical Methods for Large Eigenvalue Problems*, Thm 3.9).
+δ is estimated by the distance to the nearest other Ritz value. A pair is converged when that bound is at most
+``tol·|θ|``. The "residual" criterion (ARPACK's) asks ``r ≤ tol·|θ|`` instead, which is stricter and also
+guarantees eigenvector accuracy.
+
+Lanczos with one start vector sees one copy of a repeated eigenvalue. ``check_multiplicity=True`` runs a
+second pass on the Hotelling-deflated operator (the found pairs moved out of the way), in which copies hidden
+from the first Krylov space appear.
+
+:func:`slq` is stochastic Lanczos quadrature (Golub & Meurant 1994/2010; Ubaru, Chen & Saad, SIAM J. Matrix Anal.
+Appl. 38(4), 2017; for Hessian densities Ghorbani, Krishnan & Xiao, ICML 2019): for Rademacher probes v, the
+Lanczos tridiagonal T_m of (A, v/‖v‖) gives Gauss quadrature nodes θ_j (eigenvalues of T_m) and weights
+τ_j² (squared first components of its eigenvectors), and ``vᵀ f(A) v / ‖v‖² ≈ Σ_j τ_j² f(θ_j)``. Averaging over
+probes estimates the spectral density ``φ(t) = (1/n) Σ_i δ(t − λ_i)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Operator(Protocol):
+    shape: tuple[int, int]
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseOperator:
+    """A symmetric matrix as an operator (for tests, and to check solvers against dense ground truth)."""
+
+    def __init__(self, matrix: torch.Tensor | np.ndarray):
+        m = torch.as_tensor(matrix)
+        if m.dim() != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(m.shape)}")
+        self.matrix = m
+        self.shape = (int(m.shape[0]), int(m.shape[1]))
+        self.num_matvecs = 0
+        self.device = m.device
+        self.dtype = m.dtype
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += 1
+        return self.matrix @ v.to(self.matrix.dtype)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matvec(v)
+
+
+def _op_device_dtype(op: Any) -> tuple[torch.device, torch.dtype]:
+    dev = getattr(op, "device", torch.device("cpu"))
+    dt = getattr(op, "dtype", torch.float32)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        dt = torch.float64
+    return torch.device(dev), dt
+
+
+def _random_vector(
+    n: int, gen: torch.Generator, device: torch.device, dtype: torch.dtype, rademacher: bool = False
+) -> torch.Tensor:
+    if rademacher:
+        v = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+    else:
+        v = torch.randn(n, generator=gen, dtype=torch.float64)
+    return v.to(device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Extreme eigenpairs of a symmetric operator.
+
+    ``eigenvalues`` are the k wanted Ritz values, most extreme first: descending for ``which="LA"`` (and
+    ``"LM"`` by magnitude), ascending (most negative first) for ``which="SA"``. ``residuals`` are Ritz residual
+    norms ‖Ay − θy‖, ``error_bounds`` the eigenvalue error bounds min(r, r²/gap); ``converged`` says whether
+    all k met the tolerance, ``converged_mask`` which did. ``eigenvectors`` (n × k, on the operator's device)
+    only when asked for.
+    """
+
+    eigenvalues: np.ndarray
+    residuals: np.ndarray
+    error_bounds: np.ndarray
+    converged_mask: np.ndarray
+    num_matvecs: int
+    num_restarts: int
+    which: str
+    tol: float
+    criterion: str
+    seed: int
+    eigenvectors: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def converged(self) -> bool:
+        return bool(np.all(self.converged_mask))
+
+    @property
+    def num_converged(self) -> int:
+        return int(np.sum(self.converged_mask))
+
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    if which == "LM":
+        return np.argsort(-np.abs(theta), kind="stable")
+    raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+
+
+def _ritz(T: np.ndarray, beta: float, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values (ordered by ``which``), vectors in the basis, residual norms and error bounds."""
+    theta, Y = np.linalg.eigh(T)
+    order = _order(theta, which)
+    theta, Y = theta[order], Y[:, order]
+    res = np.abs(beta * Y[-1, :])
+    s = len(theta)
+    if s > 1:
+        diffs = np.abs(theta[:, None] - theta[None, :])
+        np.fill_diagonal(diffs, np.inf)
+        gap = diffs.min(axis=1)
+    else:
+        gap = np.zeros(1)  # no estimate of the gap yet: fall back to the residual bound
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quad = np.where(gap > 0, res**2 / gap, res)
+    bound = np.minimum(res, quad)
+    return theta, Y, res, bound
+
+
+def _converged(
+    theta: np.ndarray,
+    res: np.ndarray,
+    bound: np.ndarray,
+    tol: float,
+    criterion: str,
+    scale: float,
+    eps: float,
+) -> np.ndarray:
+    """err ≤ max(tol·|θ|, 50·eps·‖T‖): relative accuracy, floored at what the arithmetic can attain."""
+    err = bound if criterion == "eigenvalue" else res
+    return err <= np.maximum(tol * np.abs(theta), 50 * eps * scale)
+
+
+def _orthogonalize(V: torch.Tensor, j: int, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """Remove from ``w`` its components along rows ``V[:j]`` twice (CGS2); return w and the coefficients."""
+    if j == 0:
+        return w, np.zeros(0)
+    B = V[:j]
+    h = B @ w
+    w = w - B.T @ h
+    h2 = B @ w
+    w = w - B.T @ h2
+    return w, (h + h2).double().cpu().numpy()
+
+
+def lanczos(
+    op: Operator,
+    k: int = 10,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    ncv: int | None = None,
+    criterion: str = "eigenvalue",
+    return_eigenvectors: bool = False,
+    check_multiplicity: bool = False,
+    v0: torch.Tensor | None = None,
+    progress: bool = False,
+) -> LanczosResult:
+    """The ``k`` extreme eigenvalues of the symmetric operator ``op`` by thick-restart Lanczos.
+
+    ``which``: "LA" largest algebraic, "SA" smallest algebraic (the most negative end; Hessians at a
+    pretrained point are indefinite), "LM" largest magnitude. ``tol``: relative accuracy asked of the
+    eigenvalues (``criterion="eigenvalue"``) or of the residuals (``"residual"``). ``ncv``: basis size before a
+    restart (default ``min(n, max(2k + 1, k + 30))``). ``max_matvecs``: budget (default ``max(300, 30k)``);
+    when it runs out the result says ``converged=False``. ``seed`` fixes the start vector.
+    ``check_multiplicity``: after convergence, run again on the Hotelling-deflated operator
+    A − Σᵢ (θᵢ − c) yᵢyᵢᵀ (found pairs moved to the unwanted end c) and merge, so repeated eigenvalues that one
+    Krylov space cannot see are found; costs a second run.
+    """
+    n = int(op.shape[0])
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if criterion not in ("eigenvalue", "residual"):
+        raise ValueError(f"criterion must be 'eigenvalue' or 'residual', got {criterion!r}")
+    _order(np.zeros(1), which)  # validates which
+    if check_multiplicity and which == "LM":
+        raise ValueError("check_multiplicity supports which='LA' or 'SA'")
+    budget = max_matvecs if max_matvecs is not None else max(300, 30 * k)
+    first = _lanczos_run(
+        op,
+        k,
+        which,
+        tol,
+        budget,
+        seed,
+        ncv,
+        criterion,
+        return_eigenvectors or check_multiplicity,
+        v0,
+        progress,
+    )
+    if not (check_multiplicity and first.converged and first.num_matvecs < budget and k < n):
+        if first.eigenvectors is not None and not return_eigenvectors:
+            first = _replace(first, eigenvectors=None)
+        return first
+    assert first.eigenvectors is not None
+    defl = _HotellingDeflated(op, first.eigenvectors, first.eigenvalues, which)
+    second = _lanczos_run(
+        defl,
+        k,
+        which,
+        tol,
+        budget - first.num_matvecs,
+        seed + 1,
+        ncv,
+        criterion,
+        return_eigenvectors,
+        None,
+        progress,
+    )
+    vals = np.concatenate([first.eigenvalues, second.eigenvalues])
+    order = _order(vals, which)[:k]
+    pick = lambda a, b: np.concatenate([a, b])[order]
+    vecs = None
+    if return_eigenvectors and second.eigenvectors is not None:
+        vecs = torch.cat([first.eigenvectors, second.eigenvectors], dim=1)[:, torch.from_numpy(order.copy())]
+    return LanczosResult(
+        eigenvalues=vals[order],
+        residuals=pick(first.residuals, second.residuals),
+        error_bounds=pick(first.error_bounds, second.error_bounds),
+        converged_mask=pick(first.converged_mask, second.converged_mask),
+        num_matvecs=first.num_matvecs + second.num_matvecs,
+        num_restarts=first.num_restarts + second.num_restarts + 1,
+        which=which,
+        tol=tol,
+        criterion=criterion,
+        seed=seed,
+        eigenvectors=vecs,
+    )
+
+
+def _replace(r: LanczosResult, **kw: Any) -> LanczosResult:
+    from dataclasses import replace
+
+    return replace(r, **kw)
+
+
+class _HotellingDeflated:
+    """A − Y diag(θ − c) Yᵀ: the found eigenpairs moved to ``c``, beyond the unwanted end of the spectrum."""
+
+    def __init__(self, op: Operator, Y: torch.Tensor, theta: np.ndarray, which: str):
+        self.op = op
+        self.shape = op.shape
+        self.device, self.dtype = _op_device_dtype(op)
+        span = float(np.abs(theta).max()) or 1.0
+        c = float(theta.min()) - 4 * span if which == "LA" else float(theta.max()) + 4 * span
+        self.Y = Y
+        self.shift = torch.as_tensor(theta - c, dtype=Y.dtype, device=Y.device)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.op.matvec(v) - self.Y @ (self.shift * (self.Y.T @ v))
+
+
+def _lanczos_run(
+    op: Operator,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    seed: int,
+    ncv: int | None,
+    criterion: str,
+    want_vectors: bool,
+    v0: torch.Tensor | None,
+    progress: bool,
+) -> LanczosResult:
+    n = int(op.shape[0])
+    device, dtype = _op_device_dtype(op)
+    m = min(n, ncv if ncv is not None else max(2 * k + 1, k + 30))
+    if m <= k and m < n:
+        raise ValueError(f"ncv={m} must exceed k={k}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    eps = float(torch.finfo(dtype).eps)
+
+    V = torch.zeros((m + 1, n), dtype=dtype, device=device)
+    T = np.zeros((m, m))
+    v = v0.to(device=device, dtype=dtype).clone() if v0 is not None else _random_vector(n, gen, device, dtype)
+    V[0] = v / torch.linalg.vector_norm(v)
+    used = restarts = 0
+    s = 0  # vectors of V whose matvec is done; V[s] is the next one
+    scale = 0.0
+    beta = 0.0
+    theta = res = bound = np.zeros(0)
+    Y = np.zeros((0, 0))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget, desc=f"lanczos k={k}", leave=False, unit="hvp")
+
+    min_basis = min(n, k + 5)  # a few steps past k before the gap estimate from Ritz values is trusted
+
+    def conv_mask() -> np.ndarray:
+        kk = min(k, len(theta))
+        ok = _converged(theta[:kk], res[:kk], bound[:kk], tol, criterion, scale, eps)
+        if s < min_basis and restarts == 0:
+            ok = ok & (res[:kk] <= 50 * eps * scale)  # only an exactly invariant subspace counts this early
+        return ok
+
+    while True:
+        stop = False
+        while s < m:
+            w = op.matvec(V[s])
+            used += 1
+            if bar is not None:
+                bar.update(1)
+            w, h = _orthogonalize(V, s + 1, w)
+            # T = Vᵀ A V from the orthogonalization coefficients (tridiagonal, or arrowhead after a restart)
+            T[: s + 1, s] = h
+            T[s, : s + 1] = h
+            beta = float(torch.linalg.vector_norm(w))
+            s += 1
+            scale = max(scale, float(np.abs(T[:s, :s]).max()))
+            theta, Y, res, bound = _ritz(T[:s, :s], beta, which)
+            if s >= n or used >= budget or (len(theta) >= k and conv_mask().all()):
+                stop = True
+                break
+            if beta <= 100 * eps * max(scale, 1e-30) * math.sqrt(n):
+                # invariant subspace: go on from a random direction orthogonal to the basis (coupling 0)
+                w = _random_vector(n, gen, device, dtype)
+                w, _ = _orthogonalize(V, s, w)
+                w, _ = _orthogonalize(V, s, w)
+                V[s] = w / torch.linalg.vector_norm(w)
+            else:
+                V[s] = w / beta
+        if stop:
+            break
+        # thick restart: keep the best Ritz vectors and the residual direction V[m]
+        keep = min(max(k + (m - k) // 2, k + 1), s - 1)
+        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :keep].T)).to(device=device, dtype=dtype)
+        kept = Yk @ V[:s]
+        resid = V[s].clone()
+        V.zero_()
+        V[:keep] = kept
+        V[keep] = resid
+        T[:] = 0.0
+        T[np.arange(keep), np.arange(keep)] = theta[:keep]
+        s = keep
+        restarts += 1
+    if bar is not None:
+        bar.close()
+    kk = min(k, len(theta))
+    vecs = None
+    if want_vectors:
+        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk])).to(device=device, dtype=dtype)
+        vecs = (V[:s].T @ Yk).contiguous()
+    return LanczosResult(
+        eigenvalues=theta[:kk].copy(),
+        residuals=res[:kk].copy(),
+        error_bounds=bound[:kk].copy(),
+        converged_mask=conv_mask().copy(),
+        num_matvecs=used,
+        num_restarts=restarts,
+        which=which,
+        tol=tol,
+        criterion=criterion,
+        seed=seed,
+        eigenvectors=vecs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stochastic Lanczos quadrature
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """SLQ nodes and weights: ``nodes[p, j]``, ``weights[p, j]`` for probe p (weights of a probe sum to 1)."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    n: int
+    num_matvecs: int
+    seed: int
+
+    @property
+    def num_probes(self) -> int:
+        return int(self.nodes.shape[0])
+
+    def density(self, grid: np.ndarray, sigma: float | None = None) -> np.ndarray:
+        """Gaussian-broadened density φ_σ(t) = (1/P) Σ_p Σ_j w_pj N(t; θ_pj, σ²) on ``grid`` (integrates to 1).
+
+        ``sigma`` defaults to 1% of the nodes' range (at least 1e-12).
+        """
+        grid = np.asarray(grid, dtype=np.float64)
+        if sigma is None:
+            span = float(self.nodes.max() - self.nodes.min())
+            sigma = max(0.01 * span, 1e-12)
+        z = (grid[:, None, None] - self.nodes[None]) / sigma
+        g = np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))
+        return (g * self.weights[None]).sum(axis=2).mean(axis=1)
+
+    def grid(self, num: int = 512, pad: float = 0.05) -> np.ndarray:
+        lo, hi = float(self.nodes.min()), float(self.nodes.max())
+        span = max(hi - lo, 1e-12)
+        return np.linspace(lo - pad * span, hi + pad * span, num)
+
+    def trace_of(self, f: Any) -> tuple[float, float]:
+        """Estimate tr f(A) = n · E[Σ_j w_j f(θ_j)] and its standard error over probes."""
+        per_probe = self.n * (self.weights * f(self.nodes)).sum(axis=1)
+        se = float(per_probe.std(ddof=1) / math.sqrt(len(per_probe))) if len(per_probe) > 1 else float("nan")
+        return float(per_probe.mean()), se
+
+    def count_above(self, t: float) -> tuple[float, float]:
+        """Estimated number of eigenvalues above ``t`` (and its standard error)."""
+        return self.trace_of(lambda x: (x > t).astype(np.float64))
+
+
+def slq(
+    op: Operator, num_probes: int = 8, num_steps: int = 30, seed: int = 0, progress: bool = False
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature with Rademacher probes and full reorthogonalization.
+
+    Costs ``num_probes · min(num_steps, n)`` matvecs. Nodes/weights per probe come from the eigen-
+    decomposition of the Lanczos tridiagonal: nodes are its eigenvalues, weights the squared first components.
+    """
+    n = int(op.shape[0])
+    if num_probes < 1 or num_steps < 1:
+        raise ValueError("num_probes and num_steps must be at least 1")
+    device, dtype = _op_device_dtype(op)
+    m = min(num_steps, n)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    nodes = np.zeros((num_probes, m))
+    weights = np.zeros((num_probes, m))
+    used = 0
+    it = range(num_probes)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="slq probes", leave=False)
+    for p in it:
+        V = torch.zeros((m + 1, n), dtype=dtype, device=device)
+        v = _random_vector(n, gen, device, dtype, rademacher=True)
+        V[0] = v / torch.linalg.vector_norm(v)
+        T = np.zeros((m, m))
+        s = m
+        for j in range(m):
+            w = op.matvec(V[j])
+            used += 1
+            w, h = _orthogonalize(V, j + 1, w)
+            T[j, j] = h[j]
+            beta = float(torch.linalg.vector_norm(w))
+            if j + 1 == m:
+                break
+            scale = float(np.abs(T[: j + 1, : j + 1]).max()) or 1.0
+            if beta <= 1e3 * float(torch.finfo(dtype).eps) * scale:
+                s = j + 1  # invariant subspace: the quadrature is exact with s nodes
+                break
+            T[j, j + 1] = T[j + 1, j] = beta
+            V[j + 1] = w / beta
+        theta, Y = np.linalg.eigh(T[:s, :s])
+        nodes[p, :s] = theta
+        weights[p, :s] = Y[0, :] ** 2
+        if s < m:  # pad with zero-weight copies so arrays stay rectangular
+            nodes[p, s:] = theta[-1]
+    return SpectralDensity(nodes=nodes, weights=weights, n=n, num_matvecs=used, seed=seed)

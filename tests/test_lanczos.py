@@ -1,0 +1,180 @@
+"""Lanczos and SLQ against dense eigendecompositions (torch.linalg.eigh, float64) and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from fixtures import tiny_llama, tiny_mlp
+from hessrank.curvature import HessianOperator
+from hessrank.lanczos import DenseOperator, lanczos, slq
+
+
+def sym_with_spectrum(eigs: np.ndarray, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(eigs), len(eigs))))
+    return torch.from_numpy((Q * eigs) @ Q.T)
+
+
+@st.composite
+def spectra(draw):
+    n = draw(st.integers(30, 120))
+    kind = draw(st.sampled_from(["decay", "clustered", "degenerate", "negative", "random"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "decay":
+        eigs = 10.0 * np.exp(-np.arange(n) / draw(st.floats(1.0, 10.0)))
+    elif kind == "clustered":
+        centers = rng.uniform(-1, 5, size=4)
+        eigs = rng.choice(centers, size=n) + rng.normal(0, 1e-3, size=n)
+    elif kind == "degenerate":
+        eigs = rng.normal(0, 1, size=n)
+        eigs[: draw(st.integers(2, 4))] = 5.0  # a repeated top eigenvalue
+    elif kind == "negative":
+        eigs = -np.abs(rng.standard_normal(n)) * 3
+    else:
+        eigs = rng.standard_normal(n)
+    return kind, eigs, int(rng.integers(0, 2**31))
+
+
+def check(res, eigs, which, k, tol):
+    ref = np.sort(eigs)[::-1][:k] if which == "LA" else np.sort(eigs)[:k]
+    scale = np.abs(eigs).max()
+    err = np.abs(res.eigenvalues - ref) / np.maximum(np.abs(ref), 1e-3 * scale)
+    return float(err.max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(spectra(), st.sampled_from(["LA", "SA"]), st.integers(1, 6))
+def test_lanczos_matches_eigh(spec, which, k):
+    kind, eigs, seed = spec
+    # the low end of a fast exponential decay is a cluster of values below float64 resolution
+    assume(not (kind == "decay" and which == "SA"))
+    A = sym_with_spectrum(eigs, seed)
+    ref_vals = torch.linalg.eigvalsh(A).numpy()
+    res = lanczos(
+        DenseOperator(A),
+        k=k,
+        which=which,
+        tol=1e-8,
+        seed=seed % 1000,
+        check_multiplicity=(kind == "degenerate"),
+        max_matvecs=2000,
+    )
+    assert res.converged, (kind, res)
+    assert check(res, ref_vals, which, k, 1e-6) < 1e-6, (kind, res.eigenvalues)
+    # ordered most extreme first
+    assert np.all(np.diff(res.eigenvalues) <= 1e-12) if which == "LA" else np.all(np.diff(res.eigenvalues) >= -1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(spectra(), st.integers(2, 5))
+def test_restarts_with_small_basis(spec, k):
+    kind, eigs, seed = spec
+    if kind == "clustered":  # members 1e-4 apart: resolving them to 1e-8 needs a basis wider than the cluster
+        eigs = np.sort(eigs) + np.arange(len(eigs)) * 0.01
+    A = sym_with_spectrum(eigs, seed)
+    res = lanczos(
+        DenseOperator(A),
+        k=k,
+        tol=1e-8,
+        ncv=k + 4,
+        max_matvecs=3000,
+        seed=1,
+        check_multiplicity=(kind == "degenerate"),
+    )
+    assert res.converged
+    assert check(res, torch.linalg.eigvalsh(A).numpy(), "LA", k, 1e-6) < 1e-6
+
+
+def test_eigenvectors_and_residuals():
+    eigs = np.concatenate([[9.0, 7.0, 6.5], np.linspace(-1, 1, 97)])
+    A = sym_with_spectrum(eigs, 3)
+    res = lanczos(DenseOperator(A), k=3, tol=1e-10, criterion="residual", return_eigenvectors=True)
+    V = res.eigenvectors
+    assert V.shape == (100, 3)
+    for i in range(3):
+        r = torch.linalg.vector_norm(A @ V[:, i] - res.eigenvalues[i] * V[:, i])
+        assert float(r) <= 1e-8 * 9 + 1e-12
+        assert float(r) <= res.residuals[i] * 10 + 1e-10
+    torch.testing.assert_close(V.T @ V, torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_same_seed_same_result_and_budget():
+    A = sym_with_spectrum(np.random.default_rng(0).standard_normal(200), 0)
+    a = lanczos(DenseOperator(A), k=4, seed=5)
+    b = lanczos(DenseOperator(A), k=4, seed=5)
+    assert np.array_equal(a.eigenvalues, b.eigenvalues) and a.num_matvecs == b.num_matvecs
+    short = lanczos(DenseOperator(A), k=4, tol=1e-12, max_matvecs=8)
+    assert short.num_matvecs == 8 and not short.converged
+
+
+def test_fewer_matvecs_than_eigsh_on_decaying_spectrum():
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    eigs = np.concatenate([10 * np.exp(-np.arange(20) / 3), 0.05 * np.random.default_rng(1).standard_normal(480)])
+    A = sym_with_spectrum(eigs, 1)
+    count = [0]
+
+    def mv(x):
+        count[0] += 1
+        return A.numpy() @ x
+
+    eigsh(LinearOperator((500, 500), matvec=mv, dtype=np.float64), k=10, which="LA", tol=1e-3)
+    res = lanczos(DenseOperator(A), k=10, tol=1e-3)
+    assert check(res, eigs, "LA", 10, 1e-3) < 1e-3
+    assert res.num_matvecs <= count[0]
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_dense_hessian_of_tiny_model(which):
+    model, batches, loss = tiny_llama()
+    op = HessianOperator(model, loss, batches, params=["q_proj", "v_proj"])
+    H = op.to_dense()
+    H = (H + H.T) / 2
+    ref = torch.linalg.eigvalsh(H).numpy()
+    res = lanczos(op, k=4, which=which, tol=1e-8)
+    assert res.converged
+    assert check(res, ref, which, 4, 1e-6) < 1e-6
+
+
+def wasserstein1(xs: np.ndarray, ws: np.ndarray, ys: np.ndarray) -> float:
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(xs, ys, u_weights=ws))
+
+
+def test_slq_density_close_to_exact_spectrum():
+    rng = np.random.default_rng(0)
+    eigs = np.concatenate([rng.normal(0, 0.2, 290), [3.0, 4.0, 6.0, 8.0, 10.0, *rng.uniform(1, 2, 5)]])
+    A = sym_with_spectrum(eigs, 2)
+    d = slq(DenseOperator(A), num_probes=20, num_steps=40, seed=0)
+    w1 = wasserstein1(d.nodes.ravel(), d.weights.ravel() / d.num_probes, eigs)
+    assert w1 < 0.05 * (eigs.max() - eigs.min())
+    grid = d.grid(800)
+    dens = d.density(grid, sigma=0.05)
+    assert abs(np.trapezoid(dens, grid) - 1) < 1e-2
+    tr, se = d.trace_of(lambda x: x)
+    assert abs(tr - eigs.sum()) < 4 * se + 1e-6
+    assert d.num_matvecs == 20 * 40
+    assert np.array_equal(slq(DenseOperator(A), 3, 10, seed=4).nodes, slq(DenseOperator(A), 3, 10, seed=4).nodes)
+
+
+def test_slq_exact_on_small_matrix():
+    """With steps ≥ n the quadrature is exact for every probe: nodes are the eigenvalues."""
+    eigs = np.array([-1.0, 0.5, 2.0, 3.0, 7.0])
+    A = sym_with_spectrum(eigs, 0)
+    d = slq(DenseOperator(A), num_probes=4, num_steps=10, seed=0)
+    for p in range(4):
+        np.testing.assert_allclose(np.sort(d.nodes[p][d.weights[p] > 1e-12]), eigs, atol=1e-8)
+
+
+def test_lanczos_against_mlp_hessian_eigh():
+    model, batches, loss = tiny_mlp()
+    op = HessianOperator(model, loss, batches, params=["fc1", "fc2"])
+    H = op.to_dense()
+    ref = torch.linalg.eigvalsh((H + H.T) / 2).numpy()
+    res = lanczos(op, k=3, tol=1e-10)
+    np.testing.assert_allclose(res.eigenvalues, np.sort(ref)[::-1][:3], rtol=1e-8)
