@@ -3,7 +3,7 @@
 Three calls to a result::
 
     lm = hessrank.load_model("minilm-l6", "seq-cls")
-    op = hessrank.HessianOperator(lm.model, loss_fn, batches, params=["value"])
+    op = hessrank.HessianOperator(lm.model, hessrank.seq_cls_loss, batches, params=["value"])
     res = hessrank.lanczos(op, k=10, seed=0)
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .curvature import HessianOperator
 from .data import (
     Dataset,
     DataSpec,
@@ -22,6 +23,9 @@ from .data import (
     split_dataset,
 )
 from .errors import DataError, HessrankError, ModelError, NumericalError, ScopeError
+
+# the function ``lanczos`` deliberately shadows the submodule of the same name
+from .lanczos import DenseOperator, LanczosResult, SpectralDensity, lanczos, slq
 from .models import (
     BUNDLED_MODELS,
     LoadedModel,
@@ -30,31 +34,45 @@ from .models import (
     resolve_targets,
     target_candidates,
 )
+from .spectrum import EffectiveDimension, effective_dimensions, n_eff
 from .tasks import causal_lm_loss, loss_fn_for, loss_weight, seq_cls_loss
+from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
     "BUNDLED_MODELS",
     "DataError",
     "DataSpec",
     "Dataset",
+    "DenseOperator",
+    "EffectiveDimension",
     "Encoder",
     "Example",
+    "HessianOperator",
     "HessrankError",
+    "LanczosResult",
     "LoadedModel",
     "ModelError",
     "NumericalError",
     "ScopeError",
+    "SpectralDensity",
+    "TraceResult",
     "__version__",
     "analysis_batches",
     "causal_lm_loss",
+    "effective_dimensions",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
     "load_dataset",
     "load_model",
     "load_tokenizer",
     "loss_fn_for",
     "loss_weight",
     "make_batches",
+    "n_eff",
     "resolve_targets",
     "seq_cls_loss",
+    "slq",
     "split_dataset",
     "target_candidates",
 ]

@@ -3,7 +3,105 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+
+def add_data_options(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("data")
+    g.add_argument("--data", required=True, help="file (TSV/CSV/JSONL/text) or dataset name (movie-reviews, sst2, ...)")
+    g.add_argument("--format", choices=["auto", "tsv", "csv", "jsonl", "text"], default=None)
+    g.add_argument("--header", dest="header", action="store_true", default=None, help="the file has a header row")
+    g.add_argument("--no-header", dest="header", action="store_false", help="the file has no header row")
+    g.add_argument("--text-field", default=None, help="column name or 0-based index of the text")
+    g.add_argument("--label-field", default=None, help="column name or 0-based index of the label")
+    g.add_argument("--prompt-field", default=None, help="instruction data: the prompt column")
+    g.add_argument("--answer-field", default=None, help="instruction data: the answer column (the loss covers it)")
+    g.add_argument("--template", default=None, help="prompt template, e.g. 'Review: {text}\\nSentiment:'")
+    g.add_argument("--label-names", default=None, help="comma-separated label names (verbalizers for a causal LM)")
+    g.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for key in ("format", "header", "text_field", "label_field", "prompt_field", "answer_field", "template", "limit"):
+        v = getattr(args, key, None)
+        if v is not None:
+            opts[key] = v
+    if getattr(args, "template", None):
+        opts["template"] = args.template.replace("\\n", "\n")
+    if getattr(args, "label_names", None):
+        opts["label_names"] = tuple(x.strip() for x in args.label_names.split(","))
+    return opts
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import AnalysisConfig, analyze, summary_lines
+
+    cfg = AnalysisConfig(
+        model=args.model,
+        data=args.data,
+        task=args.task,
+        modules=args.modules,
+        scopes=tuple(s.strip() for s in args.scope.split(",") if s.strip()),
+        top_k=args.top_k,
+        negative_k=args.negative_k,
+        tol=args.tol,
+        max_matvecs=args.max_matvecs,
+        slq_probes=args.slq_probes,
+        slq_steps=args.slq_steps,
+        trace_matvecs=args.trace_matvecs,
+        batch_size=args.batch_size,
+        num_batches=args.num_batches,
+        max_length=args.max_length,
+        repeats=args.repeats,
+        seed=args.seed,
+        num_labels=args.num_labels,
+        probe_examples=args.probe_examples,
+        device=args.device,
+        keep_graph=args.keep_graph,
+        data_options=data_options(args),
+    )
+    doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    print("\n".join(summary_lines(doc)))
+    print(f"\nwrote {args.out}/analysis.json and {args.out}/analysis.npz")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the pipeline subcommands to the ``hessrank`` parser."""
+    sp = sub.add_parser(
+        "analyze",
+        help="measure the Hessian spectrum of the fine-tuning loss per scope",
+        description="Writes OUT/analysis.json (schema in docs/schemas.md) and OUT/analysis.npz. "
+        "Rerunning with the same options resumes finished work.",
+    )
+    sp.add_argument("--model", required=True, help="bundled name, local folder or cached hub id")
+    sp.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
+    sp.add_argument("--num-labels", type=int, default=None)
+    add_data_options(sp)
+    sp.add_argument(
+        "--modules",
+        default="q_proj,v_proj",
+        help="LoRA target modules (PEFT names, comma-separated; 'all-linear'; 're:<regex>')",
+    )
+    sp.add_argument("--scope", default="joint", help="module, group, joint, or a comma-separated list")
+    sp.add_argument("--top-k", type=int, default=10, help="top eigenvalues per scope")
+    sp.add_argument("--negative-k", type=int, default=2, help="most negative eigenvalues per scope (0: skip)")
+    sp.add_argument("--tol", type=float, default=1e-3, help="relative eigenvalue accuracy")
+    sp.add_argument("--max-matvecs", type=int, default=200, help="Lanczos HVP budget per scope")
+    sp.add_argument("--slq-probes", type=int, default=4, help="SLQ probes for the spectral density (0: skip)")
+    sp.add_argument("--slq-steps", type=int, default=20)
+    sp.add_argument("--trace-matvecs", type=int, default=0, help="Hutch++ matvecs for the trace (0: SLQ's)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--num-batches", type=int, default=2, help="fixed analysis batches per repeat")
+    sp.add_argument("--max-length", type=int, default=64)
+    sp.add_argument("--repeats", type=int, default=1, help="independent batch sets, for error bars")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--probe-examples", type=int, default=512, help="examples for the linear probe (seq-cls)")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument("--keep-graph", choices=["auto", "true", "false"], default="auto")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
+    sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=cmd_analyze)

@@ -1,0 +1,624 @@
+"""Analysis: scopes (module, group, joint), repeats for error bars, and ``analysis.json``.
+
+For each *scope* — one target module, a group of modules sharing a PEFT name (every ``q_proj``), or all target
+modules jointly in one operator — hessrank measures, on ``repeats`` independent sets of fixed batches:
+
+* the top-k eigenvalues (Lanczos, ``which="LA"``) with residuals and convergence, and the most negative few
+  (``which="SA"``), since the Hessian at a pretrained point is indefinite;
+* the spectral density by SLQ and the trace by Hutch++;
+* effective-dimension measures (:mod:`hessrank.spectrum`);
+* the gradient g and its projections gᵢ = gᵀvᵢ on the top eigenvectors;
+* for the joint and group scopes, how each top eigenvector's mass ‖vᵢ|ₘ‖² splits across modules m;
+* per module, the *damped Newton step restricted to the top-k subspace*, Δ(z) = −Σᵢ gᵢ/(λᵢ⁺ + z) vᵢ, reshaped to
+  the module's (out × in) weight: its singular values, and the quadratic model's predicted loss change when Δ|ₘ
+  is truncated to rank r, q_m(r) = Σᵢ gᵢ bᵢ(r) + ½ Σᵢ λᵢ bᵢ(r)², bᵢ(r) = ⟨vᵢ|ₘ, [Δ|ₘ]_r⟩ (the model restricted to
+  the top-k subspace; Δ's truncation is projected back onto it). These are the raw material of the advisor's
+  Newton-step rank and of the predicted loss-vs-rank curve.
+
+Damping z is relative to the scope's λ_max: z = c·λ_max for c in ``NEWTON_Z``. λᵢ⁺ = max(λᵢ, 0).
+
+Everything is written under the output folder: one unit file per (repeat, scope) under ``units/`` as it finishes
+(atomic writes), so an interrupted run resumes where it stopped, then ``analysis.json`` (schema
+``hessrank.analysis/1``, documented in ``docs/schemas.md``) and ``analysis.npz`` (arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .curvature import HessianOperator
+from .data import Encoder, analysis_batches, load_dataset, split_dataset
+from .errors import HessrankError
+from .io import ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
+from .lanczos import lanczos, slq
+from .models import linear_modules, linear_shape, load_model, resolve_targets
+from .spectrum import effective_dimensions
+from .tasks import loss_fn_for
+from .trace import hutchpp
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "hessrank.analysis/1"
+SCOPES = ("module", "group", "joint")
+NEWTON_Z: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
+RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIG_FILE = "analysis_config.json"
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything that determines an analysis. Two runs with equal configs give equal results (same seed)."""
+
+    model: str
+    data: str
+    task: str | None = None
+    modules: str = "q_proj,v_proj"
+    scopes: tuple[str, ...] = ("joint",)
+    top_k: int = 10
+    negative_k: int = 2
+    tol: float = 1e-3
+    max_matvecs: int = 200
+    slq_probes: int = 4
+    slq_steps: int = 20
+    trace_matvecs: int = 0
+    batch_size: int = 8
+    num_batches: int = 2
+    max_length: int = 64
+    repeats: int = 1
+    seed: int = 0
+    num_labels: int | None = None
+    eval_fraction: float = 0.1
+    probe_examples: int = 512
+    device: str = "auto"
+    dtype: str = "float32"
+    keep_graph: str = "auto"
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.scopes if s not in SCOPES]
+        if bad or not self.scopes:
+            raise HessrankError(f"scope {bad or self.scopes} is not one of {', '.join(SCOPES)}")
+        for name in ("top_k", "batch_size", "num_batches", "repeats", "max_length", "max_matvecs"):
+            if getattr(self, name) < 1:
+                raise HessrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("negative_k", "slq_probes", "trace_matvecs", "probe_examples"):
+            if getattr(self, name) < 0:
+                raise HessrankError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.slq_probes and self.slq_steps < 2:
+            raise HessrankError(f"slq-steps must be at least 2, got {self.slq_steps}")
+        if self.trace_matvecs and self.trace_matvecs < 6:
+            raise HessrankError(f"trace-matvecs must be 0 or at least 6 (Hutch++), got {self.trace_matvecs}")
+        if not 0 < self.tol < 1:
+            raise HessrankError(f"tol must be in (0, 1), got {self.tol}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scopes"] = list(self.scopes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalysisConfig:
+        d = dict(d)
+        d["scopes"] = tuple(d.get("scopes", ("joint",)))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise HessrankError(f"unknown analysis config field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HessrankError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HessrankError(f"device '{device}' asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class _Timed:
+    """Wraps an operator to time its matvecs."""
+
+    def __init__(self, op: HessianOperator):
+        self.op = op
+        self.shape = op.shape
+        self.device = op.device
+        self.dtype = op.dtype
+        self.seconds = 0.0
+        self.count = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        out = self.op.matvec(v)
+        self.seconds += time.perf_counter() - t
+        self.count += 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Newton-step quantities
+# ----------------------------------------------------------------------------------------------------------
+
+
+def newton_module_quantities(
+    eigenvalues: np.ndarray,
+    projections: np.ndarray,
+    vectors_by_module: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+    z_family: tuple[float, ...] = NEWTON_Z,
+    rank_grid: tuple[int, ...] = RANK_GRID,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per module and damping z: singular values of the restricted Newton step and its rank-r loss curve.
+
+    ``vectors_by_module[m]`` is (k × out·in): the top-k eigenvectors restricted to module m.
+    Returns JSON-ready summaries and arrays (singular values per module and z).
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    g = np.asarray(projections, dtype=np.float64)
+    lmax = max(float(lam.max()), 0.0) if len(lam) else 0.0
+    out: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for c in z_family:
+        zkey = f"{c:g}"
+        z = c * lmax if lmax > 0 else c
+        a = -g / (np.clip(lam, 0, None) + z)  # coordinates of the damped Newton step in the eigenbasis
+        full = float(g @ a + 0.5 * np.sum(lam * a**2))
+        per: dict[str, Any] = {}
+        for m, Vm in vectors_by_module.items():
+            o, i = shapes[m]
+            Vm64 = Vm.double()
+            step = (torch.from_numpy(a) @ Vm64).view(o, i)  # Δ restricted to module m
+            U, S, Wh = torch.linalg.svd(step, full_matrices=False)
+            # P[i, j] = u_jᵀ V_i|m w_j : coordinate of the j-th singular triplet along eigenvector i
+            Vmat = Vm64.view(-1, o, i)
+            P = torch.einsum("oj,koi,ji->kj", U, Vmat, Wh)
+            s = S.numpy()
+            cum_b = np.cumsum(P.numpy() * s[None, :], axis=1)  # b(r) for r = 1..rank
+            rmax = len(s)
+            ranks = [r for r in rank_grid if r < rmax] + [rmax]
+            curve = []
+            for r in ranks:
+                b = cum_b[:, r - 1]
+                curve.append(float(g @ b + 0.5 * np.sum(lam * b**2)))
+            energy = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
+            erank = {f"{p:g}": int(np.searchsorted(energy, p - 1e-12) + 1) for p in (0.5, 0.9, 0.99)}
+            bfull = cum_b[:, -1]
+            per[m] = {
+                "energy_rank": erank,
+                "step_norm": float(np.linalg.norm(s)),
+                "predicted_change_module": float(g @ bfull + 0.5 * np.sum(lam * bfull**2)),
+                "curve": {"ranks": ranks, "predicted_change": curve},
+            }
+            arrays[f"newton/{zkey}/{m}/singular_values"] = s.astype(np.float32)
+        out[zkey] = {"z": z, "predicted_change_full": full, "per_module": per}
+    return out, arrays
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One scope
+# ----------------------------------------------------------------------------------------------------------
+
+
+def measure_scope(
+    op: HessianOperator, cfg: AnalysisConfig, seed: int, progress: bool = False
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """All measurements of one operator; returns JSON-ready results and arrays."""
+    timed = _Timed(op)
+    t0 = time.perf_counter()
+    tg = time.perf_counter()
+    grad = op.gradient()
+    grad_seconds = time.perf_counter() - tg
+    loss = op.loss()
+    k = min(cfg.top_k, op.n)
+    top = lanczos(
+        timed,
+        k=k,
+        which="LA",
+        tol=cfg.tol,
+        max_matvecs=cfg.max_matvecs,
+        seed=seed,
+        return_eigenvectors=True,
+        progress=progress,
+    )
+    assert top.eigenvectors is not None
+    V = top.eigenvectors.T.contiguous()  # k × n
+    proj = (V.double() @ grad.double()).cpu().numpy()
+    neg = None
+    if cfg.negative_k:
+        # the negative end is reported, not used for advice: a looser tolerance and a small budget
+        neg = lanczos(
+            timed,
+            k=min(cfg.negative_k, op.n),
+            which="SA",
+            tol=max(cfg.tol, 1e-2),
+            max_matvecs=min(cfg.max_matvecs, 60),
+            seed=seed + 1,
+            progress=progress,
+        )
+    dens = slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2) if cfg.slq_probes else None
+    tr = hutchpp(timed, cfg.trace_matvecs, seed=seed + 3) if cfg.trace_matvecs else None
+    eff = effective_dimensions(top.eigenvalues, dens)
+
+    # split by module
+    mod_of_slice = [s.module for s in op.slices]
+    modules = list(dict.fromkeys(mod_of_slice))
+    split = {}
+    vectors_by_module: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for s in op.slices:
+        Vm = V[:, s.start : s.stop].detach().cpu()
+        mass = (Vm.double() ** 2).sum(dim=1).numpy()
+        split[s.module] = split.get(s.module, 0) + mass
+        if len(s.shape) == 2 and s.name.endswith("weight"):
+            vectors_by_module[s.module] = Vm
+            shapes[s.module] = (int(s.shape[0]), int(s.shape[1]))
+    newton, arrays = newton_module_quantities(top.eigenvalues, proj, vectors_by_module, shapes)
+    lam_pos = np.clip(top.eigenvalues, 0, None)
+    curvature_share = {m: float((lam_pos * split[m]).sum() / max(lam_pos.sum(), 1e-300)) for m in modules}
+
+    res: dict[str, Any] = {
+        "num_params": op.n,
+        "loss": loss,
+        "grad_norm": float(grad.double().norm()),
+        "eigenvalues": top.eigenvalues.tolist(),
+        "residuals": top.residuals.tolist(),
+        "error_bounds": top.error_bounds.tolist(),
+        "converged": top.converged,
+        "lanczos_matvecs": top.num_matvecs,
+        "grad_projections": proj.tolist(),
+        "negative_eigenvalues": neg.eigenvalues.tolist() if neg is not None else [],
+        "negative_converged": neg.converged if neg is not None else None,
+        "trace": tr.estimate if tr is not None else (dens.trace_of(lambda x: x)[0] if dens is not None else None),
+        "trace_se": tr.std_error if tr is not None else (dens.trace_of(lambda x: x)[1] if dens is not None else None),
+        "trace_method": "hutch++" if tr is not None else ("slq" if dens is not None else None),
+        "effective_dimension": eff.to_dict(),
+        "module_mass": {m: split[m].tolist() for m in modules},
+        "module_curvature_share": curvature_share,
+        "newton": newton,
+        "matvecs": timed.count,
+        "hvp_seconds": timed.seconds / max(timed.count, 1),
+        "graph_seconds": grad_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    if dens is not None:
+        arrays["slq/nodes"] = dens.nodes
+        arrays["slq/weights"] = dens.weights
+    arrays["eigenvalues"] = top.eigenvalues
+    return res, arrays
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole analysis
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scope_list(
+    model: torch.nn.Module, targets: list[str], scopes: tuple[str, ...]
+) -> list[tuple[str, str, list[str]]]:
+    out: list[tuple[str, str, list[str]]] = []
+    for kind in scopes:
+        if kind == "module":
+            out += [(t, "module", [t]) for t in targets]
+        elif kind == "group":
+            groups: dict[str, list[str]] = {}
+            for t in targets:
+                groups.setdefault(t.split(".")[-1], []).append(t)
+            out += [(f"group:{g}", "group", mods) for g, mods in groups.items()]
+        else:
+            out.append(("joint", "joint", list(targets)))
+    return out
+
+
+def _config_hash(cfg: AnalysisConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"hessrank": __version__}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scipy", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def analyze(
+    cfg: AnalysisConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the analysis described by ``cfg`` into folder ``out``; returns the ``analysis.json`` document."""
+    out = Path(out)
+    cfg_path = out / CONFIG_FILE
+    if cfg_path.exists() and resume and not overwrite:
+        old = read_json(cfg_path)
+        if old.get("config") != cfg.to_dict():
+            diff = sorted(k for k in cfg.to_dict() if old.get("config", {}).get(k) != cfg.to_dict()[k])
+            raise HessrankError(
+                f"{out}: holds an analysis with a different configuration (differs in: {', '.join(diff)}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+    ensure_new_or_resumable(out, CONFIG_FILE, resume=resume, overwrite=overwrite)
+    if overwrite:
+        for f in list((out / "units").glob("*")) if (out / "units").is_dir() else []:
+            f.unlink()
+    write_json(cfg_path, {"schema": "hessrank.analysis_config/1", "config": cfg.to_dict(), "hash": _config_hash(cfg)})
+    device = resolve_device(cfg.device)
+    started = time.time()
+
+    # ---- data
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    task = cfg.task
+    lm_default = None
+    if task is None:
+        from .models import BUNDLED_MODELS
+
+        lm_default = BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm"
+        task = lm_default
+    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    train, _ = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
+
+    # ---- model
+    lm = load_model(cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device)
+    model = lm.model
+    model.eval()
+    enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train)
+    loss_fn = loss_fn_for(task)
+
+    # ---- analysis point
+    point: dict[str, Any] = {"kind": "pretrained", "reason": "a causal LM on prompt->answer data needs no new head"}
+    if task == "seq-cls":
+        from .probe import fit_head
+
+        probe_path = out / "probe_head.pt"
+        head_name = "classifier"
+        if probe_path.exists():
+            state = torch.load(probe_path, map_location=device, weights_only=True)
+            from .probe import find_head
+
+            head_name, head = find_head(model)
+            head.load_state_dict(state["head"])
+            probe = state["probe"]
+        else:
+            n_probe = min(cfg.probe_examples, len(train))
+            if n_probe < 2:
+                raise HessrankError(f"{ds.source}: too few training examples for the linear probe")
+            pb = analysis_batches(
+                train, enc, num_batches=max(1, n_probe // 32), batch_size=min(32, n_probe), seed=cfg.seed + 7919
+            )
+            res = fit_head(model, pb)
+            from .probe import find_head
+
+            head_name, head = find_head(model)
+            probe = dataclasses.asdict(res)
+            tmp = probe_path.with_suffix(".tmp")
+            torch.save({"head": head.state_dict(), "probe": probe}, tmp)
+            tmp.replace(probe_path)
+        point = {
+            "kind": "pretrained body + fitted head",
+            "reason": "a new classification head is fitted first (linear probe) so the Hessian reflects "
+            "fine-tuning rather than a random head",
+            "probe": probe,
+            "head": head_name,
+        }
+
+    targets = resolve_targets(model, cfg.modules)
+    lin = linear_modules(model)
+    module_info = {
+        t: {
+            "shape": list(linear_shape(lin[t])),
+            "params": int(np.prod(linear_shape(lin[t]))),
+            "group": t.split(".")[-1],
+        }
+        for t in targets
+    }
+    scopes = _scope_list(model, targets, cfg.scopes)
+    units_dir = out / "units"
+    units_dir.mkdir(exist_ok=True)
+    todo = [(r, s) for r in range(cfg.repeats) for s in scopes]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="analysis", unit="scope")
+    batch_sets: dict[int, list[dict[str, torch.Tensor]]] = {}
+    for rep, (sname, kind, mods) in todo:
+        stem = f"r{rep}__{_safe(sname)}"
+        jpath, npath = units_dir / f"{stem}.json", units_dir / f"{stem}.npz"
+        if jpath.exists() and npath.exists():
+            if bar is not None:
+                bar.update(1)
+            continue
+        if rep not in batch_sets:
+            batch_sets[rep] = analysis_batches(train, enc, cfg.num_batches, cfg.batch_size, seed=cfg.seed, offset=rep)
+        if bar is not None:
+            bar.set_postfix_str(f"repeat {rep} {sname}")
+        op = HessianOperator(
+            model,
+            loss_fn,
+            batch_sets[rep],
+            params=mods,
+            keep_graph=True if cfg.keep_graph == "true" else False if cfg.keep_graph == "false" else "auto",
+        )
+        res, arrays = measure_scope(op, cfg, seed=cfg.seed + 1000 * rep, progress=False)
+        op.release()
+        res.update({"scope": sname, "kind": kind, "repeat": rep, "modules": mods})
+        write_npz(npath, arrays)
+        write_json(jpath, res)  # written last: its presence marks the unit as done
+        log.info(
+            "%s (repeat %d): lambda_max %.4g, %d HVPs, %.1fs",
+            sname,
+            rep,
+            res["eigenvalues"][0],
+            res["matvecs"],
+            res["seconds"],
+        )
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    # ---- aggregate
+    doc = _aggregate(cfg, out, scopes, module_info, point, lm, ds, train, task, started)
+    return doc
+
+
+def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
+    width = min(len(r) for r in rows)
+    a = np.array([r[:width] for r in rows], dtype=np.float64)
+    std = a.std(axis=0, ddof=1) if len(rows) > 1 else np.full(width, np.nan)
+    return a.mean(axis=0).tolist(), std.tolist()
+
+
+def _aggregate(
+    cfg: AnalysisConfig,
+    out: Path,
+    scopes: list[tuple[str, str, list[str]]],
+    module_info: dict,
+    point: dict,
+    lm: Any,
+    ds: Any,
+    train: Any,
+    task: str,
+    started: float,
+) -> dict[str, Any]:
+    units_dir = out / "units"
+    scope_docs = []
+    arrays: dict[str, np.ndarray] = {}
+    total_hvp = 0
+    hvp_s: list[float] = []
+    grad_s: list[float] = []
+    for sname, kind, mods in scopes:
+        reps = []
+        for rep in range(cfg.repeats):
+            stem = f"r{rep}__{_safe(sname)}"
+            reps.append(read_json(units_dir / f"{stem}.json"))
+            for k, v in read_npz(units_dir / f"{stem}.npz").items():
+                arrays[f"{sname}/r{rep}/{k}"] = v
+        total_hvp += sum(r["matvecs"] for r in reps)
+        hvp_s += [r["hvp_seconds"] for r in reps]
+        grad_s += [r["graph_seconds"] for r in reps]
+        ev_mean, ev_std = _mean_std([r["eigenvalues"] for r in reps])
+        neff = {}
+        for fam in ("n_eff_relative_topk", "n_eff_absolute_topk", "n_eff_relative_slq", "n_eff_absolute_slq"):
+            if reps[0]["effective_dimension"].get(fam) is None:
+                continue
+            keys = reps[0]["effective_dimension"][fam].keys()
+            neff[fam] = {
+                key: {
+                    "mean": float(np.mean([r["effective_dimension"][fam][key] for r in reps])),
+                    "std": float(np.std([r["effective_dimension"][fam][key] for r in reps], ddof=1))
+                    if len(reps) > 1
+                    else None,
+                }
+                for key in keys
+            }
+        summary = {
+            "eigenvalues_mean": ev_mean,
+            "eigenvalues_std": ev_std,
+            "lambda_max_mean": ev_mean[0],
+            "n_eff": neff,
+            "converged": all(r["converged"] for r in reps),
+            "num_params": reps[0]["num_params"],
+        }
+        scope_docs.append({"name": sname, "kind": kind, "modules": mods, "summary": summary, "repeats": reps})
+    doc = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "config": cfg.to_dict(),
+        "model": {
+            "name": cfg.model,
+            "class": type(lm.model).__name__,
+            "path": str(lm.path),
+            "num_parameters": lm.info["num_parameters"],
+            "task": task,
+        },
+        "data": {
+            "source": ds.source,
+            "kind": ds.kind,
+            "num_examples": len(ds),
+            "train_examples": len(train),
+            "label_names": ds.label_names,
+            "template": ds.template,
+            "analysis_examples_per_repeat": cfg.num_batches * cfg.batch_size,
+        },
+        "analysis_point": point,
+        "modules": module_info,
+        "newton_z": list(NEWTON_Z),
+        "rank_grid": list(RANK_GRID),
+        "scopes": scope_docs,
+        "cost": {
+            "hvp_total": total_hvp,
+            "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,
+            "graph_seconds_mean": float(np.mean(grad_s)) if grad_s else None,
+            "seconds_this_run": time.time() - started,
+        },
+        "arrays": "analysis.npz",
+    }
+    write_npz(out / "analysis.npz", arrays)
+    write_json(out / "analysis.json", doc)
+    return doc
+
+
+def load_analysis(path: str | Path) -> dict[str, Any]:
+    """Read ``analysis.json`` (a folder or the file) and check its schema."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "analysis.json"
+    return read_json(p, schema=SCHEMA)
+
+
+def summary_lines(doc: dict[str, Any]) -> list[str]:
+    """A console summary of an analysis document."""
+    lines = [
+        f"model {doc['model']['name']} ({doc['model']['class']}, task {doc['model']['task']}); "
+        f"analysis point: {doc['analysis_point']['kind']}",
+        f"data {doc['data']['source']}: {doc['data']['analysis_examples_per_repeat']} examples per repeat, "
+        f"{doc['config']['repeats']} repeat(s)",
+        "",
+        f"{'scope':<44}{'params':>11}{'lambda_max':>13}{'lambda_k':>11}{'N_eff(1e-2)':>13}{'min neg':>11}"
+        f"{'HVPs':>6}{'conv':>6}",
+    ]
+    for s in doc["scopes"]:
+        r0 = s["repeats"][0]
+        sm = s["summary"]
+        ev = sm["eigenvalues_mean"]
+        ne = sm["n_eff"].get("n_eff_relative_slq") or sm["n_eff"]["n_eff_relative_topk"]
+        ne2 = ne.get("0.01", {})
+        neff = f"{ne2.get('mean', float('nan')):.1f}"
+        if ne2.get("std") is not None:
+            neff += f"±{ne2['std']:.1f}"
+        neg = min(r0["negative_eigenvalues"]) if r0["negative_eigenvalues"] else float("nan")
+        lines.append(
+            f"{s['name'][:43]:<44}{sm['num_params']:>11,}{ev[0]:>13.4g}{ev[-1]:>11.3g}{neff:>13}{neg:>11.3g}"
+            f"{sum(r['matvecs'] for r in s['repeats']):>6}{'yes' if sm['converged'] else 'no':>6}"
+        )
+    c = doc["cost"]
+    if c.get("hvp_seconds_mean") is not None:
+        lines.append("")
+        lines.append(
+            f"{c['hvp_total']} HVPs, {c['hvp_seconds_mean']:.3f} s per HVP; building the gradient graphs took "
+            f"{c['graph_seconds_mean']:.3f} s per scope"
+        )
+    return lines
