@@ -39,3 +39,35 @@ def test_bad_model_gives_one_line_and_exit_2(capsys):
     assert main(["inspect", "--model", "nobody/nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nobody/nothing" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.slow
+def test_analyze_cli_writes_summary_and_resumes(tiny_llama_dir, sentiment_tsv, tmp_path, capsys):
+    out = tmp_path / "an"
+    args = ["analyze", "--model", str(tiny_llama_dir), "--data", str(sentiment_tsv), "--modules", "q_proj",
+            "--top-k", "2", "--slq-probes", "1", "--slq-steps", "4", "--batch-size", "4", "--num-batches", "1",
+            "--max-length", "24", "--label-names", "negative,positive", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "joint" in text and "analysis.json" in text
+    assert (out / "analysis.json").is_file()
+    assert main(args) == 0  # resumes: nothing left to do
+    assert main([*args, "--top-k", "3"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["analyze", "--model", "minilm-l6", "--data", "/no/such.tsv", "--out", "X"], "/no/such.tsv"),
+        (["analyze", "--model", "minilm-l6", "--data", "sst2:dev2", "--out", "X"], "no split 'dev2'"),
+        (["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--scope", "layer", "--out", "X"], "scope"),
+        (["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--top-k", "0", "--out", "X"], "top-k"),
+        (["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--device", "cuda:0", "--out", "X"], "CUDA"),
+    ],
+)
+def test_analyze_bad_inputs_one_line(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

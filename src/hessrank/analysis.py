@@ -104,14 +104,18 @@ class AnalysisConfig:
             raise HessrankError(f"tol must be in (0, 1), got {self.tol}")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-normalised (tuples become lists), so a config read back from disk compares equal."""
         d = dataclasses.asdict(self)
-        d["scopes"] = list(self.scopes)
-        return d
+        return json.loads(json.dumps(d))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisConfig:
         d = dict(d)
         d["scopes"] = tuple(d.get("scopes", ("joint",)))
+        opts = dict(d.get("data_options") or {})
+        if isinstance(opts.get("label_names"), list):
+            opts["label_names"] = tuple(opts["label_names"])
+        d["data_options"] = opts
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
