@@ -50,9 +50,17 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
 
     torch.manual_seed(0)
     tok = smollm2_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+    )
     d = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -69,8 +77,14 @@ def tiny_bert_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     tok = load_tokenizer("minilm-l6")
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
     d = tmp_path_factory.mktemp("tiny_bert")
     BertModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -87,7 +101,7 @@ def sentiment_tsv(tmp_path):
     rows = ["text\tlabel"]
     for i in range(120):
         y = i % 2
-        words = [rng.choice(pos if y else neg) for _ in range(3)] + ["film", "story"][i % 2:]
+        words = [rng.choice(pos if y else neg) for _ in range(3)] + ["film", "story"][i % 2 :]
         rows.append(f"a {' '.join(words)} movie\t{y}")
     f = tmp_path / "sentiment.tsv"
     f.write_text("\n".join(rows) + "\n")

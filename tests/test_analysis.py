@@ -11,10 +11,24 @@ from hessrank.errors import HessrankError
 
 
 def small_cfg(model, data, **kw):
-    base = dict(model=str(model), data=str(data), modules="q_proj,v_proj", scopes=("module", "group", "joint"),
-                top_k=3, negative_k=1, slq_probes=2, slq_steps=6, trace_matvecs=6, batch_size=4, num_batches=2,
-                max_length=24, repeats=2, seed=0, device="cpu",
-                data_options={"label_names": ("negative", "positive"), "template": "Review: {text}\nSentiment:"})
+    base = dict(
+        model=str(model),
+        data=str(data),
+        modules="q_proj,v_proj",
+        scopes=("module", "group", "joint"),
+        top_k=3,
+        negative_k=1,
+        slq_probes=2,
+        slq_steps=6,
+        trace_matvecs=6,
+        batch_size=4,
+        num_batches=2,
+        max_length=24,
+        repeats=2,
+        seed=0,
+        device="cpu",
+        data_options={"label_names": ("negative", "positive"), "template": "Review: {text}\nSentiment:"},
+    )
     base.update(kw)
     return AnalysisConfig(**base)
 
@@ -26,8 +40,12 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
     doc = analyze(cfg, out, progress=False)
     assert doc["schema"] == "hessrank.analysis/1"
     names = [s["name"] for s in doc["scopes"]]
-    assert names[:4] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-                         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert names[:4] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     assert "group:q_proj" in names and "joint" in names
     assert doc["analysis_point"]["kind"] == "pretrained"
     joint = next(s for s in doc["scopes"] if s["name"] == "joint")
@@ -59,8 +77,7 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
     for u in sorted((out / "units").glob("*.json")):
         if u.name != "r1__joint.json":
             assert u.stat().st_mtime_ns == keep_mtime[u.name]
-    strip = lambda d: [[{k: v for k, v in r.items() if "seconds" not in k} for r in s["repeats"]]  # noqa: E731
-                       for s in d["scopes"]]
+    strip = lambda d: [[{k: v for k, v in r.items() if "seconds" not in k} for r in s["repeats"]] for s in d["scopes"]]
     assert strip(doc2) == strip(before)
     assert load_analysis(out)["config"] == cfg.to_dict()
 
@@ -71,8 +88,16 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
 
 @pytest.mark.slow
 def test_analyze_seq_cls_fits_head_first(tiny_bert_dir, sentiment_tsv, tmp_path):
-    cfg = small_cfg(tiny_bert_dir, sentiment_tsv, task="seq-cls", modules="query,value", scopes=("joint",),
-                    repeats=1, data_options={}, probe_examples=64)
+    cfg = small_cfg(
+        tiny_bert_dir,
+        sentiment_tsv,
+        task="seq-cls",
+        modules="query,value",
+        scopes=("joint",),
+        repeats=1,
+        data_options={},
+        probe_examples=64,
+    )
     doc = analyze(cfg, tmp_path / "an", progress=False)
     point = doc["analysis_point"]
     assert point["kind"] == "pretrained body + fitted head"

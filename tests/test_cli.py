@@ -44,9 +44,32 @@ def test_bad_model_gives_one_line_and_exit_2(capsys):
 @pytest.mark.slow
 def test_analyze_cli_writes_summary_and_resumes(tiny_llama_dir, sentiment_tsv, tmp_path, capsys):
     out = tmp_path / "an"
-    args = ["analyze", "--model", str(tiny_llama_dir), "--data", str(sentiment_tsv), "--modules", "q_proj",
-            "--top-k", "2", "--slq-probes", "1", "--slq-steps", "4", "--batch-size", "4", "--num-batches", "1",
-            "--max-length", "24", "--label-names", "negative,positive", "--out", str(out), "--quiet"]
+    args = [
+        "analyze",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(sentiment_tsv),
+        "--modules",
+        "q_proj",
+        "--top-k",
+        "2",
+        "--slq-probes",
+        "1",
+        "--slq-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--num-batches",
+        "1",
+        "--max-length",
+        "24",
+        "--label-names",
+        "negative,positive",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "joint" in text and "analysis.json" in text

@@ -84,6 +84,10 @@ class AnalysisConfig:
     device: str = "auto"
     dtype: str = "float32"
     keep_graph: str = "auto"
+    quant_formats: tuple[str, ...] = ()
+    quant_sign_probes: int = 4
+    quant_exact: str = "auto"
+    quant_eval_batches: int = 8
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,13 @@ class AnalysisConfig:
             raise HessrankError(f"trace-matvecs must be 0 or at least 6 (Hutch++), got {self.trace_matvecs}")
         if not 0 < self.tol < 1:
             raise HessrankError(f"tol must be in (0, 1), got {self.tol}")
+        from .quantization import FORMATS
+
+        bad_q = [f for f in self.quant_formats if f not in FORMATS]
+        if bad_q:
+            raise HessrankError(f"quantization format {bad_q[0]!r} is not one of {', '.join(FORMATS)}")
+        if self.quant_exact not in ("auto", "yes", "no"):
+            raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-normalised (tuples become lists), so a config read back from disk compares equal."""
@@ -112,6 +123,7 @@ class AnalysisConfig:
     def from_dict(cls, d: dict[str, Any]) -> AnalysisConfig:
         d = dict(d)
         d["scopes"] = tuple(d.get("scopes", ("joint",)))
+        d["quant_formats"] = tuple(d.get("quant_formats", ()))
         opts = dict(d.get("data_options") or {})
         if isinstance(opts.get("label_names"), list):
             opts["label_names"] = tuple(opts["label_names"])
@@ -380,7 +392,7 @@ def analyze(
         lm_default = BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm"
         task = lm_default
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
-    train, _ = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
+    train, held_out = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
 
     # ---- model
     lm = load_model(cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device)
@@ -428,6 +440,7 @@ def analyze(
 
     targets = resolve_targets(model, cfg.modules)
     lin = linear_modules(model)
+    architecture = _architecture(model, task, lm.info["num_parameters"])
     module_info = {
         t: {
             "shape": list(linear_shape(lin[t])),
@@ -482,9 +495,61 @@ def analyze(
     if bar is not None:
         bar.close()
 
+    # ---- quantization sensitivity (repeat 0's batches; measured on held-out batches)
+    if cfg.quant_formats and not (units_dir / "quant.json").exists():
+        from .quantization import measure_quantization
+
+        if 0 not in batch_sets:
+            batch_sets[0] = analysis_batches(train, enc, cfg.num_batches, cfg.batch_size, seed=cfg.seed)
+        n_eval = min(cfg.quant_eval_batches, max(1, len(held_out) // cfg.batch_size))
+        eval_b = analysis_batches(held_out, enc, n_eval, min(cfg.batch_size, len(held_out)), seed=cfg.seed)
+        exact = cfg.quant_exact == "yes" or (cfg.quant_exact == "auto" and len(targets) * len(cfg.quant_formats) <= 120)
+        op = HessianOperator(model, loss_fn, batch_sets[0], params=targets)
+        t0 = time.perf_counter()
+        qdoc, _ = measure_quantization(
+            model,
+            loss_fn,
+            task,
+            op,
+            eval_b,
+            cfg.quant_formats,
+            sign_probes=cfg.quant_sign_probes,
+            exact=exact,
+            seed=cfg.seed,
+            rank_grid=RANK_GRID,
+            progress=progress,
+        )
+        qdoc["hvps"] = op.num_matvecs
+        qdoc["seconds"] = time.perf_counter() - t0
+        op.release()
+        write_json(units_dir / "quant.json", qdoc)
+
     # ---- aggregate
-    doc = _aggregate(cfg, out, scopes, module_info, point, lm, ds, train, task, started)
+    doc = _aggregate(cfg, out, scopes, module_info, point, lm, ds, train, task, started, architecture)
     return doc
+
+
+def _architecture(model: torch.nn.Module, task: str, num_parameters: int) -> dict[str, Any]:
+    """What the memory forecast needs: linear layers bitsandbytes would quantize, sizes, head."""
+    from .quantization import bnb_quantized_linears
+
+    cfg = model.config
+    lin = linear_modules(model)
+    head_params = 0
+    if task == "seq-cls":
+        from .probe import find_head
+
+        _, head = find_head(model)
+        head_params = sum(p.numel() for p in head.parameters())
+    return {
+        "num_parameters": num_parameters,
+        "linear_shapes": {n: list(linear_shape(lin[n])) for n in bnb_quantized_linears(model)},
+        "hidden_size": int(getattr(cfg, "hidden_size", 0)),
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0)),
+        "num_heads": int(getattr(cfg, "num_attention_heads", 1)),
+        "vocab_size": int(cfg.vocab_size) if task == "causal-lm" else None,
+        "head_params": int(head_params),
+    }
 
 
 def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -505,6 +570,7 @@ def _aggregate(
     train: Any,
     task: str,
     started: float,
+    architecture: dict[str, Any],
 ) -> dict[str, Any]:
     units_dir = out / "units"
     scope_docs = []
@@ -569,9 +635,11 @@ def _aggregate(
         },
         "analysis_point": point,
         "modules": module_info,
+        "architecture": architecture,
         "newton_z": list(NEWTON_Z),
         "rank_grid": list(RANK_GRID),
         "scopes": scope_docs,
+        "quantization": read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None,
         "cost": {
             "hvp_total": total_hvp,
             "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,

@@ -59,11 +59,48 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         probe_examples=args.probe_examples,
         device=args.device,
         keep_graph=args.keep_graph,
+        quant_formats=tuple(f.strip() for f in args.quant_formats.split(",") if f.strip()),
+        quant_sign_probes=args.quant_sign_probes,
+        quant_exact=args.quant_exact,
+        quant_eval_batches=args.quant_eval_batches,
         data_options=data_options(args),
     )
     doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     print("\n".join(summary_lines(doc)))
     print(f"\nwrote {args.out}/analysis.json and {args.out}/analysis.npz")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .advisor import RecommendSettings, recommend, write_recommendation
+    from .advisor.memory import parse_bytes
+    from .errors import HessrankError
+
+    pb = None
+    if args.param_budget is not None:
+        try:
+            pb = int(float(args.param_budget.replace(",", "").replace("_", "")))
+        except ValueError:
+            raise HessrankError(f"--param-budget '{args.param_budget}' is not a number of parameters") from None
+    st = RecommendSettings(
+        tolerance=args.tolerance,
+        param_budget=pb,
+        memory_budget=parse_bytes(args.memory_budget) if args.memory_budget is not None else None,
+        z=args.z,
+        share=args.share,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        compute_dtype=args.compute_dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device=args.device,
+    )
+    rec = recommend(args.dir, st)
+    out = Path(args.out or args.dir)
+    files = write_recommendation(rec, out)
+    print("\n".join(rec["explanation"]))
+    print(f"\nwrote {out}/recommendation.json and " + ", ".join(v for k, v in files.items()))
     return 0
 
 
@@ -100,8 +137,47 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--probe-examples", type=int, default=512, help="examples for the linear probe (seq-cls)")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     sp.add_argument("--keep-graph", choices=["auto", "true", "false"], default="auto")
+    sp.add_argument(
+        "--quant-formats",
+        default="",
+        help="measure quantization sensitivity for these formats: int8,llm.int8,nf4,fp4,nf4-dq",
+    )
+    sp.add_argument("--quant-sign-probes", type=int, default=4, help="random-sign HVPs per format")
+    sp.add_argument(
+        "--quant-exact",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="one HVP per module and format (auto: when modules x formats <= 120)",
+    )
+    sp.add_argument("--quant-eval-batches", type=int, default=8, help="held-out batches for measured increases")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
     sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser(
+        "recommend",
+        help="rank per module, bit width and configs from an analysis",
+        description="Reads DIR/analysis.json; writes recommendation.json, lora_config.json, "
+        "bnb_config.json, axolotl.yaml, llamafactory.yaml and explanation.md.",
+    )
+    sp.add_argument("dir", help="analysis folder (holds analysis.json)")
+    budget = sp.add_mutually_exclusive_group()
+    budget.add_argument("--param-budget", default=None, help="trainable-parameter budget, e.g. 200000")
+    budget.add_argument("--memory-budget", default=None, help="memory budget for fine-tuning, e.g. 6GiB")
+    sp.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="allowed quantization loss increase as a share of the held-out loss (default 0.02)",
+    )
+    sp.add_argument("--z", default="0.01", help="Newton damping relative to lambda_max (0.1, 0.01, 0.001)")
+    sp.add_argument("--share", type=float, default=0.9, help="share of the predicted decrease a rank must reach")
+    sp.add_argument("--batch-size", type=int, default=None, help="training batch for the memory forecast")
+    sp.add_argument("--seq-len", type=int, default=None, help="training sequence length for the memory forecast")
+    sp.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--gradient-checkpointing", action="store_true")
+    sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where training will run")
+    sp.add_argument("--out", default=None, help="output folder (default: DIR)")
+    sp.set_defaults(func=cmd_recommend)

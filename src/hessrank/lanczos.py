@@ -204,7 +204,7 @@ def lanczos(
     ``which``: "LA" largest algebraic, "SA" smallest algebraic (the most negative end; Hessians at a
     pretrained point are indefinite), "LM" largest magnitude. ``tol``: relative accuracy asked of the
     eigenvalues (``criterion="eigenvalue"``) or of the residuals (``"residual"``). ``ncv``: basis size before a
-    restart (default ``min(n, max(2k + 1, k + 30))``). ``max_matvecs``: budget (default ``max(300, 30k)``);
+    restart (default :func:`default_ncv`: k + 30, fewer when the basis would exceed 2 GiB, at least 2k + 1). ``max_matvecs``: budget (default ``max(300, 30k)``);
     when it runs out the result says ``converged=False``. ``seed`` fixes the start vector.
     ``check_multiplicity``: after convergence, run again on the Hotelling-deflated operator
     A − Σᵢ (θᵢ − c) yᵢyᵢᵀ (found pairs moved to the unwanted end c) and merge, so repeated eigenvalues that one
@@ -294,6 +294,19 @@ class _HotellingDeflated:
         return self.op.matvec(v) - self.Y @ (self.shift * (self.Y.T @ v))
 
 
+#: Memory the Krylov basis may take by default (the basis is ncv + 1 vectors of the operator's size).
+MAX_BASIS_BYTES = 2 * 2**30
+
+
+def default_ncv(n: int, k: int, dtype: torch.dtype = torch.float32, max_bytes: int | None = None) -> int:
+    """Basis size before a restart: k + 30 (few restarts, fewest HVPs), but at most what fits in
+    ``max_bytes`` (default :data:`MAX_BASIS_BYTES`), and never below 2k + 1 (ARPACK's default)."""
+    cap = max_bytes if max_bytes is not None else MAX_BASIS_BYTES
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    fit = int(cap // max(n * itemsize, 1)) - 1
+    return min(n, max(2 * k + 1, min(k + 30, fit)))
+
+
 def _lanczos_run(
     op: Operator,
     k: int,
@@ -309,7 +322,7 @@ def _lanczos_run(
 ) -> LanczosResult:
     n = int(op.shape[0])
     device, dtype = _op_device_dtype(op)
-    m = min(n, ncv if ncv is not None else max(2 * k + 1, k + 30))
+    m = min(n, ncv if ncv is not None else default_ncv(n, k, dtype))
     if m <= k and m < n:
         raise ValueError(f"ncv={m} must exceed k={k}")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -1,0 +1,191 @@
+"""LoRA rank per module from an analysis: two estimators and a budgeted allocation.
+
+Inputs are ``analysis.json``-shaped data (numbers only), so everything here can be tested on synthetic spectra
+with known answers.
+
+**Spectral (parameter-counting) estimator.** A rank-r update of an m × n matrix has r(m + n − r) degrees of
+freedom (the dimension of the manifold of rank-r matrices). If the loss has N_eff well-determined directions in
+the module's weight space (MacKay's effective dimension, :mod:`hessrank.spectrum`), an adapter needs at least
+N_eff degrees of freedom to reach them, so r_spec = min{r : r(m + n − r) ≥ N_eff}. It is a *lower bound*: it
+counts directions but ignores whether a rank-r matrix can align with them.
+
+**Newton-step estimator.** The damped Newton step restricted to the top-k eigenvectors,
+Δ(z) = −Σᵢ gᵢ/(λᵢ⁺ + z) vᵢ, is the update the quadratic model asks for; reshaped to the module's (m × n) weight,
+its numerical rank is the rank the update needs. Two readings, both from ``analysis.json``:
+
+* *energy rank*: the smallest r whose top-r singular values hold a share p of ‖Δ|ₘ‖²_F;
+* *curve rank*: the smallest r at which the predicted loss change of the rank-r truncation reaches a share p of
+  the full-rank change — the knee of the predicted loss-vs-rank curve (which the validation ladder measures).
+
+Each top eigenvector of a linear layer is close to a rank-1 matrix (K-FAC: H ≈ A ⊗ G has eigenvectors
+a ⊗ g), so the Newton-step rank is roughly the number of curvature directions the gradient excites: small
+for simple tasks, larger when many directions carry both curvature and gradient.
+
+**Budgeted allocation (water-filling).** Given a budget of trainable parameters, ranks are distributed by
+marginal predicted gain per parameter: each module's predicted decrease −q_m(r) (from its Newton curve) is made
+concave by its upper hull, and the budget goes, step by step, to the module whose next rank step buys the most
+decrease per parameter (r(m + n) parameters per rank-r LoRA adapter, A: r × n, B: m × r). For concave gains this
+greedy allocation is optimal on the grid (the classic marginal-allocation argument).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: The rank grid advice is given on.
+RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def lora_params(rank: int, out_features: int, in_features: int) -> int:
+    """Trainable parameters of a rank-r LoRA adapter on an (out × in) weight: A (r × in) and B (out × r)."""
+    return rank * (in_features + out_features)
+
+
+def dof_rank_r(rank: int, m: int, n: int) -> int:
+    """Dimension of the manifold of m × n matrices of rank r: r(m + n − r)."""
+    return rank * (m + n - rank)
+
+
+def snap_to_grid(rank: float, m: int, n: int, grid: Sequence[int] = RANK_GRID) -> int:
+    """The smallest grid rank ≥ ``rank``, clipped to [1, min(m, n)]."""
+    full = min(m, n)
+    for r in grid:
+        if r >= rank - 1e-9:
+            return min(r, full)
+    return full
+
+
+def spectral_rank(n_eff: float, m: int, n: int, grid: Sequence[int] = RANK_GRID) -> int:
+    """min{r : r(m + n − r) ≥ N_eff} on the grid (at least 1)."""
+    if n_eff <= 0:
+        return 1
+    full = min(m, n)
+    # solve r² − (m+n) r + N_eff ≤ 0 for the smallest r
+    disc = (m + n) ** 2 - 4 * n_eff
+    r = full if disc < 0 else math.ceil(((m + n) - math.sqrt(disc)) / 2 - 1e-9)
+    return snap_to_grid(max(r, 1), m, n, grid)
+
+
+def curve_rank(ranks: Sequence[int], changes: Sequence[float], share: float = 0.9) -> int:
+    """Smallest rank whose predicted change reaches ``share`` of the largest predicted decrease on the curve."""
+    best = min(changes)
+    if best >= 0:
+        return int(ranks[0])
+    for r, c in zip(ranks, changes):
+        if c <= share * best:
+            return int(r)
+    return int(ranks[-1])
+
+
+def _upper_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Upper concave hull of (cost, gain) points sorted by cost, starting at (0, 0)."""
+    hull: list[tuple[int, float]] = []
+    for p in sorted(points):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+@dataclass(frozen=True)
+class ModuleCurve:
+    """A module's shape and predicted decrease −q(r) at grid ranks (decrease ≥ 0 is good)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    ranks: tuple[int, ...]
+    decrease: tuple[float, ...]
+
+
+def _hulls(curves: Sequence[ModuleCurve]) -> dict[str, list[tuple[int, float, int]]]:
+    hulls: dict[str, list[tuple[int, float, int]]] = {}
+    for c in curves:
+        pts = [(0, 0.0)]
+        best = 0.0
+        for r, d in zip(c.ranks, c.decrease):
+            best = max(best, d)  # a larger rank can always reproduce a smaller one
+            pts.append((lora_params(r, c.out_features, c.in_features), best))
+        hull = _upper_hull(pts)
+        rank_of = {lora_params(r, c.out_features, c.in_features): r for r in c.ranks}
+        hulls[c.name] = [(x, y, rank_of.get(x, 0)) for x, y in hull]
+    return hulls
+
+
+def water_fill(curves: Sequence[ModuleCurve], param_budget: int) -> dict[str, int]:
+    """Ranks per module (0 = no adapter) maximising Σ predicted decrease under Σ r(m+n) ≤ ``param_budget``."""
+    if param_budget < 0:
+        raise ValueError(f"parameter budget must be >= 0, got {param_budget}")
+    hulls = _hulls(curves)
+    pos = {name: 0 for name in hulls}
+    spent = 0
+    while True:
+        best_name, best_ratio, best_cost = None, 0.0, 0
+        for name, hull in hulls.items():
+            i = pos[name]
+            if i + 1 >= len(hull):
+                continue
+            dx = hull[i + 1][0] - hull[i][0]
+            dy = hull[i + 1][1] - hull[i][1]
+            if dy <= 0 or spent + dx > param_budget:
+                continue
+            ratio = dy / dx
+            if ratio > best_ratio:
+                best_name, best_ratio, best_cost = name, ratio, dx
+        if best_name is None:
+            break
+        pos[best_name] += 1
+        spent += best_cost
+    return {name: hulls[name][pos[name]][2] for name in hulls}
+
+
+def module_curves_from_analysis(
+    scope_repeat: dict[str, Any], z_key: str, shapes: dict[str, Sequence[int]]
+) -> list[ModuleCurve]:
+    """Newton curves of each module of one scope result (``analysis.json`` → scopes[i].repeats[j])."""
+    out = []
+    for m, d in scope_repeat["newton"][z_key]["per_module"].items():
+        o, i = shapes[m]
+        out.append(
+            ModuleCurve(
+                m, int(o), int(i), tuple(d["curve"]["ranks"]), tuple(-float(x) for x in d["curve"]["predicted_change"])
+            )
+        )
+    return out
+
+
+def share_allocation(curves: Sequence[ModuleCurve], share: float) -> tuple[dict[str, int], int, float]:
+    """The cheapest allocation (greedy by gain per parameter) whose predicted decrease reaches ``share`` of the
+    decrease with every module at full rank. Returns (ranks, parameters, share reached).
+
+    This is water-filling with the budget chosen by the target share instead of given: the fewest trainable
+    parameters that buy ``share`` of what the quadratic model says adapters can buy.
+    """
+    hulls = _hulls(curves)
+    total = sum(h[-1][1] for h in hulls.values())
+    pos = {name: 0 for name in hulls}
+    spent, gained = 0, 0.0
+    while total > 0 and gained < share * total - 1e-15:
+        best_name, best_ratio = None, -1.0
+        for name, hull in hulls.items():
+            i = pos[name]
+            if i + 1 >= len(hull):
+                continue
+            dx = hull[i + 1][0] - hull[i][0]
+            dy = hull[i + 1][1] - hull[i][1]
+            if dy > 0 and dy / dx > best_ratio:
+                best_name, best_ratio = name, dy / dx
+        if best_name is None:
+            break
+        i = pos[best_name]
+        spent += hulls[best_name][i + 1][0] - hulls[best_name][i][0]
+        gained += hulls[best_name][i + 1][1] - hulls[best_name][i][1]
+        pos[best_name] = i + 1
+    return {name: hulls[name][pos[name]][2] for name in hulls}, spent, (gained / total if total > 0 else 1.0)

@@ -1,0 +1,434 @@
+"""Quantization sensitivity: what each bitsandbytes weight format costs in loss, predicted and measured.
+
+For a module's weight W and a format f, the quantization error is δ = W − dequant(quant(W)), computed with
+bitsandbytes' own functions (they run on CPU). Its cost in loss is, to second order,
+
+    ΔL ≈ gᵀδ + ½ δᵀHδ                                                  (Taylor expansion at θ₀)
+
+with g and H the gradient and Hessian of the fine-tuning loss (:class:`hessrank.HessianOperator`). Three
+estimates of the quadratic term per module are reported side by side:
+
+* **exact block**: δ_mᵀ H_mm δ_m from one HVP per module and format;
+* **random signs**: with δ_s = Σ_m s_m δ_m for Rademacher signs s, s_m·δ_mᵀ(Hδ_s)_m is an *unbiased* estimate of
+  δ_mᵀH_mmδ_m for every module at once (the cross terms have mean zero); P sign vectors cost P HVPs for all
+  modules (the same idea as Hutchinson's estimator, applied to the block diagonal);
+* **HAWQ's trace proxy** (Dong et al., HAWQ-V2, NeurIPS 2020): ½·(tr H_mm / n_m)·‖δ_m‖², with tr H_mm by Hutchinson.
+
+The *measured* ΔL replaces W by dequant(quant(W)) (in the model's float dtype) and evaluates held-out batches;
+per module (one module quantized at a time), for the target modules together, and for every linear layer that
+bitsandbytes would quantize (all but the output layer and classification heads). Per module it is also measured
+*in sample* (on the analysis batches the prediction was made on): that separates the Taylor model's error from
+the sampling noise of a small held-out set.
+
+**Compensation rank.** LoRA can add back a rank-r correction C of δ. With the Kronecker-factored curvature of a
+linear layer (K-FAC; Martens & Grosse, ICML 2015), H_mm ≈ A ⊗ G with A = E[xxᵀ] over the layer's inputs and
+G = E[ĝĝᵀ] over its output gradients for labels sampled from the model (the Fisher/GGN form), the quadratic cost
+of a residual is ½‖G^½(δ − C)A^½‖²_F, and the best rank-r correction is the truncated SVD of G^½ δ A^½
+(Eckart–Young) mapped back. The share of the quadratic cost it removes is Σ_{j≤r} σ_j² / Σ_j σ_j²; the plain
+(unweighted) SVD share Σ_{j≤r} s_j² / Σ s_j² is reported beside it. The K-FAC quadratic ½tr(δᵀGδA) is compared
+with the exact block term so the approximation's quality is on record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import HessrankError
+
+log = logging.getLogger(__name__)
+
+#: Formats hessrank can measure (bitsandbytes applies one per model; see ``FORMAT_INFO``).
+FORMATS: tuple[str, ...] = ("int8", "llm.int8", "nf4", "fp4", "nf4-dq")
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    name: str
+    bits: int
+    description: str
+    bnb: dict[str, Any]  #: BitsAndBytesConfig arguments that load a model in this format
+
+
+FORMAT_INFO: dict[str, FormatInfo] = {
+    "int8": FormatInfo(
+        "int8", 8, "8-bit blockwise dynamic quantization (bnb quantize_blockwise, blocksize 64)", {"load_in_8bit": True}
+    ),
+    "llm.int8": FormatInfo(
+        "llm.int8", 8, "LLM.int8 row-wise absmax int8 weights (what load_in_8bit stores)", {"load_in_8bit": True}
+    ),
+    "nf4": FormatInfo(
+        "nf4",
+        4,
+        "4-bit NormalFloat, blocksize 64, fp32 absmax per block",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": False},
+    ),
+    "fp4": FormatInfo(
+        "fp4",
+        4,
+        "4-bit float, blocksize 64, fp32 absmax per block",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False},
+    ),
+    "nf4-dq": FormatInfo(
+        "nf4-dq",
+        4,
+        "NF4 with double quantization of the absmax constants (QLoRA)",
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    ),
+}
+
+
+def bytes_per_param(fmt: str, blocksize: int = 64, in_features: int = 4096) -> float:
+    """Storage per weight including quantization constants (bitsandbytes' layouts).
+
+    int8 blockwise: 1 byte + one fp32 absmax per block. LLM.int8: 1 byte + one fp32 scale per row (÷ in_features).
+    NF4/FP4: ½ byte + one fp32 absmax per block of 64. NF4 double quant: the absmax values are themselves
+    quantized to 8 bits in blocks of 256 with an fp32 absmax each (QLoRA: 0.127 bit/param of constants).
+    "none" (fp32) 4 bytes; "bf16"/"fp16" 2 bytes.
+    """
+    if fmt in ("none", "fp32", "float32"):
+        return 4.0
+    if fmt in ("bf16", "fp16", "bfloat16", "float16"):
+        return 2.0
+    if fmt == "int8":
+        return 1.0 + 4.0 / blocksize
+    if fmt == "llm.int8":
+        return 1.0 + 4.0 / max(in_features, 1)
+    if fmt in ("nf4", "fp4"):
+        return 0.5 + 4.0 / blocksize
+    if fmt == "nf4-dq":
+        return 0.5 + 1.0 / blocksize + 4.0 / (blocksize * 256)
+    raise HessrankError(f"format '{fmt}' is not one of none, bf16, {', '.join(FORMATS)}")
+
+
+def quantize_dequantize(W: torch.Tensor, fmt: str, blocksize: int = 64) -> torch.Tensor:
+    """dequant(quant(W)) with bitsandbytes' functions, in W's dtype and shape (CPU or CUDA)."""
+    import bitsandbytes.functional as F
+
+    if fmt not in FORMATS:
+        raise HessrankError(f"format '{fmt}' is not one of {', '.join(FORMATS)}")
+    w = W.detach()
+    if fmt == "int8":
+        q, st = F.quantize_blockwise(w.float().contiguous(), blocksize=blocksize)
+        out = F.dequantize_blockwise(q, st)
+    elif fmt == "llm.int8":
+        cb, scb, _ = F.int8_vectorwise_quant(w.half().contiguous())
+        out = F.int8_vectorwise_dequant(cb, scb)
+    else:
+        qt = "fp4" if fmt == "fp4" else "nf4"
+        q, st = F.quantize_4bit(
+            w.float().contiguous(), blocksize=blocksize, quant_type=qt, compress_statistics=(fmt == "nf4-dq")
+        )
+        out = F.dequantize_4bit(q, st)
+    return out.to(dtype=W.dtype).view_as(W)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (None for fewer than 3 points or a constant input)."""
+    if len(x) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    r = spearmanr(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)).statistic
+    return None if r is None or not np.isfinite(r) else float(r)
+
+
+@torch.no_grad()
+def mean_loss(
+    model: nn.Module, loss_fn: Callable, batches: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
+) -> float:
+    total = 0.0
+    for w, b in zip(weights, batches):
+        total += w * float(loss_fn(model, b))
+    return total / float(sum(weights))
+
+
+@torch.no_grad()
+def kfac_factors(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Sequence[dict[str, torch.Tensor]],
+    task: str,
+    seed: int = 0,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """K-FAC factors of linear modules with labels sampled from the model (Fisher = GGN for cross-entropy).
+
+    A weight used at every position t of a sequence has ∇_W = Σ_t ĝ_t x_tᵀ; the K-FAC "expand" approximation
+    (Eschenhagen et al., NeurIPS 2023) gives, for the mean loss over N loss items and T real (non-padding)
+    positions, H ≈ A ⊗ G with A = Σ_t x_t x_tᵀ / T and G = Σ_t ĝ_t ĝ_tᵀ / N, where ĝ_t is the output gradient
+    of the summed loss for sampled labels. Returns {module: (A, G)} in float64.
+    """
+    from .tasks import _forward_kwargs
+
+    acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    sums: dict[str, list[Any]] = {}
+    handles = []
+    for name, mod in modules.items():
+
+        def fwd(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
+            acts[name] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
+
+        handles.append(mod.register_forward_hook(fwd))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    items = 0
+    positions = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for mod in modules.values():
+            mod.weight.requires_grad_(True)
+        for b in batches:
+            acts.clear()
+            grads.clear()
+            with torch.enable_grad():
+                logits = model(**_forward_kwargs(b)).logits
+                if task == "causal-lm":
+                    keep = b["labels"][:, 1:] != -100
+                    lg = logits[:, :-1][keep]
+                else:
+                    lg = logits
+                probs = torch.softmax(lg.detach().float(), -1)
+                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(lg.device)
+                loss = nn.functional.cross_entropy(lg.float(), y, reduction="sum")
+                loss.backward()
+            items += int(lg.shape[0])
+            real = b["attention_mask"].bool()
+            positions += int(real.sum())
+            for name in modules:
+                x, g = acts[name], grads[name]
+                if x.dim() == 3:
+                    x, g = x[real], g[real]
+                x = x.reshape(-1, x.shape[-1]).double()
+                g = g.reshape(-1, g.shape[-1]).double()
+                if name not in sums:
+                    sums[name] = [x.T @ x, g.T @ g]
+                else:
+                    sums[name][0] += x.T @ x
+                    sums[name][1] += g.T @ g
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in modules.values():
+            mod.weight.grad = None
+        for p, f in flags:
+            p.requires_grad_(f)
+    return {name: (A / positions, G / items) for name, (A, G) in sums.items()}
+
+
+def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
+    w, V = torch.linalg.eigh((M + M.T) / 2)
+    return (V * w.clamp(min=0).sqrt()) @ V.T
+
+
+def compensation_curves(delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, ranks: Sequence[int]) -> dict[str, Any]:
+    """Shares of ‖δ‖² (plain SVD) and of the K-FAC quadratic ½‖G^½δA^½‖² (weighted SVD) removed at each rank."""
+    d = delta.double().cpu()
+    s_plain = torch.linalg.svdvals(d)
+    e_plain = torch.cumsum(s_plain**2, 0) / (s_plain**2).sum().clamp(min=1e-300)
+    Gh, Ah = _psd_sqrt(G.cpu()), _psd_sqrt(A.cpu())
+    s_w = torch.linalg.svdvals(Gh @ d @ Ah)
+    e_w = torch.cumsum(s_w**2, 0) / (s_w**2).sum().clamp(min=1e-300)
+    rmax = len(s_plain)
+    rs = [r for r in ranks if r < rmax] + [rmax]
+    return {
+        "ranks": rs,
+        "plain_share": [float(e_plain[r - 1]) for r in rs],
+        "kfac_share": [float(e_w[r - 1]) for r in rs],
+        "kfac_quadratic": float(0.5 * (s_w**2).sum()),
+    }
+
+
+def rank_for_share(curve: dict[str, Any], key: str, share: float) -> int:
+    """Smallest listed rank whose share reaches ``share`` (the full rank if none does earlier)."""
+    for r, s in zip(curve["ranks"], curve[key]):
+        if s >= share - 1e-12:
+            return int(r)
+    return int(curve["ranks"][-1])
+
+
+def bnb_quantized_linears(model: nn.Module) -> list[str]:
+    """Linear layers bitsandbytes would quantize: every linear but the output layer and classification heads."""
+    from .models import _excluded_from_all_linear, linear_modules
+
+    excl = _excluded_from_all_linear(model)
+    return [n for n in linear_modules(model) if n not in excl]
+
+
+def measure_quantization(
+    model: nn.Module,
+    loss_fn: Callable,
+    task: str,
+    op: Any,
+    eval_batches: Sequence[dict[str, torch.Tensor]],
+    formats: Sequence[str],
+    sign_probes: int = 4,
+    exact: bool = True,
+    seed: int = 0,
+    rank_grid: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Predicted and measured loss increase of each format, per target module and for the whole model.
+
+    ``op`` is a :class:`hessrank.HessianOperator` whose scope is the target modules' weights (the joint scope).
+    ``eval_batches`` are held-out batches for the measured ΔL. Costs: ``len(formats) · (modules if exact) +
+    len(formats) · (sign_probes + 1) + sign_probes`` HVPs and ``len(formats) · (modules + 2) + 1`` evaluations.
+    """
+    from .tasks import loss_weight
+
+    for f in formats:
+        if f not in FORMATS:
+            raise HessrankError(f"quantization format '{f}' is not one of {', '.join(FORMATS)}")
+    mods = {s.module: s for s in op.slices}
+    named = dict(model.named_modules())
+    weights = {m: named[m].weight for m in mods}
+    g = op.gradient().double()
+    ew = [float(loss_weight(b)) for b in eval_batches]
+    base_eval = mean_loss(model, loss_fn, eval_batches, ew)
+    aw = [float(loss_weight(b)) for b in op.batches]
+    base_in = mean_loss(model, loss_fn, op.batches, aw)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def swapped_loss(replace: dict[str, torch.Tensor]) -> float:
+        """Held-out loss with some weights replaced, without touching the parameters (the operator's kept
+        gradient graphs hold them, and an in-place edit would invalidate those graphs)."""
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(model, replace, strict=False):
+            return mean_loss(model, loss_fn, eval_batches, ew)
+
+    def swapped_loss_in_sample(replace: dict[str, torch.Tensor]) -> float:
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        with _reparametrize_module(model, replace, strict=False):
+            return mean_loss(model, loss_fn, op.batches, aw)
+
+    def vec_of(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        v = torch.zeros(op.n, dtype=op.dtype, device=op.device)
+        for m, d in parts.items():
+            s = mods[m]
+            v[s.start : s.stop] = d.reshape(-1).to(v)
+        return v
+
+    # block traces tr(H_mm) for HAWQ's proxy, all modules at once (Hutchinson on the block diagonal)
+    tr_est = {m: 0.0 for m in mods}
+    for _ in range(max(sign_probes, 2)):
+        z = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
+        hz = op.matvec(z).double()
+        for m, s in mods.items():
+            tr_est[m] += float(z[s.start : s.stop].double() @ hz[s.start : s.stop]) / max(sign_probes, 2)
+
+    kfac = kfac_factors(model, {m: named[m] for m in mods}, op.batches, task, seed=seed)
+    out: dict[str, Any] = {
+        "formats": {},
+        "base_eval_loss": base_eval,
+        "base_in_sample_loss": base_in,
+        "sign_probes": sign_probes,
+        "exact_blocks": exact,
+        "num_eval_batches": len(eval_batches),
+    }
+    arrays: dict[str, np.ndarray] = {}
+    it = list(formats)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="quantization formats", leave=False)
+    all_linear = bnb_quantized_linears(model)
+    for fmt in it:
+        deltas = {m: (W.detach() - quantize_dequantize(W, fmt)) for m, W in weights.items()}
+        # exact blocks
+        exact_q: dict[str, float] = {}
+        if exact:
+            for m in mods:
+                hv = op.matvec(vec_of({m: deltas[m]})).double()
+                s = mods[m]
+                exact_q[m] = float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
+        # random-sign block estimates
+        sign_q = {m: 0.0 for m in mods}
+        for _ in range(sign_probes):
+            signs = {m: float(torch.randint(0, 2, (1,), generator=gen).item() * 2 - 1) for m in mods}
+            hv = op.matvec(vec_of({m: signs[m] * deltas[m] for m in mods})).double()
+            for m, s in mods.items():
+                sign_q[m] += (
+                    signs[m]
+                    * float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
+                    / max(sign_probes, 1)
+                )
+        # all target modules at once (cross terms included)
+        dall = vec_of(deltas).double()
+        hall = op.matvec(dall.to(op.dtype)).double()
+        pred_all = float(g @ dall + 0.5 * (dall @ hall))
+        # measured per module and jointly
+        per: dict[str, Any] = {}
+        for m, W in weights.items():
+            s = mods[m]
+            d = deltas[m]
+            lin = float(g[s.start : s.stop] @ d.reshape(-1).double().to(g.device))
+            q = exact_q.get(m, sign_q[m])
+            meas = swapped_loss({f"{m}.weight": W.detach() - d}) - base_eval
+            meas_in = swapped_loss_in_sample({f"{m}.weight": W.detach() - d}) - base_in
+            n_m = W.numel()
+            dn2 = float((d.double() ** 2).sum())
+            A, G = kfac[m]
+            comp = compensation_curves(d, A, G, rank_grid)
+            per[m] = {
+                "predicted_loss_increase": lin + 0.5 * q,
+                "gradient_term": lin,
+                "quadratic_exact": exact_q.get(m),
+                "quadratic_signs": sign_q[m],
+                "quadratic_kfac": comp["kfac_quadratic"] * 2,
+                "hawq_proxy": 0.5 * tr_est[m] / n_m * dn2,
+                "block_trace": tr_est[m],
+                "delta_rel_norm": float(d.double().norm() / W.detach().double().norm()),
+                "measured_loss_increase": meas,
+                "measured_in_sample": meas_in,
+                "compensation": {k: v for k, v in comp.items() if k != "kfac_quadratic"},
+            }
+        meas_targets = swapped_loss({f"{m}.weight": W.detach() - deltas[m] for m, W in weights.items()}) - base_eval
+        # every linear layer bitsandbytes would quantize
+        meas_whole = (
+            swapped_loss({f"{n}.weight": quantize_dequantize(named[n].weight, fmt) for n in all_linear}) - base_eval
+        )
+        names = list(per)
+        measured = [per[m]["measured_loss_increase"] for m in names]
+        corr = {
+            "predicted": spearman([per[m]["predicted_loss_increase"] for m in names], measured),
+            "quadratic_signs": spearman(
+                [per[m]["gradient_term"] + 0.5 * per[m]["quadratic_signs"] for m in names], measured
+            ),
+            "hawq_proxy": spearman([per[m]["hawq_proxy"] for m in names], measured),
+            "predicted_vs_in_sample": spearman(
+                [per[m]["predicted_loss_increase"] for m in names], [per[m]["measured_in_sample"] for m in names]
+            ),
+            "hawq_vs_in_sample": spearman(
+                [per[m]["hawq_proxy"] for m in names], [per[m]["measured_in_sample"] for m in names]
+            ),
+        }
+        if exact:
+            qe = np.array([per[m]["quadratic_exact"] for m in names])
+            qs = np.array([per[m]["quadratic_signs"] for m in names])
+            qk = np.array([per[m]["quadratic_kfac"] for m in names])
+            sign_err = float(np.median(np.abs(qs - qe) / np.maximum(np.abs(qe), 1e-30)))
+            kfac_ratio = float(np.median(qk / np.where(np.abs(qe) > 0, qe, np.nan)))
+        else:
+            sign_err = kfac_ratio = None
+        out["formats"][fmt] = {
+            "bits": FORMAT_INFO[fmt].bits,
+            "description": FORMAT_INFO[fmt].description,
+            "modules": per,
+            "targets": {"predicted_loss_increase": pred_all, "measured_loss_increase": meas_targets},
+            "whole_model": {"measured_loss_increase": meas_whole, "num_linear_layers": len(all_linear)},
+            "spearman": corr,
+            "sign_estimate_median_rel_error": sign_err,
+            "kfac_over_exact_median": kfac_ratio,
+        }
+    return out, arrays

@@ -1,0 +1,255 @@
+"""The advisor: known-answer rank, budgets, quantization prediction, configs, memory forecast."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hessrank.advisor.memory import Architecture, forecast, parse_bytes
+from hessrank.advisor.rank import (
+    ModuleCurve,
+    curve_rank,
+    lora_params,
+    snap_to_grid,
+    spectral_rank,
+    water_fill,
+)
+from hessrank.analysis import AnalysisConfig, measure_scope
+from hessrank.curvature import HessianOperator
+from hessrank.errors import HessrankError
+
+
+class TeacherStudent(nn.Module):
+    """y = W x; loss ½ E[Σᵢ dᵢ (Wx − y)ᵢ²] with y = W* x: H = D ⊗ C has rank-1 eigenvectors eᵢ cⱼᵀ."""
+
+    def __init__(self, W0: torch.Tensor, d: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(W0.shape[1], W0.shape[0], bias=False).double()
+        with torch.no_grad():
+            self.proj.weight.copy_(W0)
+        self.d = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def ts_loss(model: TeacherStudent, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    r = model(batch["x"]) - batch["y"]
+    return 0.5 * (r**2 * model.d).sum(-1).mean()
+
+
+@pytest.mark.parametrize("r0", [1, 2, 4])
+def test_teacher_student_rank_is_found(r0):
+    torch.manual_seed(0)
+    out_f, in_f, n = 12, 10, 4000
+    d = torch.linspace(3.0, 0.5, out_f, dtype=torch.float64)  # distinct output weights
+    s = torch.linspace(4.0, 0.3, in_f, dtype=torch.float64)  # distinct input variances
+    Q = torch.linalg.qr(torch.randn(in_f, in_f, dtype=torch.float64))[0]
+    # the teacher differs from the student along the top-r0 curvature directions e_t c_tᵀ (distinct rows/cols)
+    W0 = torch.randn(out_f, in_f, dtype=torch.float64) * 0.1
+    delta = sum(torch.outer(torch.eye(out_f, dtype=torch.float64)[t], Q[:, t]) * (1.0 + t) for t in range(r0))
+    Wstar = W0 + delta
+    z = torch.randn(n, in_f, dtype=torch.float64)
+    x = (z * s.sqrt()) @ Q.T  # covariance C = Q diag(s) Qᵀ (in expectation)
+    y = x @ Wstar.T
+    model = TeacherStudent(W0, d)
+    batches = [{"x": x[i : i + 1000], "y": y[i : i + 1000]} for i in range(0, n, 1000)]
+    op = HessianOperator(model, ts_loss, batches, params=["proj"], weights=[1000] * 4)
+    # k = 40 of 120 directions covers the eigenpairs (t, t), t < 4, which the teacher uses
+    cfg = AnalysisConfig(model="-", data="-", top_k=40, negative_k=0, slq_probes=0, tol=1e-8)
+    res, arrays = measure_scope(op, cfg, seed=0)
+    per = res["newton"]["0.001"]["per_module"]["proj"]
+    assert per["energy_rank"]["0.99"] == r0
+    ranks, changes = per["curve"]["ranks"], per["curve"]["predicted_change"]
+    assert curve_rank(ranks, changes, 0.99) == snap_to_grid(r0, out_f, in_f)
+    # the quadratic model is exact here; the damping z = 1e-3·λ_max and the sampled covariance leave ~1%
+    dv = delta.reshape(-1)
+    hd = op.matvec(dv)
+    assert res["newton"]["0.001"]["predicted_change_full"] == pytest.approx(-0.5 * float(dv @ hd), rel=3e-2)
+
+
+def test_spectral_rank_parameter_counting():
+    assert spectral_rank(0.5, 64, 64) == 1
+    assert spectral_rank(127, 64, 64) == 1  # 1·(128−1) = 127 dof
+    assert spectral_rank(128, 64, 64) == 2
+    assert spectral_rank(10_000, 64, 64) == 64  # more than the matrix has: full rank
+    assert spectral_rank(300, 64, 64) == 4  # r=3 gives 375 dof; snapped up to the grid
+
+
+def test_water_fill_respects_budget_and_prefers_gain():
+    a = ModuleCurve("a", 16, 16, (1, 2, 4, 8, 16), (1.0, 1.8, 2.5, 2.7, 2.8))
+    b = ModuleCurve("b", 16, 16, (1, 2, 4, 8, 16), (0.1, 0.15, 0.2, 0.22, 0.23))
+    cost1 = lora_params(1, 16, 16)
+    r = water_fill([a, b], cost1)
+    assert r == {"a": 1, "b": 0}
+    for budget in (cost1 * 3, cost1 * 7, cost1 * 40):
+        r = water_fill([a, b], budget)
+        assert sum(lora_params(v, 16, 16) for v in r.values()) <= budget
+    r = water_fill([a, b], cost1 * 100)
+    assert r["a"] == 16 and r["b"] == 16
+    with pytest.raises(ValueError):
+        water_fill([a], -1)
+
+
+def test_parse_bytes_and_errors():
+    assert parse_bytes("6GiB") == 6 * 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("8GB") == 8 * 10**9
+    for bad in ("6XB", "abc", "-1GiB", "0"):
+        with pytest.raises(HessrankError):
+            parse_bytes(bad)
+
+
+def test_forecast_components():
+    arch = Architecture(
+        num_parameters=1000 + 2 * 64 * 64,
+        linear_shapes={"a.q": (64, 64), "a.v": (64, 64)},
+        hidden_size=64,
+        num_layers=1,
+        num_heads=4,
+        vocab_size=None,
+    )
+    f32 = forecast(arch, "none", {"a.q": 4}, {"a.q": (64, 64)}, 2, 16, device="cuda")
+    assert f32.trainable_parameters == 4 * 128
+    assert f32.lora_parameters == 4 * 128 * 4 and f32.optimizer == 4 * 128 * 8
+    assert f32.base_weights == (1000 + 2 * 4096) * 4
+    nf4 = forecast(arch, "nf4", {"a.q": 4}, {"a.q": (64, 64)}, 2, 16, device="cuda")
+    assert nf4.base_weights == pytest.approx(1000 * 4 + 2 * 4096 * (0.5 + 4 / 64))
+    skip = forecast(arch, "nf4", {"a.q": 4}, {"a.q": (64, 64)}, 2, 16, skip_modules=["v"], device="cuda")
+    assert skip.base_weights > nf4.base_weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole advisor on a real (tiny) analysis
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis(tiny_llama_dir, tmp_path_factory):
+    from hessrank.analysis import analyze
+
+    d = tmp_path_factory.mktemp("an")
+    rows = ["text\tlabel"] + [
+        f"{'good great fine' if i % 2 else 'bad dull poor'} film number {i}\t{i % 2}" for i in range(120)
+    ]
+    data = d / "data.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = AnalysisConfig(
+        model=str(tiny_llama_dir),
+        data=str(data),
+        modules="q_proj,v_proj,o_proj",
+        scopes=("joint",),
+        top_k=6,
+        negative_k=0,
+        slq_probes=2,
+        slq_steps=6,
+        batch_size=8,
+        num_batches=2,
+        max_length=24,
+        quant_formats=("int8", "llm.int8", "nf4", "nf4-dq", "fp4"),
+        quant_sign_probes=6,
+        data_options={"label_names": ("negative", "positive"), "template": "Review: {text}\nSentiment:"},
+    )
+    out = d / "run"
+    analyze(cfg, out, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, tiny_llama_dir, tmp_path):
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from hessrank.advisor import RecommendSettings, recommend, write_recommendation
+
+    rec = recommend(tiny_analysis, RecommendSettings())
+    files = write_recommendation(rec, tmp_path)
+    doc = json.loads((tmp_path / "recommendation.json").read_text())
+    assert doc["schema"] == "hessrank.recommendation/1"
+    for m, d in doc["modules"].items():
+        assert {"rank", "quantization"} <= set(d)
+        assert set(d["quantization"]) == {"int8", "llm.int8", "nf4", "nf4-dq", "fp4"}
+        for q in d["quantization"].values():
+            assert {"predicted_loss_increase", "measured_loss_increase"} <= set(q)
+    assert doc["quantization"]["format"] in ("none", "llm.int8", "nf4", "nf4-dq", "fp4")
+    assert doc["explanation"] and doc["rules_of_thumb"]
+    assert files["peft"] == "lora_config.json"
+
+    lcfg = LoraConfig(**json.loads((tmp_path / "lora_config.json").read_text()))
+    BitsAndBytesConfig(**json.loads((tmp_path / "bnb_config.json").read_text()))
+    ax = yaml.safe_load((tmp_path / "axolotl.yaml").read_text())
+    assert ax["lora_r"] == doc["global_rank"] and "lora_target_modules" in ax
+    lf = yaml.safe_load((tmp_path / "llamafactory.yaml").read_text())
+    assert lf["finetuning_type"] == "lora" and lf["lora_rank"] == doc["global_rank"]
+
+    # get_peft_model builds exactly the advised shapes
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    pm = get_peft_model(model, lcfg)
+    named = dict(pm.named_modules())
+    for m, d in doc["modules"].items():
+        key = f"base_model.model.{m}"
+        if d["rank"] == 0:
+            assert not hasattr(named[key], "lora_A")
+            continue
+        o, i = d["shape"]
+        assert tuple(named[key].lora_A["default"].weight.shape) == (d["rank"], i)
+        assert tuple(named[key].lora_B["default"].weight.shape) == (o, d["rank"])
+        assert named[key].scaling["default"] == pytest.approx(d["alpha"] / d["rank"])
+
+
+@pytest.mark.slow
+def test_quantization_prediction_tracks_measurement(tiny_analysis):
+    doc = json.loads((tiny_analysis / "analysis.json").read_text())
+    q = doc["quantization"]
+    nf4 = q["formats"]["nf4"]
+    # coarser formats cost more: FP4's error is larger than NF4's, int8's far smaller
+    mods = list(nf4["modules"])
+    rel = {f: np.mean([q["formats"][f]["modules"][m]["delta_rel_norm"] for m in mods]) for f in q["formats"]}
+    assert rel["int8"] < rel["nf4"] < rel["fp4"]
+    # the random-sign block estimates agree with the exact blocks on average
+    for f in ("nf4", "fp4"):
+        ex = np.array([q["formats"][f]["modules"][m]["quadratic_exact"] for m in mods])
+        sg = np.array([q["formats"][f]["modules"][m]["quadratic_signs"] for m in mods])
+        assert abs(sg.sum() - ex.sum()) < 0.5 * abs(ex).sum()
+    # predicted (targets jointly) vs measured (targets jointly) on held-out data: same sign and magnitude
+    t = nf4["targets"]
+    assert t["predicted_loss_increase"] == pytest.approx(t["measured_loss_increase"], rel=0.5, abs=5e-3)
+
+
+@pytest.mark.slow
+def test_budgets_are_respected_and_bad_budgets_fail(tiny_analysis):
+    from hessrank.advisor import RecommendSettings, recommend
+
+    free = recommend(tiny_analysis, RecommendSettings())
+    budget = max(1, free["trainable_parameters"] // 3)
+    smallest = min(lora_params(1, *d["shape"]) for d in free["modules"].values())
+    budget = max(budget, smallest)
+    rec = recommend(tiny_analysis, RecommendSettings(param_budget=budget))
+    used = sum(lora_params(d["rank"], *d["shape"]) for d in rec["modules"].values())
+    assert used <= budget and rec["budget"]
+    mem_budget = rec["memory"]["total"] + 10 * 2**20
+    rec2 = recommend(tiny_analysis, RecommendSettings(memory_budget=mem_budget))
+    assert rec2["memory"]["total"] <= mem_budget
+    with pytest.raises(HessrankError, match="below the smallest rank-1 adapter"):
+        recommend(tiny_analysis, RecommendSettings(param_budget=1))
+    with pytest.raises(HessrankError, match="memory budget"):
+        recommend(tiny_analysis, RecommendSettings(memory_budget=10 * 2**20))
+    with pytest.raises(HessrankError, match="tolerance"):
+        recommend(tiny_analysis, RecommendSettings(tolerance=0))
+    with pytest.raises(HessrankError, match="either"):
+        recommend(tiny_analysis, RecommendSettings(param_budget=10**6, memory_budget=2**30))
+
+
+def test_rank_pattern_keys_match_only_their_module():
+    from peft.utils.other import get_pattern_key
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in (1, 10, 11)]
+    pattern = {re.escape(names[0]): 4}
+    assert get_pattern_key(pattern.keys(), names[0]) == re.escape(names[0])
+    assert get_pattern_key(pattern.keys(), names[1]) == names[1]  # layers.1 does not match layers.10
