@@ -207,19 +207,33 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
 def test_quantization_prediction_tracks_measurement(tiny_analysis):
     doc = json.loads((tiny_analysis / "analysis.json").read_text())
     q = doc["quantization"]
-    nf4 = q["formats"]["nf4"]
-    # coarser formats cost more: FP4's error is larger than NF4's, int8's far smaller
-    mods = list(nf4["modules"])
+    mods = list(q["formats"]["nf4"]["modules"])
+    # coarser formats perturb more: int8 far less than NF4, NF4 less than FP4
     rel = {f: np.mean([q["formats"][f]["modules"][m]["delta_rel_norm"] for m in mods]) for f in q["formats"]}
     assert rel["int8"] < rel["nf4"] < rel["fp4"]
-    # the random-sign block estimates agree with the exact blocks on average
-    for f in ("nf4", "fp4"):
-        ex = np.array([q["formats"][f]["modules"][m]["quadratic_exact"] for m in mods])
-        sg = np.array([q["formats"][f]["modules"][m]["quadratic_signs"] for m in mods])
-        assert abs(sg.sum() - ex.sum()) < 0.5 * abs(ex).sum()
-    # predicted (targets jointly) vs measured (targets jointly) on held-out data: same sign and magnitude
-    t = nf4["targets"]
-    assert t["predicted_loss_increase"] == pytest.approx(t["measured_loss_increase"], rel=0.5, abs=5e-3)
+    # in sample (where the Taylor model is evaluated) predicted and measured increases agree module by module
+    for f in ("int8", "nf4", "fp4"):
+        for m in mods:
+            d = q["formats"][f]["modules"][m]
+            assert d["predicted_loss_increase"] == pytest.approx(d["measured_in_sample"], rel=0.25, abs=2e-6), (f, m)
+        assert q["formats"][f]["spearman"]["predicted_vs_in_sample"] > 0.8
+
+
+def test_random_sign_block_estimates_are_unbiased():
+    from hessrank.quantization import block_quadratic_signs
+
+    g = torch.Generator().manual_seed(0)
+    n, blocks = 30, {"a": (0, 10), "b": (10, 18), "c": (18, 30)}
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = M @ M.T / n + torch.randn(n, n, generator=g, dtype=torch.float64) * 0.3
+    H = (H + H.T) / 2
+    deltas = {k: torch.randn(b - a, generator=g, dtype=torch.float64) for k, (a, b) in blocks.items()}
+    exact = {k: float(deltas[k] @ H[a:b, a:b] @ deltas[k]) for k, (a, b) in blocks.items()}
+    errs = []
+    for probes in (4, 64, 1024):
+        est = block_quadratic_signs(lambda v: H @ v, blocks, deltas, n, probes, torch.Generator().manual_seed(1))
+        errs.append(max(abs(est[k] - exact[k]) for k in blocks))
+    assert errs[2] < errs[0] and errs[2] < 0.1 * max(abs(x) for x in exact.values())
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Quantization sensitivity: what each bitsandbytes weight format costs in loss, predicted and measured.
 
-For a module's weight W and a format f, the quantization error is δ = W − dequant(quant(W)), computed with
-bitsandbytes' own functions (they run on CPU). Its cost in loss is, to second order,
+For a module's weight W and a format f, the quantization perturbation is δ = dequant(quant(W)) − W (the change
+quantization applies to the weights), computed with bitsandbytes' own functions (they run on CPU). Its cost in
+loss is, to second order,
 
     ΔL ≈ gᵀδ + ½ δᵀHδ                                                  (Taylor expansion at θ₀)
 
@@ -256,6 +257,32 @@ def rank_for_share(curve: dict[str, Any], key: str, share: float) -> int:
     return int(curve["ranks"][-1])
 
 
+def block_quadratic_signs(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    slices: dict[str, tuple[int, int]],
+    deltas: dict[str, torch.Tensor],
+    n: int,
+    probes: int,
+    gen: torch.Generator,
+) -> dict[str, float]:
+    """Unbiased estimates of every block quadratic form δ_mᵀ H_mm δ_m from ``probes`` HVPs.
+
+    With Rademacher signs s and δ_s = Σ_m s_m δ_m, s_m δ_mᵀ (H δ_s)_m = δ_mᵀH_mmδ_m + Σ_{m'≠m} s_m s_m' δ_mᵀH_mm'δ_m',
+    and the cross terms have mean zero; the estimate is the average over the probes.
+    """
+    est = {m: 0.0 for m in slices}
+    first = next(iter(deltas.values()))
+    for _ in range(probes):
+        signs = {m: float(torch.randint(0, 2, (1,), generator=gen).item() * 2 - 1) for m in slices}
+        v = torch.zeros(n, dtype=first.dtype, device=first.device)
+        for m, (a, b) in slices.items():
+            v[a:b] = signs[m] * deltas[m]
+        hv = matvec(v).double()
+        for m, (a, b) in slices.items():
+            est[m] += signs[m] * float(deltas[m].double().to(hv.device) @ hv[a:b]) / probes
+    return est
+
+
 def bnb_quantized_linears(model: nn.Module) -> list[str]:
     """Linear layers bitsandbytes would quantize: every linear but the output layer and classification heads."""
     from .models import _excluded_from_all_linear, linear_modules
@@ -344,7 +371,7 @@ def measure_quantization(
         it = tqdm(it, desc="quantization formats", leave=False)
     all_linear = bnb_quantized_linears(model)
     for fmt in it:
-        deltas = {m: (W.detach() - quantize_dequantize(W, fmt)) for m, W in weights.items()}
+        deltas = {m: (quantize_dequantize(W, fmt) - W.detach()) for m, W in weights.items()}
         # exact blocks
         exact_q: dict[str, float] = {}
         if exact:
@@ -353,16 +380,18 @@ def measure_quantization(
                 s = mods[m]
                 exact_q[m] = float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
         # random-sign block estimates
-        sign_q = {m: 0.0 for m in mods}
-        for _ in range(sign_probes):
-            signs = {m: float(torch.randint(0, 2, (1,), generator=gen).item() * 2 - 1) for m in mods}
-            hv = op.matvec(vec_of({m: signs[m] * deltas[m] for m in mods})).double()
-            for m, s in mods.items():
-                sign_q[m] += (
-                    signs[m]
-                    * float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
-                    / max(sign_probes, 1)
-                )
+        sign_q = (
+            block_quadratic_signs(
+                op.matvec,
+                {m: (s.start, s.stop) for m, s in mods.items()},
+                {m: d.reshape(-1) for m, d in deltas.items()},
+                op.n,
+                sign_probes,
+                gen,
+            )
+            if sign_probes
+            else {m: float("nan") for m in mods}
+        )
         # all target modules at once (cross terms included)
         dall = vec_of(deltas).double()
         hall = op.matvec(dall.to(op.dtype)).double()
@@ -374,8 +403,8 @@ def measure_quantization(
             d = deltas[m]
             lin = float(g[s.start : s.stop] @ d.reshape(-1).double().to(g.device))
             q = exact_q.get(m, sign_q[m])
-            meas = swapped_loss({f"{m}.weight": W.detach() - d}) - base_eval
-            meas_in = swapped_loss_in_sample({f"{m}.weight": W.detach() - d}) - base_in
+            meas = swapped_loss({f"{m}.weight": W.detach() + d}) - base_eval
+            meas_in = swapped_loss_in_sample({f"{m}.weight": W.detach() + d}) - base_in
             n_m = W.numel()
             dn2 = float((d.double() ** 2).sum())
             A, G = kfac[m]
@@ -393,7 +422,7 @@ def measure_quantization(
                 "measured_in_sample": meas_in,
                 "compensation": {k: v for k, v in comp.items() if k != "kfac_quadratic"},
             }
-        meas_targets = swapped_loss({f"{m}.weight": W.detach() - deltas[m] for m, W in weights.items()}) - base_eval
+        meas_targets = swapped_loss({f"{m}.weight": W.detach() + deltas[m] for m, W in weights.items()}) - base_eval
         # every linear layer bitsandbytes would quantize
         meas_whole = (
             swapped_loss({f"{n}.weight": quantize_dequantize(named[n].weight, fmt) for n in all_linear}) - base_eval
