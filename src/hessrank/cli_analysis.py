@@ -6,9 +6,11 @@ import argparse
 from typing import Any
 
 
-def add_data_options(sp: argparse.ArgumentParser) -> None:
+def add_data_options(sp: argparse.ArgumentParser, required: bool = True) -> None:
     g = sp.add_argument_group("data")
-    g.add_argument("--data", required=True, help="file (TSV/CSV/JSONL/text) or dataset name (movie-reviews, sst2, ...)")
+    g.add_argument(
+        "--data", required=required, help="file (TSV/CSV/JSONL/text) or dataset name (movie-reviews, sst2, ...)"
+    )
     g.add_argument("--format", choices=["auto", "tsv", "csv", "jsonl", "text"], default=None)
     g.add_argument("--header", dest="header", action="store_true", default=None, help="the file has a header row")
     g.add_argument("--no-header", dest="header", action="store_false", help="the file has no header row")
@@ -104,6 +106,111 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "method",
+        "quantization",
+        "rank",
+        "alpha",
+        "steps",
+        "lr",
+        "warmup_ratio",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "max_train",
+        "max_eval",
+        "eval_every",
+        "patience",
+        "seed",
+        "device",
+        "gen_eval",
+        "dropout",
+    )
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "target_modules", None):
+        out["target_modules"] = args.target_modules
+    if getattr(args, "gradient_checkpointing", False):
+        out["gradient_checkpointing"] = True
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .errors import HessrankError
+    from .train import TrainConfig, train
+
+    over = _train_overrides(args)
+    if args.recommendation:
+        cfg = TrainConfig.from_recommendation(args.recommendation, data=args.data, **over)
+    elif args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise HessrankError(f"{path}: config file not found")
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise HessrankError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise HessrankError(f"{path}: expected a mapping of training options")
+        if args.data:
+            d["data"] = args.data
+        d.update(over)
+        cfg = TrainConfig.from_dict(d)
+    else:
+        if not (args.model and args.data):
+            raise HessrankError("give --recommendation DIR/recommendation.json, --config FILE, or --model and --data")
+        cfg = TrainConfig.from_dict(
+            {"model": args.model, "data": args.data, "task": args.task, "data_options": data_options(args), **over}
+        )
+    doc = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    ti = doc["train_info"]
+    mt = ti["metrics"]
+    print(
+        f"{cfg.method} ({cfg.quantization}) rank {cfg.rank}: held-out loss {mt['eval_loss']:.4f}"
+        + (f", accuracy {mt['accuracy']:.3f}" if "accuracy" in mt else "")
+        + (f", perplexity {mt['perplexity']:.2f}" if "perplexity" in mt else "")
+        + f"; {ti['num_trainable_params']:,} trainable of {ti['num_total_params']:,}; best step {ti['best_step']}; "
+        f"{ti['tokens_per_sec']:.0f} tokens/s; peak memory {ti['peak_memory_bytes'] / 2**20:.0f} MiB"
+    )
+    print(f"wrote {args.out}/metrics.json and {args.out}/adapter/")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .validate import ValidateConfig, table_markdown, validate
+
+    rec = Path(args.dir)
+    if rec.is_dir():
+        rec = rec / "recommendation.json"
+    cfg = ValidateConfig(
+        recommendation=str(rec),
+        data=args.data,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        seeds=tuple(range(args.seeds)),
+        multipliers=tuple(float(x) for x in args.ladder.split(",")),
+        formats=tuple(f for f in args.formats.split(",") if f),
+        methods=tuple(m for m in args.methods.split(",") if m),
+        tolerance=args.tolerance,
+        device=args.device,
+    )
+    doc = validate(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    print(table_markdown(doc))
+    print(f"wrote {args.out}/validation.json and {args.out}/validation.md")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the pipeline subcommands to the ``hessrank`` parser."""
     sp = sub.add_parser(
@@ -181,3 +288,77 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where training will run")
     sp.add_argument("--out", default=None, help="output folder (default: DIR)")
     sp.set_defaults(func=cmd_recommend)
+
+    sp = sub.add_parser(
+        "train",
+        help="fine-tune with a recommendation (or any method) and evaluate",
+        description="Writes OUT/metrics.json and OUT/adapter/; rerunning resumes from the last checkpoint.",
+    )
+    src = sp.add_argument_group("what to train")
+    src.add_argument("--recommendation", default=None, help="DIR/recommendation.json from hessrank recommend")
+    src.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
+    src.add_argument("--model", default=None)
+    src.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
+    add_data_options(sp, required=False)
+    o = sp.add_argument_group("overrides")
+    o.add_argument(
+        "--method", default=None, help="lora, rslora, dora, lora-eva, adalora, ia3, prefix, prompt, bitfit, full"
+    )
+    o.add_argument("--quantization", default=None, help="none, llm.int8, nf4, nf4-dq, fp4")
+    o.add_argument("--target-modules", default=None)
+    for name, typ in (
+        ("rank", int),
+        ("alpha", int),
+        ("steps", int),
+        ("lr", float),
+        ("warmup-ratio", float),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("max-length", int),
+        ("max-train", int),
+        ("max-eval", int),
+        ("eval-every", int),
+        ("patience", int),
+        ("seed", int),
+        ("gen-eval", int),
+        ("dropout", float),
+    ):
+        o.add_argument(f"--{name}", type=typ, default=None)
+    o.add_argument("--gradient-checkpointing", action="store_true")
+    o.add_argument("--device", default=None)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--no-resume", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "validate",
+        help="run the advice and its neighbours; knee, verdict and cost",
+        description="Writes OUT/validation.json, OUT/validation.md and one run folder per rung "
+        "under OUT/runs/ (a killed validation resumes).",
+    )
+    sp.add_argument("dir", help="folder holding recommendation.json (or the file)")
+    sp.add_argument("--data", default=None, help="data (default: the analysis data)")
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--lr", type=float, default=5e-4)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--eval-every", type=int, default=50)
+    sp.add_argument("--patience", type=int, default=None)
+    sp.add_argument("--max-train", type=int, default=3000)
+    sp.add_argument("--max-eval", type=int, default=500)
+    sp.add_argument("--seeds", type=int, default=2, help="seeds for the advice and its closest rival")
+    sp.add_argument("--ladder", default="0.25,0.5,1,2,4", help="rank multipliers around the advised rank")
+    sp.add_argument("--formats", default="none,llm.int8,nf4")
+    sp.add_argument(
+        "--methods",
+        default="ia3,prompt,rslora,dora",
+        help="other methods (ia3, prefix, prompt, bitfit, full, rslora, dora, lora-eva, adalora)",
+    )
+    sp.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance for the knee")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--no-resume", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_validate)

@@ -1,0 +1,643 @@
+"""Training runs: apply a recommendation (or any method) with PEFT + bitsandbytes, train, evaluate, save.
+
+One run = one :class:`TrainConfig` → one folder::
+
+    RUN/train_config.json   the configuration (a rerun with another configuration is refused)
+    RUN/checkpoints/        transformers Trainer checkpoints (resume from the last one)
+    RUN/adapter/            the trained adapter: ``PeftModel.from_pretrained(base, RUN/adapter)`` loads it
+                            (for BitFit / full fine-tuning: ``trainable.safetensors`` with the changed tensors)
+    RUN/metrics.json        ``hessrank.metrics/1``, shaped like PEFT's method-comparison results:
+                            run_info / train_info / meta_info
+
+Training uses transformers' ``Trainer`` (AdamW, linear schedule with warm-up, gradient accumulation, optional
+gradient checkpointing, seed), evaluates the held-out split every ``eval_every`` steps and keeps the best
+checkpoint by held-out loss (early stopping, as ``../shared/VALIDATION.md`` asks: a rung of a rank ladder must be
+judged at its best, not at an arbitrary last step). Final metrics: loss and perplexity always; accuracy for
+classification (the head's argmax, or for a causal LM on prompt→label data the argmax over the label
+verbalizers' first tokens); optionally GSM8K final-answer exact match by greedy generation.
+
+Methods: ``lora`` (``rank_pattern``/``alpha_pattern`` honoured), ``rslora``, ``dora``, ``lora-eva`` (PEFT's EVA
+initialisation), ``adalora``, ``ia3``, ``prefix``, ``prompt``, ``bitfit`` (only biases trainable), ``full``; each
+with a base-weight format none | llm.int8 | nf4 | nf4-dq | fp4 (QLoRA = nf4/nf4-dq + lora).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import IGNORE_INDEX, Dataset, Encoder, load_dataset, split_dataset
+from .errors import HessrankError
+from .io import ensure_new_or_resumable, read_json, write_json
+from .models import load_model, resolve_targets
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "hessrank.metrics/1"
+METHODS = ("lora", "rslora", "dora", "lora-eva", "adalora", "ia3", "prefix", "prompt", "bitfit", "full")
+QUANT_FOR_LOAD = {"none": "none", "llm.int8": "int8", "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4", "fp4": "fp4"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run."""
+
+    model: str
+    data: str
+    task: str | None = None
+    method: str = "lora"
+    quantization: str = "none"
+    rank: int = 8
+    alpha: int | None = None  #: default 2·rank
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    target_modules: list[str] | str = "q_proj,v_proj"
+    dropout: float = 0.0
+    num_virtual_tokens: int = 16
+    steps: int = 200
+    lr: float = 5e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 64
+    eval_fraction: float = 0.1
+    max_train: int | None = 3000
+    max_eval: int | None = 500
+    eval_every: int = 50
+    patience: int | None = None  #: stop after this many evaluations without improvement
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    num_labels: int | None = None
+    gen_eval: int = 0  #: GSM8K-style exact match on this many held-out examples (0: off)
+    gen_max_new_tokens: int = 192
+    data_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise HessrankError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.quantization not in QUANT_FOR_LOAD:
+            raise HessrankError(f"quantization '{self.quantization}' is not one of {', '.join(QUANT_FOR_LOAD)}")
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_every", "rank"):
+            if getattr(self, name) < 1:
+                raise HessrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise HessrankError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise HessrankError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.method in ("bitfit", "full", "prefix", "prompt") and self.quantization != "none":
+            raise HessrankError(f"method '{self.method}' trains base weights or needs none; use quantization none")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise HessrankError(f"unknown training config field(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        opts = dict(d.get("data_options") or {})
+        if isinstance(opts.get("label_names"), list):
+            opts["label_names"] = tuple(opts["label_names"])
+        d["data_options"] = opts
+        return cls(**d)
+
+    @classmethod
+    def from_recommendation(cls, path: str | Path, data: str | None = None, **overrides: Any) -> TrainConfig:
+        """A LoRA run that applies ``recommendation.json``: model, task, format, ranks, targets, data."""
+        rec = read_json(path, schema="hessrank.recommendation/1")
+        an = rec["analysis"]["config"]
+        mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
+        r = int(rec["global_rank"])
+        kw: dict[str, Any] = {
+            "model": rec["model"],
+            "data": data or an["data"],
+            "task": rec["task"],
+            "method": "lora",
+            "quantization": rec["quantization"]["format"],
+            "rank": r,
+            "alpha": 2 * r,
+            "rank_pattern": {m: int(d["rank"]) for m, d in mods.items() if int(d["rank"]) != r},
+            "alpha_pattern": {m: int(d["alpha"]) for m, d in mods.items() if int(d["alpha"]) != 2 * r},
+            "target_modules": sorted(mods),
+            "max_length": int(an["max_length"]),
+            "seed": int(an["seed"]),
+            "num_labels": an.get("num_labels"),
+            "data_options": dict(an.get("data_options") or {}),
+        }
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the trainable model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _task_type(task: str) -> str:
+    return "SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"
+
+
+def _escape_pattern(d: dict[str, int]) -> dict[str, int]:
+    # full module names become exact regex keys (PEFT matches keys with re.match(rf"(.*\\.)?({key})$", name))
+    return {(k if any(c in k for c in "*+?[]()|\\") else re.escape(k)): int(v) for k, v in d.items()}
+
+
+def build_peft_model(
+    model: nn.Module, cfg: TrainConfig, task: str, head: list[str], train_loader: Any = None
+) -> nn.Module:
+    """Wrap ``model`` for ``cfg.method``; returns the model whose trainable parameters the optimiser sees."""
+    from peft import (
+        AdaLoraConfig,
+        EvaConfig,
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        get_peft_model,
+        initialize_lora_eva_weights,
+        prepare_model_for_kbit_training,
+    )
+
+    def targets() -> list[str] | str:
+        t = cfg.target_modules
+        return t if t == "all-linear" else resolve_targets(model, t)
+
+    tt = _task_type(task)
+    m = cfg.method
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if m == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if m == "bitfit":
+        n = 0
+        for name, p in model.named_parameters():
+            train_it = name.endswith(".bias") or any(name.startswith(h + ".") for h in head)
+            p.requires_grad_(train_it)
+            n += int(name.endswith(".bias"))
+        if n == 0:
+            raise HessrankError(f"BitFit trains bias terms only, and model '{cfg.model}' has none")
+        return model
+    alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.rank
+    if m in ("lora", "rslora", "dora", "lora-eva"):
+        conf = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=alpha,
+            target_modules=targets(),
+            lora_dropout=cfg.dropout,
+            task_type=tt,
+            rank_pattern=_escape_pattern(cfg.rank_pattern),
+            alpha_pattern=_escape_pattern(cfg.alpha_pattern),
+            use_rslora=(m == "rslora"),
+            use_dora=(m == "dora"),
+            modules_to_save=head or None,
+            init_lora_weights="eva" if m == "lora-eva" else True,
+            eva_config=EvaConfig(rho=2.0) if m == "lora-eva" else None,
+        )
+        pm = get_peft_model(model, conf)
+        if m == "lora-eva":
+            if train_loader is None:
+                raise HessrankError("lora-eva needs training batches for its initialisation")
+            initialize_lora_eva_weights(pm, train_loader)
+        return pm
+    if m == "adalora":
+        conf = AdaLoraConfig(
+            init_r=max(cfg.rank + cfg.rank // 2, cfg.rank + 1),
+            target_r=cfg.rank,
+            lora_alpha=alpha,
+            target_modules=targets(),
+            lora_dropout=cfg.dropout,
+            task_type=tt,
+            total_step=cfg.steps,
+            tinit=max(1, cfg.steps // 10),
+            tfinal=max(1, cfg.steps // 5),
+            deltaT=max(1, cfg.steps // 20),
+            modules_to_save=head or None,
+        )
+        return get_peft_model(model, conf)
+    if m == "ia3":
+        conf = IA3Config(target_modules=targets(), feedforward_modules=[], task_type=tt, modules_to_save=head or None)
+        return get_peft_model(model, conf)
+    if m == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=tt))
+    if m == "prompt":
+        return get_peft_model(model, PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=tt))
+    raise HessrankError(f"method '{m}' is not supported")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        qs = getattr(p, "quant_state", None)
+        n = int(qs.shape.numel()) if qs is not None else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def label_token_ids(tokenizer: Any, ds: Dataset) -> list[int] | None:
+    """First token of each verbalized label (``answer_prefix + name``), for label-token accuracy."""
+    if not ds.label_names:
+        return None
+    ids = [tokenizer(ds.answer_prefix + n, add_special_tokens=False)["input_ids"][0] for n in ds.label_names]
+    if len(set(ids)) < len(ids):
+        log.warning("label names share their first token; label-token accuracy is ambiguous")
+    return ids
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    task: str,
+    label_ids: list[int] | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Held-out loss (mean over items/tokens), perplexity (causal LM), accuracy (classification)."""
+    model.eval()
+    tot_loss = 0.0
+    n_items = 0
+    correct = 0
+    n_cls = 0
+    for b in batches:
+        b = {k: v.to(device) if device is not None else v for k, v in b.items()}
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        logits = out.logits.float()
+        if task == "seq-cls":
+            loss = nn.functional.cross_entropy(logits, b["labels"], reduction="sum")
+            tot_loss += float(loss)
+            n_items += int(b["labels"].shape[0])
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+            n_cls += int(b["labels"].shape[0])
+        else:
+            if logits.shape[1] != b["labels"].shape[1]:  # prompt/prefix tuning prepends virtual tokens
+                logits = logits[:, -b["labels"].shape[1] :]
+            tgt = b["labels"][:, 1:]
+            lg = logits[:, :-1]
+            keep = tgt != IGNORE_INDEX
+            tot_loss += float(nn.functional.cross_entropy(lg[keep], tgt[keep], reduction="sum"))
+            n_items += int(keep.sum())
+            if label_ids is not None:
+                first = keep.float().argmax(dim=1)  # first answer position per row
+                rows = torch.arange(lg.shape[0], device=lg.device)
+                scores = lg[rows, first][:, label_ids]
+                truth = tgt[rows, first]
+                lab = torch.tensor(label_ids, device=lg.device)
+                correct += int((lab[scores.argmax(-1)] == truth).sum())
+                n_cls += int(lg.shape[0])
+    res = {"eval_loss": tot_loss / max(n_items, 1), "eval_items": n_items}
+    if task == "causal-lm":
+        res["perplexity"] = math.exp(min(res["eval_loss"], 50.0))
+    if n_cls:
+        res["accuracy"] = correct / n_cls
+    return res
+
+
+_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final answer of a GSM8K solution: after '####', else the last number in the text."""
+    m = _ANSWER.search(text)
+    raw = m.group(1) if m else (_NUMBER.findall(text) or [None])[-1]
+    if raw is None:
+        return None
+    raw = raw.replace(",", "").rstrip(".")
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    return str(int(v)) if v == int(v) else str(v)
+
+
+@torch.no_grad()
+def generative_exact_match(
+    model: nn.Module, tokenizer: Any, encoder: Encoder, ds: Dataset, n: int, max_new_tokens: int, device: torch.device
+) -> dict[str, float]:
+    """Greedy generation on ``n`` examples; exact match of the final numeric answer (GSM8K)."""
+    model.eval()
+    hits = 0
+    for ex in ds.examples[:n]:
+        prompt = encoder.prompt_of(ex)
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        hits += int(gsm8k_answer(text) is not None and gsm8k_answer(text) == gsm8k_answer(ex.answer or ""))
+    return {"exact_match": hits / max(n, 1), "exact_match_n": n}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "cpu_peak_rss"
+
+
+def _versions() -> dict[str, str]:
+    from .analysis import _versions as v
+
+    return v()
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume, or return the finished result of) one training run into folder ``out``."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from .analysis import resolve_device
+
+    out = Path(out)
+    cfg_file = out / "train_config.json"
+    if cfg_file.exists() and not overwrite:
+        old = read_json(cfg_file).get("config")
+        if old != cfg.to_dict():
+            diff = sorted(k for k in cfg.to_dict() if (old or {}).get(k) != cfg.to_dict()[k])
+            raise HessrankError(
+                f"{out}: holds a run with a different configuration (differs in: {', '.join(diff)}); "
+                "pass --overwrite or choose another --out"
+            )
+        if (out / "metrics.json").exists() and resume:
+            return read_json(out / "metrics.json", schema=SCHEMA)
+    ensure_new_or_resumable(out, "train_config.json", resume=resume, overwrite=overwrite)
+    if overwrite:
+        for p in ("checkpoints", "adapter", "metrics.json"):
+            target = out / p
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    write_json(cfg_file, {"schema": "hessrank.train_config/1", "config": cfg.to_dict()})
+    device = resolve_device(cfg.device)
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    from .models import BUNDLED_MODELS
+
+    task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
+    train_ds, eval_ds = split_dataset(
+        ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
+    )
+    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    lm = load_model(
+        cfg.model,
+        task,
+        num_labels=num_labels,
+        quantization=QUANT_FOR_LOAD[cfg.quantization],
+        double_quant=(cfg.quantization == "nf4-dq"),
+        seed=cfg.seed,
+        device=device,
+    )
+    tok = lm.tokenizer
+    enc = Encoder(tok, task, cfg.max_length, dataset=train_ds)
+    train_items = [enc.encode(e) for e in train_ds.examples]
+    eval_items = [enc.encode(e) for e in eval_ds.examples]
+    head: list[str] = []
+    if task == "seq-cls":
+        from .probe import find_head
+
+        head = [find_head(lm.model)[0]]
+    loader = None
+    if cfg.method == "lora-eva":
+        loader = torch.utils.data.DataLoader(
+            _ListDataset(train_items[: cfg.batch_size * 8]), batch_size=cfg.batch_size, collate_fn=enc.collate
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        model = build_peft_model(lm.model, cfg, task, head, loader)
+    trainable, total = count_params(model)
+    if trainable == 0:
+        raise HessrankError(f"method '{cfg.method}' left no trainable parameters")
+    eval_batches = [enc.collate(eval_items[i : i + cfg.batch_size]) for i in range(0, len(eval_items), cfg.batch_size)]
+    label_ids = label_token_ids(tok, train_ds) if task == "causal-lm" else None
+
+    ckpt = out / "checkpoints"
+    args = TrainingArguments(
+        output_dir=str(ckpt),
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        warmup_steps=int(round(cfg.warmup_ratio * cfg.steps)),
+        lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        save_strategy="steps",
+        save_steps=cfg.eval_every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, cfg.eval_every)),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        save_only_model=False,
+        optim="adamw_torch",
+    )
+    callbacks: list[Any] = []
+    if cfg.patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    if cfg.method == "adalora":
+
+        class _AdaLoraStep(TrainerCallback):
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                model.base_model.update_and_allocate(state.global_step)
+
+        callbacks.append(_AdaLoraStep())
+    tokens = [0]
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        b = enc.collate(items)
+        tokens[0] += int(b["attention_mask"].sum())
+        return b
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(train_items),
+        eval_dataset=_ListDataset(eval_items),
+        data_collator=collate,
+        callbacks=callbacks,
+    )
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    last = None
+    if resume and ckpt.is_dir():
+        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = str(cks[-1]) if cks else None
+    t0 = time.time()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+            warnings.filterwarnings("ignore", category=UserWarning)
+            result = trainer.train(resume_from_checkpoint=last)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    train_time = time.time() - t0
+    history = trainer.state.log_history
+    loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
+    eval_curve = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
+    best_step = None
+    if trainer.state.best_model_checkpoint:
+        best_step = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
+
+    t1 = time.time()
+    metrics = evaluate(model, eval_batches, task, label_ids, device)
+    if cfg.gen_eval and task == "causal-lm":
+        metrics.update(generative_exact_match(model, tok, enc, eval_ds, cfg.gen_eval, cfg.gen_max_new_tokens, device))
+    eval_time = time.time() - t1
+
+    adapter = out / "adapter"
+    adapter.mkdir(exist_ok=True)
+    if hasattr(model, "save_pretrained") and cfg.method not in ("full", "bitfit"):
+        model.save_pretrained(str(adapter))
+    else:
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(adapter / "trainable.safetensors"))
+    peak, kind = _peak_memory(device)
+    doc = {
+        "schema": SCHEMA,
+        "run_info": {
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "total_time": time.time() - started,
+            "experiment_name": out.name,
+            "train_config": cfg.to_dict(),
+            "peft_config": _peft_config_dict(model),
+        },
+        "train_info": {
+            "status": "success",
+            "num_trainable_params": trainable,
+            "num_total_params": total,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": kind,
+            "train_time": train_time,
+            "eval_time": eval_time,
+            "train_tokens": tokens[0],
+            "tokens_per_sec": tokens[0] / max(train_time, 1e-9),
+            "steps": int(trainer.state.global_step),
+            "best_step": best_step,
+            "train_loss": float(result.training_loss),
+            "loss_curve": loss_curve,
+            "eval_curve": eval_curve,
+            "metrics": metrics,
+            "adapter_size_bytes": _dir_size(adapter),
+        },
+        "meta_info": {
+            "model": {"name": cfg.model, "task": task, "path": str(lm.path)},
+            "dataset": {
+                "source": ds.source,
+                "train_examples": len(train_ds),
+                "eval_examples": len(eval_ds),
+                "label_names": ds.label_names,
+            },
+            "package_info": _versions(),
+            "system_info": {
+                "device": str(device),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+            },
+        },
+    }
+    write_json(out / "metrics.json", doc)
+    return doc
+
+
+def _peft_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "peft_config", None)
+    if not cfg:
+        return None
+    c = next(iter(cfg.values()))
+    d = c.to_dict() if hasattr(c, "to_dict") else {}
+    return json.loads(json.dumps(d, default=str))
+
+
+def load_trained(run: str | Path) -> tuple[nn.Module, Any, TrainConfig]:
+    """The base model with a run's trained adapter (or trained tensors) loaded, ready to evaluate."""
+    from peft import PeftModel
+
+    run = Path(run)
+    cfg = TrainConfig.from_dict(read_json(run / "train_config.json")["config"])
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    task = cfg.task or "causal-lm"
+    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    lm = load_model(
+        cfg.model,
+        task,
+        num_labels=num_labels,
+        quantization=QUANT_FOR_LOAD[cfg.quantization],
+        double_quant=(cfg.quantization == "nf4-dq"),
+        seed=cfg.seed,
+    )
+    if (run / "adapter" / "trainable.safetensors").exists():
+        from safetensors.torch import load_file
+
+        lm.model.load_state_dict(load_file(str(run / "adapter" / "trainable.safetensors")), strict=False)
+        return lm.model, lm.tokenizer, cfg
+    return PeftModel.from_pretrained(lm.model, str(run / "adapter")), lm.tokenizer, cfg

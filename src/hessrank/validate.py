@@ -1,0 +1,365 @@
+"""Validation: run the advice and its neighbours at equal steps, data and seeds, and give a verdict.
+
+Runs (each a :func:`hessrank.train.train` folder under ``VAL/runs/``, so a killed validation resumes):
+
+* ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed;
+* ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
+  same target modules);
+* ``uniform-budget`` — one uniform rank with the advice's trainable-parameter count;
+* ``format-<f>`` — the advised ranks in other weight formats (16/32-bit, int8, NF4);
+* ``method-<m>`` — other methods (IA³, prefix, prompt, BitFit, full, rsLoRA, DoRA, EVA, AdaLoRA);
+* ``rival-s<seed>`` — the closest rival (the best non-advice rank run) again with the other seeds.
+
+Every rung is trained with early stopping on the held-out loss and judged at its best checkpoint, since a short
+ladder measures optimisation speed rather than capacity (``../shared/VALIDATION.md``).
+
+**Knee and verdict.** r* is the smallest ladder rank whose held-out loss is within ``tolerance`` (relative, default
+2%) of the best rank run (ladder, uniform-budget and advice). The advice is *right* when its loss (mean over seeds)
+is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
+loss is worse than the tolerance allows; *too large* when it is within tolerance but costs more than twice the
+knee. Loss decides; accuracy is reported beside it, and where they disagree the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HessrankError
+from .io import atomic_write, ensure_new_or_resumable, read_json, write_json
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "hessrank.validation/1"
+DEFAULT_METHODS = ("ia3", "prompt", "rslora", "dora")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    recommendation: str
+    data: str | None = None
+    steps: int = 300
+    lr: float = 5e-4
+    batch_size: int = 16
+    eval_every: int = 50
+    patience: int | None = None
+    max_train: int | None = 3000
+    max_eval: int | None = 500
+    seeds: tuple[int, ...] = (0, 1)
+    multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    formats: tuple[str, ...] = ("none", "llm.int8", "nf4")
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tolerance: float = 0.02
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise HessrankError("validate needs at least one seed")
+        if not 0 < self.tolerance < 1:
+            raise HessrankError(f"tolerance must be in (0, 1), got {self.tolerance}")
+        if any(m <= 0 for m in self.multipliers):
+            raise HessrankError("ladder multipliers must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
+    per_rank = sum(o + i for o, i in shapes)
+    return max(1, int(round(params / max(per_rank, 1))))
+
+
+def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, Any]]:
+    """The runs of a validation, by name, and facts about the advice they are built around."""
+    rec = read_json(cfg.recommendation, schema="hessrank.recommendation/1")
+    common = dict(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        max_train=cfg.max_train,
+        max_eval=cfg.max_eval,
+        device=cfg.device,
+        **cfg.extra,
+    )
+    base = TrainConfig.from_recommendation(cfg.recommendation, data=cfg.data, **common)
+    runs: dict[str, TrainConfig] = {}
+    for s in cfg.seeds:
+        runs[f"advice-s{s}"] = dataclasses.replace(base, seed=s)
+    r = int(rec["global_rank"])
+    mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
+    shapes = [tuple(d["shape"]) for d in mods.values()]
+    full = min(min(o, i) for o, i in shapes)
+    ladder = sorted({min(full, max(1, int(round(r * m)))) for m in cfg.multipliers})
+    plain = dataclasses.replace(base, rank_pattern={}, alpha_pattern={})
+    for rr in ladder:
+        runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=2 * rr)
+    advice_params = sum(d["rank"] * (d["shape"][0] + d["shape"][1]) for d in mods.values())
+    ru = _uniform_rank_for_params(advice_params, shapes)
+    if ru not in ladder:
+        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=2 * ru)
+    for f in cfg.formats:
+        if f != base.quantization:
+            runs[f"format-{f}"] = dataclasses.replace(base, quantization=f)
+    for m in cfg.methods:
+        q = "none" if m in ("prefix", "prompt", "bitfit", "full") else base.quantization
+        runs[f"method-{m}"] = dataclasses.replace(
+            base,
+            method=m,
+            quantization=q,
+            rank_pattern={} if m != "lora" else base.rank_pattern,
+            alpha_pattern={} if m != "lora" else base.alpha_pattern,
+        )
+    facts = {
+        "global_rank": r,
+        "ladder": ladder,
+        "uniform_budget_rank": ru,
+        "advice_params": advice_params,
+        "format": base.quantization,
+        "rec": rec,
+    }
+    return runs, facts
+
+
+def _loss(m: dict[str, Any]) -> float:
+    return float(m["train_info"]["metrics"]["eval_loss"])
+
+
+def _acc(m: dict[str, Any]) -> float | None:
+    return m["train_info"]["metrics"].get("accuracy")
+
+
+def validate(
+    cfg: ValidateConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) a validation into ``out``; returns the ``validation.json`` document."""
+    out = Path(out)
+    cfile = out / "validate_config.json"
+    if cfile.exists() and not overwrite:
+        old = read_json(cfile).get("config")
+        if old != cfg.to_dict():
+            raise HessrankError(
+                f"{out}: holds a validation with a different configuration; pass --overwrite or choose another --out"
+            )
+    ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
+    write_json(cfile, {"schema": "hessrank.validate_config/1", "config": cfg.to_dict()})
+    started = time.time()
+    runs, facts = plan_runs(cfg)
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+
+    def run(name: str, tc: TrainConfig) -> None:
+        try:
+            results[name] = train(tc, out / "runs" / name, resume=True, overwrite=overwrite, progress=progress)
+        except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
+            errors[name] = str(e)
+            log.warning("run %s skipped: %s", name, e)
+
+    names = list(runs)
+    for i, name in enumerate(names):
+        log.info("validation run %d/%d: %s", i + 1, len(names), name)
+        run(name, runs[name])
+    # the closest rival gets the other seeds too
+    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget"))}
+    rival = min(rank_runs, key=lambda k: _loss(rank_runs[k])) if rank_runs else None
+    if rival is not None:
+        for s in cfg.seeds[1:]:
+            run(f"rival-s{s}", dataclasses.replace(runs[rival], seed=s))
+    doc = summarise(cfg, facts, results, errors, rival, started)
+    write_json(out / "validation.json", doc)
+    atomic_write(out / "validation.md", lambda f: f.write(table_markdown(doc)))
+    return doc
+
+
+def summarise(
+    cfg: ValidateConfig,
+    facts: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    errors: dict[str, str],
+    rival: str | None,
+    started: float,
+) -> dict[str, Any]:
+    rows = []
+    for name, m in results.items():
+        ti = m["train_info"]
+        rows.append(
+            {
+                "run": name,
+                "method": m["run_info"]["train_config"]["method"],
+                "quantization": m["run_info"]["train_config"]["quantization"],
+                "rank": m["run_info"]["train_config"]["rank"],
+                "seed": m["run_info"]["train_config"]["seed"],
+                "eval_loss": _loss(m),
+                "accuracy": _acc(m),
+                "perplexity": ti["metrics"].get("perplexity"),
+                "trainable_params": ti["num_trainable_params"],
+                "best_step": ti["best_step"],
+                "train_time": ti["train_time"],
+                "peak_memory_bytes": ti["peak_memory_bytes"],
+            }
+        )
+    advice = [results[k] for k in results if k.startswith("advice-")]
+    if not advice:
+        raise HessrankError("no advice run finished; see the errors in the run folders")
+    adv_losses = [_loss(m) for m in advice]
+    adv_loss = float(np.mean(adv_losses))
+    adv_params = advice[0]["train_info"]["num_trainable_params"]
+    ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
+    pool = {
+        **{f"rank-{r}": m for r, m in ladder.items()},
+        **({"uniform-budget": results["uniform-budget"]} if "uniform-budget" in results else {}),
+    }
+    best_loss = min([_loss(m) for m in pool.values()] + [adv_loss]) if pool else adv_loss
+    tol = cfg.tolerance
+    within = lambda loss: loss <= best_loss * (1 + tol) + 1e-12
+    knee = min((r for r, m in ladder.items() if within(_loss(m))), default=None)
+    knee_params = ladder[knee]["train_info"]["num_trainable_params"] if knee is not None else None
+    if not within(adv_loss):
+        verdict = "too small"
+        why = (
+            f"the advice's held-out loss {adv_loss:.4f} is {adv_loss / best_loss - 1:+.1%} from the best rank run "
+            f"({best_loss:.4f}), beyond the {tol:.0%} tolerance"
+        )
+    elif knee_params is not None and adv_params > 2 * knee_params:
+        verdict = "too large"
+        why = (
+            f"the advice is within {tol:.0%} of the best loss but trains {adv_params:,} parameters, more than "
+            f"twice the knee's {knee_params:,} (rank {knee})"
+        )
+    else:
+        verdict = "right"
+        why = (
+            f"the advice's loss {adv_loss:.4f} is within {tol:.0%} of the best rank run ({best_loss:.4f}) with "
+            f"{adv_params:,} trainable parameters" + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
+        )
+    acc_note = None
+    accs = {k: _acc(m) for k, m in pool.items() if _acc(m) is not None}
+    if accs and _acc(advice[0]) is not None:
+        best_acc_run = max(accs, key=lambda k: accs[k])
+        best_loss_run = min(pool, key=lambda k: _loss(pool[k]))
+        if best_acc_run != best_loss_run:
+            acc_note = (
+                f"loss and accuracy disagree: best loss {best_loss_run}, best accuracy {best_acc_run} "
+                f"({accs[best_acc_run]:.3f}); the verdict uses loss"
+            )
+    # quantization after training: measured (format-f minus format none) vs predicted from the analysis
+    quant_cmp = {}
+    rec = facts["rec"]
+    none_run = results.get("format-none") if facts["format"] != "none" else advice[0]
+    quantized = {k: m for k, m in results.items() if k.startswith("format-") or k == f"advice-s{cfg.seeds[0]}"}
+    if none_run is not None:
+        for m in quantized.values():
+            f = m["run_info"]["train_config"]["quantization"]
+            if f == "none":
+                continue
+            cand = rec["quantization"]["candidates"].get(f, {})
+            quant_cmp[f] = {
+                "measured_after_training": _loss(m) - _loss(none_run),
+                "predicted_before_training": cand.get("predicted_targets"),
+                "measured_before_training": cand.get("measured_whole"),
+            }
+    ladder_time = sum(results[k]["train_info"]["train_time"] for k in results if k.startswith("rank-"))
+    an_cost = rec["analysis"]["config"]
+    doc = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(),
+        "recipe": {
+            "steps": cfg.steps,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "alpha": "2r",
+            "scaling": "alpha/r (rsLoRA only in method-rslora)",
+            "early_stopping": "best held-out loss",
+            "eval_every": cfg.eval_every,
+            "seeds": list(cfg.seeds),
+        },
+        "advice": {
+            "global_rank": facts["global_rank"],
+            "trainable_params": adv_params,
+            "format": facts["format"],
+            "eval_loss_mean": adv_loss,
+            "eval_loss_std": float(np.std(adv_losses, ddof=1)) if len(adv_losses) > 1 else None,
+            "accuracy": [_acc(m) for m in advice],
+        },
+        "ladder": {
+            str(r): {
+                "eval_loss": _loss(m),
+                "accuracy": _acc(m),
+                "trainable_params": m["train_info"]["num_trainable_params"],
+            }
+            for r, m in sorted(ladder.items())
+        },
+        "best_rank_run_loss": best_loss,
+        "knee_rank": knee,
+        "knee_params": knee_params,
+        "verdict": verdict,
+        "why": why,
+        "accuracy_note": acc_note,
+        "rival": rival,
+        "rival_losses": [_loss(results[k]) for k in results if k.startswith("rival-")]
+        + ([_loss(results[rival])] if rival else []),
+        "quantization_after_training": quant_cmp,
+        "cost": {
+            "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
+            "ladder_train_time": ladder_time,
+            "analysis_settings": {k: an_cost.get(k) for k in ("top_k", "batch_size", "num_batches")},
+        },
+        "runs": rows,
+        "errors": errors,
+        "seconds": time.time() - started,
+    }
+    return doc
+
+
+def table_markdown(doc: dict[str, Any]) -> str:
+    """The validation as a Markdown table plus the verdict."""
+    lines = [
+        "# hessrank validation",
+        "",
+        f"Recipe: {doc['recipe']['steps']} steps, lr {doc['recipe']['lr']}, batch {doc['recipe']['batch_size']}, "
+        f"alpha = {doc['recipe']['alpha']}, early stopping on the held-out loss (eval every "
+        f"{doc['recipe']['eval_every']} steps), seeds {doc['recipe']['seeds']}.",
+        "",
+        "| run | method | format | rank | seed | held-out loss | accuracy | trainable params | best step | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(doc["runs"], key=lambda r: r["run"]):
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        lines.append(
+            f"| {r['run']} | {r['method']} | {r['quantization']} | {r['rank']} | {r['seed']} | "
+            f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['best_step']} | "
+            f"{r['train_time']:.0f} |"
+        )
+    lines += [
+        "",
+        f"**Verdict: advice {doc['verdict']}** — {doc['why']}.",
+        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['config']['tolerance']:.0%} of "
+        f"the best rank-run loss {doc['best_rank_run_loss']:.4f}).",
+    ]
+    if doc.get("accuracy_note"):
+        lines.append(doc["accuracy_note"] + ".")
+    for f, q in doc["quantization_after_training"].items():
+        mb = q["measured_before_training"]
+        lines.append(
+            f"Quantization {f}: held-out loss change after training {q['measured_after_training']:+.4f}; "
+            f"before training measured {mb if mb is None else f'{mb:+.4f}'}."
+        )
+    c = doc["cost"]
+    lines.append(
+        f"Cost: one advice run {c['advice_train_time']:.0f} s of training; the rank ladder "
+        f"{c['ladder_train_time']:.0f} s."
+    )
+    if doc["errors"]:
+        lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["errors"].items()))
+    return "\n".join(lines) + "\n"

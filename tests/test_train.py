@@ -1,0 +1,187 @@
+"""Trainer and validation on tiny models (fast), plus the memory forecast against a real LoRA run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hessrank.errors import HessrankError
+from hessrank.train import TrainConfig, evaluate, gsm8k_answer, load_trained, train
+
+OPTS = {"label_names": ["negative", "positive"], "template": "Review: {text}\nSentiment:"}
+
+
+@pytest.fixture()
+def tiny_data(tmp_path):
+    rows = ["text\tlabel"] + [
+        f"{'good great fine' if i % 2 else 'bad dull poor'} film number {i}\t{i % 2}" for i in range(160)
+    ]
+    f = tmp_path / "tiny.tsv"
+    f.write_text("\n".join(rows) + "\n")
+    return f
+
+
+def cfg_for(model_dir, data, **kw):
+    base = dict(
+        model=str(model_dir),
+        data=str(data),
+        task="causal-lm",
+        steps=6,
+        eval_every=3,
+        batch_size=8,
+        max_length=24,
+        lr=1e-2,
+        data_options=OPTS,
+        target_modules="q_proj,v_proj",
+    )
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+@pytest.mark.slow
+def test_train_save_reload_reproduces_metric(tiny_llama_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    doc = train(cfg_for(tiny_llama_dir, tiny_data), out, progress=False)
+    assert doc["schema"] == "hessrank.metrics/1"
+    ti = doc["train_info"]
+    assert {
+        "num_trainable_params",
+        "num_total_params",
+        "peak_memory_bytes",
+        "tokens_per_sec",
+        "loss_curve",
+        "metrics",
+        "adapter_size_bytes",
+    } <= set(ti)
+    assert ti["steps"] == 6 and len(ti["eval_curve"]) == 2 and ti["best_step"] in (3, 6)
+    assert {"eval_loss", "perplexity", "accuracy"} <= set(ti["metrics"])
+    assert ti["num_trainable_params"] == 2 * 2 * 8 * (16 + 16) - 2 * 8 * (16 - 8)  # q: 16x16, v: 8x16 (GQA)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    # reload the adapter with PeftModel.from_pretrained and get the same held-out metric
+    from hessrank.data import Encoder, load_dataset, split_dataset
+    from hessrank.train import label_token_ids
+
+    model, tok, cfg = load_trained(out)
+    ds = load_dataset(cfg.data, **cfg.data_options)
+    tr, ev = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+    enc = Encoder(tok, "causal-lm", cfg.max_length, dataset=tr)
+    items = [enc.encode(e) for e in ev.examples]
+    batches = [enc.collate(items[i : i + 8]) for i in range(0, len(items), 8)]
+    again = evaluate(model, batches, "causal-lm", label_token_ids(tok, tr))
+    assert again["eval_loss"] == pytest.approx(ti["metrics"]["eval_loss"], rel=1e-5)
+    assert again["accuracy"] == ti["metrics"]["accuracy"]
+    # a finished run is returned, not retrained; another configuration is refused
+    assert train(cfg_for(tiny_llama_dir, tiny_data), out, progress=False)["run_info"] == doc["run_info"]
+    with pytest.raises(HessrankError, match="different configuration"):
+        train(cfg_for(tiny_llama_dir, tiny_data, steps=7), out, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    full = train(cfg_for(tiny_llama_dir, tiny_data, steps=8, eval_every=2), tmp_path / "full", progress=False)
+    orig = Trainer.training_step
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # after checkpoints at steps 2 and 4
+            raise KeyboardInterrupt
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_llama_dir, tiny_data, steps=8, eval_every=2), tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
+    monkeypatch.setattr(Trainer, "training_step", orig)
+    resumed = train(cfg_for(tiny_llama_dir, tiny_data, steps=8, eval_every=2), tmp_path / "cut", progress=False)
+    assert resumed["train_info"]["steps"] == 8
+    assert resumed["train_info"]["metrics"]["eval_loss"] == pytest.approx(
+        full["train_info"]["metrics"]["eval_loss"], rel=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_qlora_step_every_lora_tensor_learns(tiny_llama_dir, tiny_data, tmp_path):
+    """NF4 base + LoRA on CPU: after training, every lora_A and lora_B moved from its initial value."""
+    out = tmp_path / "q"
+    train(cfg_for(tiny_llama_dir, tiny_data, quantization="nf4", steps=3, eval_every=3), out, progress=False)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = [k for k in trained if "lora_B" in k]
+    assert len(b) == 4 and all(trained[k].abs().sum() > 0 for k in b)  # B starts at zero
+    from peft import LoraConfig, get_peft_model
+
+    from hessrank.models import load_model
+
+    torch.manual_seed(0)
+    init = get_peft_model(
+        load_model(str(tiny_llama_dir), "causal-lm").model,
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    )
+    init_a = {k: v for k, v in init.state_dict().items() if "lora_A" in k}
+    for k, v in trained.items():
+        if "lora_A" in k:
+            key = next(i for i in init_a if i.replace(".default", "").endswith(k.split("base_model.model.")[-1]))
+            assert not torch.allclose(v, init_a[key]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rslora", "dora", "ia3", "prefix", "prompt", "adalora", "lora-eva", "full"])
+def test_every_method_trains(method, tiny_llama_dir, tiny_data, tmp_path):
+    doc = train(
+        cfg_for(tiny_llama_dir, tiny_data, method=method, steps=3, eval_every=3), tmp_path / method, progress=False
+    )
+    ti = doc["train_info"]
+    assert ti["num_trainable_params"] > 0 and ti["steps"] == 3
+    assert torch.isfinite(torch.tensor(ti["metrics"]["eval_loss"]))
+
+
+@pytest.mark.slow
+def test_bitfit(tiny_bert_dir, tiny_data, tiny_llama_dir, tmp_path):
+    doc = train(
+        TrainConfig.from_dict(
+            dict(
+                model=str(tiny_bert_dir),
+                data=str(tiny_data),
+                task="seq-cls",
+                method="bitfit",
+                steps=3,
+                eval_every=3,
+                batch_size=8,
+                max_length=24,
+            )
+        ),
+        tmp_path / "bitfit",
+        progress=False,
+    )
+    ti = doc["train_info"]
+    from hessrank.models import load_model
+
+    m = load_model(str(tiny_bert_dir), "seq-cls").model
+    biases = sum(p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and not n.startswith("classifier"))
+    head = sum(p.numel() for n, p in m.named_parameters() if n.startswith("classifier"))
+    assert ti["num_trainable_params"] == biases + head
+    with pytest.raises(HessrankError, match="has none"):
+        train(cfg_for(tiny_llama_dir, tiny_data, method="bitfit"), tmp_path / "bf2", progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(HessrankError, match="method 'lorra'"):
+        TrainConfig(model="m", data="d", method="lorra")
+    with pytest.raises(HessrankError, match="quantization 'int4'"):
+        TrainConfig(model="m", data="d", quantization="int4")
+    with pytest.raises(HessrankError, match="steps must be at least 1"):
+        TrainConfig(model="m", data="d", steps=0)
+    with pytest.raises(HessrankError, match="unknown training config field"):
+        TrainConfig.from_dict({"model": "m", "data": "d", "ranks": 3})
+
+
+def test_gsm8k_answer():
+    assert gsm8k_answer("so 3 + 4 = 7\n#### 7") == "7"
+    assert gsm8k_answer("#### 1,234") == "1234"
+    assert gsm8k_answer("The answer is 12.") == "12"
+    assert gsm8k_answer("no number") is None
