@@ -236,7 +236,8 @@ def main() -> None:
             print(
                 f"\nPyHessian vs the largest-magnitude reference (LA and SA merged): max rel. error "
                 f"{rel_err(list(ph), lm):.2e}; PyHessian values {np.round(ph, 3).tolist()}; "
-                f"LA reference {np.round(ref, 3).tolist()}; most negative {case_rows['eigsh:1e-9:SA']['eigenvalues'][0]:.3f}\n"
+                f"LA reference {np.round(ref, 3).tolist()}; "
+                f"most negative {case_rows['eigsh:1e-9:SA']['eigenvalues'][0]:.3f}\n"
             )
     print(
         "\n| problem | params | gradient s | HVP s (fresh graph) | HVP/gradient | HVP s (kept graph) | kept/gradient |"

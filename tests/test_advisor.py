@@ -62,7 +62,7 @@ def test_teacher_student_rank_is_found(r0):
     op = HessianOperator(model, ts_loss, batches, params=["proj"], weights=[1000] * 4)
     # k = 40 of 120 directions covers the eigenpairs (t, t), t < 4, which the teacher uses
     cfg = AnalysisConfig(model="-", data="-", top_k=40, negative_k=0, slq_probes=0, tol=1e-8)
-    res, arrays = measure_scope(op, cfg, seed=0)
+    res, _arrays = measure_scope(op, cfg, seed=0)
     per = res["newton"]["0.001"]["per_module"]["proj"]
     assert per["energy_rank"]["0.99"] == r0
     ranks, changes = per["curve"]["ranks"], per["curve"]["predicted_change"]
@@ -172,7 +172,7 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
     files = write_recommendation(rec, tmp_path)
     doc = json.loads((tmp_path / "recommendation.json").read_text())
     assert doc["schema"] == "hessrank.recommendation/1"
-    for m, d in doc["modules"].items():
+    for d in doc["modules"].values():
         assert {"rank", "quantization"} <= set(d)
         assert set(d["quantization"]) == {"int8", "llm.int8", "nf4", "nf4-dq", "fp4"}
         for q in d["quantization"].values():

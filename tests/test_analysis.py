@@ -82,7 +82,7 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
     assert load_analysis(out)["config"] == cfg.to_dict()
 
     # a different configuration in the same folder is refused
-    with pytest.raises(HessrankError, match="different configuration.*top_k"):
+    with pytest.raises(HessrankError, match=r"different configuration.*top_k"):
         analyze(small_cfg(tiny_llama_dir, sentiment_tsv, top_k=4), out, progress=False)
 
 

@@ -24,6 +24,7 @@ Everything is written under the output folder: one unit file per (repeat, scope)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -353,10 +354,8 @@ def _versions() -> dict[str, str]:
 
     out = {"hessrank": __version__}
     for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scipy", "numpy"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 

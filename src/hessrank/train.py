@@ -467,7 +467,7 @@ def train(
         output_dir=str(ckpt),
         max_steps=cfg.steps,
         learning_rate=cfg.lr,
-        warmup_steps=int(round(cfg.warmup_ratio * cfg.steps)),
+        warmup_steps=round(cfg.warmup_ratio * cfg.steps),
         lr_scheduler_type="linear",
         weight_decay=cfg.weight_decay,
         per_device_train_batch_size=cfg.batch_size,

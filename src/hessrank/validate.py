@@ -75,7 +75,7 @@ class ValidateConfig:
 
 def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
     per_rank = sum(o + i for o, i in shapes)
-    return max(1, int(round(params / max(per_rank, 1))))
+    return max(1, round(params / max(per_rank, 1)))
 
 
 def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, Any]]:
@@ -100,7 +100,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
     shapes = [tuple(d["shape"]) for d in mods.values()]
     full = min(min(o, i) for o, i in shapes)
-    ladder = sorted({min(full, max(1, int(round(r * m)))) for m in cfg.multipliers})
+    ladder = sorted({min(full, max(1, round(r * m))) for m in cfg.multipliers})
     plain = dataclasses.replace(base, rank_pattern={}, alpha_pattern={})
     for rr in ladder:
         runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=2 * rr)

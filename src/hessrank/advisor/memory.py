@@ -158,10 +158,7 @@ def forecast(
     s, b, h, a, L = seq_len, batch_size, arch.hidden_size, arch.num_heads, arch.num_layers
     per_layer16 = s * b * h * (34 + 5 * a * s / h)
     scale = dbytes / 2.0
-    if gradient_checkpointing:
-        acts = L * 2 * s * b * h * scale + per_layer16 * scale
-    else:
-        acts = L * per_layer16 * scale
+    acts = L * 2 * s * b * h * scale + per_layer16 * scale if gradient_checkpointing else L * per_layer16 * scale
     if arch.vocab_size:
         acts += 2 * b * s * arch.vocab_size * 4
     runtime = RUNTIME_CPU_BYTES if device == "cpu" else 0

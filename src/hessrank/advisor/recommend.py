@@ -204,19 +204,17 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         ).total
 
     budget_note = None
-    if st.param_budget is not None or st.memory_budget is not None:
-        if st.param_budget is not None:
-            smallest = min(lora_params(1, o, i) for o, i in shapes.values())
-            if st.param_budget < smallest:
-                raise HessrankError(
-                    f"parameter budget {st.param_budget:,} is below the smallest rank-1 adapter "
-                    f"({smallest:,} parameters)"
-                )
-            ranks = water_fill(curves, st.param_budget)
-            for m, r in ranks.items():
-                modules[m]["rank"] = r
-                modules[m]["rank_rule"] = "budget"
-            budget_note = f"ranks water-filled into a budget of {st.param_budget:,} trainable parameters"
+    if (st.param_budget is not None or st.memory_budget is not None) and st.param_budget is not None:
+        smallest = min(lora_params(1, o, i) for o, i in shapes.values())
+        if st.param_budget < smallest:
+            raise HessrankError(
+                f"parameter budget {st.param_budget:,} is below the smallest rank-1 adapter ({smallest:,} parameters)"
+            )
+        ranks = water_fill(curves, st.param_budget)
+        for m, r in ranks.items():
+            modules[m]["rank"] = r
+            modules[m]["rank_rule"] = "budget"
+        budget_note = f"ranks water-filled into a budget of {st.param_budget:,} trainable parameters"
 
     options: list[Q.FormatOption]
     if quant is not None:
@@ -273,14 +271,14 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
     for m, c in comp.items():
         d = modules[m]
         d["compensation"] = c
-        if c["share_needed"] > 0 and st.param_budget is None and st.memory_budget is None and d["rank"] > 0:
-            if c["rank_kfac"] > d["rank"]:
-                d["reasons"].append(
-                    f"rank raised {d['rank']} -> {c['rank_kfac']} to win back "
-                    f"{c['share_needed']:.0%} of the {chosen.format} quantization cost"
-                )
-                d["rank"] = c["rank_kfac"]
-                d["rank_rule"] = "compensation"
+        unbudgeted = st.param_budget is None and st.memory_budget is None
+        if c["share_needed"] > 0 and unbudgeted and 0 < d["rank"] < c["rank_kfac"]:
+            d["reasons"].append(
+                f"rank raised {d['rank']} -> {c['rank_kfac']} to win back "
+                f"{c['share_needed']:.0%} of the {chosen.format} quantization cost"
+            )
+            d["rank"] = c["rank_kfac"]
+            d["rank_rule"] = "compensation"
     for m, d in modules.items():
         d["alpha"] = 2 * d["rank"]
         if quant is not None:
@@ -431,8 +429,8 @@ def rules_of_thumb(rec: dict[str, Any], quant: dict[str, Any] | None, st: Recomm
                 out.append(
                     {
                         "rule": "NF4 needs a larger rank, 64-128",
-                        "measured": f"{f} raises the held-out loss by {inc:.4g} ({inc / base:.2%}); a rank-r correction "
-                        f"recovers 90% of each module's K-FAC quadratic cost at median r = {med}",
+                        "measured": f"{f} raises the held-out loss by {inc:.4g} ({inc / base:.2%}); "
+                        f"a rank-r correction recovers 90% of each module's K-FAC quadratic cost at median r = {med}",
                         "verdict": (
                             "within tolerance without a larger rank"
                             if inc <= lim
@@ -465,9 +463,11 @@ def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
             f"{f}: +{c['loss_increase']:.4g}{' (ok)' if c['acceptable'] else ''} at {c['memory_human']}"
             for f, c in q["candidates"].items()
         )
+        desc = FORMAT_INFO[q["format"]].description if q["format"] in FORMAT_INFO else "no quantization"
         lines.append(
-            f"Bit width: {q['format']} — {FORMAT_INFO[q['format']].description if q['format'] in FORMAT_INFO else 'no quantization'}. "
-            f"The tolerance is {st.tolerance:.1%} of the held-out loss {q['base_eval_loss']:.4g} = {q['tolerance_loss']:.4g}; "
+            f"Bit width: {q['format']} — {desc}. "
+            f"The tolerance is {st.tolerance:.1%} of the held-out loss {q['base_eval_loss']:.4g} = "
+            f"{q['tolerance_loss']:.4g}; "
             f"measured increases (whole model, dequantized weights on held-out batches) and forecast memory: {cand}. "
             + ("The smallest-memory option within tolerance was chosen." if not rec.get("budget") else "")
         )
