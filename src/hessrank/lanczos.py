@@ -205,7 +205,8 @@ def lanczos(
     pretrained point are indefinite), "LM" largest magnitude. ``tol``: relative accuracy asked of the
     eigenvalues (``criterion="eigenvalue"``) or of the residuals (``"residual"``). ``ncv``: basis size before a
     restart (default :func:`default_ncv`: k + 30, fewer when the basis would exceed 2 GiB, at least 2k + 1).
-    ``max_matvecs``: budget (default ``max(300, 30k)``); when it runs out the result says ``converged=False``. ``seed`` fixes the start vector.
+    ``max_matvecs``: budget (default ``max(300, 30k)``); when it runs out the result says ``converged=False``.
+    ``seed`` fixes the start vector.
     ``check_multiplicity``: after convergence, run again on the Hotelling-deflated operator
     A − Σᵢ (θᵢ − c) yᵢyᵢᵀ (found pairs moved to the unwanted end c) and merge, so repeated eigenvalues that one
     Krylov space cannot see are found; costs a second run.
