@@ -257,7 +257,7 @@ def measure_scope(
         progress=progress,
     )
     assert top.eigenvectors is not None
-    V = top.eigenvectors.T.contiguous()  # k × n
+    V = top.eigenvectors.T  # k × n, a view of Lanczos' basis storage (rows contiguous)
     proj = (V.double() @ grad.double()).cpu().numpy()
     neg = None
     if cfg.negative_k:

@@ -308,6 +308,19 @@ def default_ncv(n: int, k: int, dtype: torch.dtype = torch.float32, max_bytes: i
     return min(n, max(2 * k + 1, min(k + 30, fit)))
 
 
+def _rotate_rows(V: torch.Tensor, s: int, Yk: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """V[:q] ← Yk @ V[:s] in place (q = Yk.shape[0] ≤ s), column block by column block.
+
+    Working on blocks of columns needs only an s × chunk temporary instead of a second q × n basis, which for
+    a joint scope of tens of millions of parameters is the difference between fitting in memory or not.
+    """
+    n = V.shape[1]
+    q = Yk.shape[0]
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        V[:q, a:b] = Yk @ V[:s, a:b]
+
+
 def _lanczos_run(
     op: Operator,
     k: int,
@@ -385,11 +398,10 @@ def _lanczos_run(
         # thick restart: keep the best Ritz vectors and the residual direction V[m]
         keep = min(max(k + (m - k) // 2, k + 1), s - 1)
         Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :keep].T)).to(device=device, dtype=dtype)
-        kept = Yk @ V[:s]
         resid = V[s].clone()
-        V.zero_()
-        V[:keep] = kept
+        _rotate_rows(V, s, Yk)
         V[keep] = resid
+        V[keep + 1:] = 0.0
         T[:] = 0.0
         T[np.arange(keep), np.arange(keep)] = theta[:keep]
         s = keep
@@ -399,8 +411,9 @@ def _lanczos_run(
     kk = min(k, len(theta))
     vecs = None
     if want_vectors:
-        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk])).to(device=device, dtype=dtype)
-        vecs = (V[:s].T @ Yk).contiguous()
+        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk].T)).to(device=device, dtype=dtype)
+        _rotate_rows(V, s, Yk)
+        vecs = V[:kk].T  # n × k view of the basis storage: no second copy of k vectors
     return LanczosResult(
         eigenvalues=theta[:kk].copy(),
         residuals=res[:kk].copy(),

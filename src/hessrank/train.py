@@ -388,6 +388,39 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _training_args(cls: Any, cfg: TrainConfig, ckpt: Path, device: torch.device, progress: bool) -> Any:
+    return cls(
+        output_dir=str(ckpt),
+        max_steps=cfg.steps,
+        learning_rate=cfg.lr,
+        warmup_steps=round(cfg.warmup_ratio * cfg.steps),
+        lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_every,
+        save_strategy="steps",
+        save_steps=cfg.eval_every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(10, cfg.eval_every)),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[],
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        save_only_model=False,
+        optim="adamw_torch",
+    )
+
+
 def train(
     cfg: TrainConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -463,36 +496,9 @@ def train(
     label_ids = label_token_ids(tok, train_ds) if task == "causal-lm" else None
 
     ckpt = out / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt),
-        max_steps=cfg.steps,
-        learning_rate=cfg.lr,
-        warmup_steps=round(cfg.warmup_ratio * cfg.steps),
-        lr_scheduler_type="linear",
-        weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        eval_strategy="steps",
-        eval_steps=cfg.eval_every,
-        save_strategy="steps",
-        save_steps=cfg.eval_every,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=max(1, min(10, cfg.eval_every)),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=[],
-        use_cpu=device.type == "cpu",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=not progress,
-        save_only_model=False,
-        optim="adamw_torch",
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient_checkpointing in v6
+        args = _training_args(TrainingArguments, cfg, ckpt, device, progress)
     callbacks: list[Any] = []
     if cfg.patience:
         from transformers import EarlyStoppingCallback
