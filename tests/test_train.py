@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -185,3 +187,119 @@ def test_gsm8k_answer():
     assert gsm8k_answer("#### 1,234") == "1234"
     assert gsm8k_answer("The answer is 12.") == "12"
     assert gsm8k_answer("no number") is None
+
+
+@pytest.mark.slow
+def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
+    from hessrank.advisor import recommend, write_recommendation
+    from hessrank.analysis import AnalysisConfig, analyze
+    from hessrank.validate import ValidateConfig, validate
+
+    an = tmp_path / "an"
+    analyze(
+        AnalysisConfig(
+            model=str(tiny_llama_dir),
+            data=str(tiny_data),
+            modules="q_proj,v_proj",
+            top_k=4,
+            negative_k=0,
+            slq_probes=0,
+            batch_size=8,
+            num_batches=1,
+            max_length=24,
+            quant_formats=("llm.int8", "nf4"),
+            quant_sign_probes=2,
+            quant_eval_batches=2,
+            data_options=OPTS,
+        ),
+        an,
+        progress=False,
+    )
+    write_recommendation(recommend(an), an)
+    cfg = ValidateConfig(
+        recommendation=str(an / "recommendation.json"),
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        lr=1e-2,
+        seeds=(0, 1),
+        multipliers=(0.5, 1.0, 2.0),
+        formats=("none", "nf4"),
+        methods=("ia3",),
+        max_train=120,
+        max_eval=40,
+    )
+    out = tmp_path / "val"
+    doc = validate(cfg, out, progress=False)
+    assert doc["schema"] == "hessrank.validation/1"
+    assert doc["verdict"] in ("right", "too small", "too large") and doc["why"]
+    names = {r["run"] for r in doc["runs"]}
+    assert {"advice-s0", "advice-s1", "method-ia3"} <= names
+    assert any(n.startswith("rank-") for n in names) and any(n.startswith("rival-s1") for n in names)
+    assert doc["knee_rank"] in {int(k) for k in doc["ladder"]}
+    assert (out / "validation.md").read_text().startswith("# hessrank validation")
+    # resume: one rung lost its result -> only that rung is retrained
+    victim = out / "runs" / "method-ia3" / "metrics.json"
+    victim.unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    doc2 = validate(cfg, out, progress=False)
+    assert victim.exists()
+    for p, t in stamps.items():
+        assert p.stat().st_mtime_ns == t
+    assert doc2["verdict"] == doc["verdict"]
+
+
+@pytest.mark.slow
+def test_memory_forecast_matches_a_measured_lora_run(tmp_path):
+    """Forecast vs the peak RSS of a real SmolLM2 LoRA run (own process, so the peak is the run's)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hessrank",
+            "train",
+            "--model",
+            "smollm2-135m",
+            "--data",
+            "movie-reviews",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "64",
+            "--max-train",
+            "64",
+            "--max-eval",
+            "8",
+            "--rank",
+            "8",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = json.loads((out / "metrics.json").read_text())["train_info"]["peak_memory_bytes"]
+
+    from hessrank.advisor.memory import Architecture, forecast
+    from hessrank.analysis import _architecture
+    from hessrank.models import linear_modules, linear_shape, load_model, resolve_targets
+
+    lm = load_model("smollm2-135m", "causal-lm")
+    arch = Architecture.from_dict(_architecture(lm.model, "causal-lm", lm.info["num_parameters"]))
+    targets = resolve_targets(lm.model, "q_proj,v_proj")
+    lin = linear_modules(lm.model)
+    f = forecast(arch, "none", dict.fromkeys(targets, 8), {m: linear_shape(lin[m]) for m in targets}, 4, 64)
+    assert 0.7 * measured <= f.total <= 1.3 * measured, (f.total / 2**20, measured / 2**20)
