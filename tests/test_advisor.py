@@ -267,3 +267,26 @@ def test_rank_pattern_keys_match_only_their_module():
     pattern = {re.escape(names[0]): 4}
     assert get_pattern_key(pattern.keys(), names[0]) == re.escape(names[0])
     assert get_pattern_key(pattern.keys(), names[1]) == names[1]  # layers.1 does not match layers.10
+
+
+def test_joint_allocation_counts_shared_directions_once():
+    """One eigen-direction split evenly over two modules: the separable sum double-counts it, the joint model
+    does not, and one module alone already buys most of the decrease."""
+    from hessrank.advisor.rank import JointCurve, ScopeModel, allocate, predicted_decrease
+
+    lam, g = 2.0, -1.0  # full step a = -g/lam = 0.5, full decrease g²/(2λ) = 0.25
+    half = 0.25  # each module's part of the step's coordinate
+    scope = {"joint": ScopeModel((lam,), (g,))}
+    curves = [JointCurve(n, 8, 8, "joint", (1, 8), ((half,), (half,))) for n in ("a", "b")]
+    both = predicted_decrease(curves, scope, {"a": 1, "b": 1})
+    one = predicted_decrease(curves, scope, {"a": 1, "b": 0})
+    assert both == pytest.approx(0.25)
+    assert one == pytest.approx(-(g * half + 0.5 * lam * half**2))  # 0.1875: 75% of the full decrease
+    separable = 2 * one
+    assert separable > both  # what a per-module sum would claim
+    ranks, spent, share = allocate(curves, scope, share=0.7)
+    assert sorted(ranks.values()) == [0, 1] and share == pytest.approx(0.75)
+    ranks, _, share = allocate(curves, scope, share=0.9)
+    assert ranks == {"a": 1, "b": 1} and share == pytest.approx(1.0)
+    ranks, spent, _ = allocate(curves, scope, param_budget=lora_params(1, 8, 8))
+    assert spent == lora_params(1, 8, 8) and sum(1 for r in ranks.values() if r) == 1

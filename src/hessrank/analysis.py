@@ -217,13 +217,19 @@ def newton_module_quantities(
                 b = cum_b[:, r - 1]
                 curve.append(float(g @ b + 0.5 * np.sum(lam * b**2)))
             energy = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
-            erank = {f"{p:g}": int(np.searchsorted(energy, p - 1e-12) + 1) for p in (0.5, 0.9, 0.99)}
+            erank = {f"{p:g}": min(rmax, int(np.searchsorted(energy, p - 1e-12) + 1)) for p in (0.5, 0.9, 0.99)}
             bfull = cum_b[:, -1]
             per[m] = {
                 "energy_rank": erank,
                 "step_norm": float(np.linalg.norm(s)),
                 "predicted_change_module": float(g @ bfull + 0.5 * np.sum(lam * bfull**2)),
-                "curve": {"ranks": ranks, "predicted_change": curve},
+                # coords[j][i] = b_i(r_j): the truncated step's coordinate along eigenvector i, so modules sharing a
+                # scope can be combined in the joint quadratic model, cross terms included
+                "curve": {
+                    "ranks": ranks,
+                    "predicted_change": curve,
+                    "coords": [cum_b[:, r - 1].tolist() for r in ranks],
+                },
             }
             arrays[f"newton/{zkey}/{m}/singular_values"] = s.astype(np.float32)
         out[zkey] = {"z": z, "predicted_change_full": full, "per_module": per}
@@ -257,7 +263,7 @@ def measure_scope(
         progress=progress,
     )
     assert top.eigenvectors is not None
-    V = top.eigenvectors.T  # k × n, a view of Lanczos' basis storage (rows contiguous)
+    V = top.eigenvectors.T  # k × n (rows contiguous)
     proj = (V.double() @ grad.double()).cpu().numpy()
     neg = None
     if cfg.negative_k:
@@ -345,6 +351,15 @@ def _scope_list(
     return out
 
 
+def _data_fingerprint(data: str) -> dict[str, Any] | None:
+    """Size and modification time of a data file (None for named datasets, which are fixed)."""
+    p = Path(str(data))
+    if not p.is_file():
+        return None
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _config_hash(cfg: AnalysisConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -377,7 +392,26 @@ def analyze(
     if overwrite:
         for f in list((out / "units").glob("*")) if (out / "units").is_dir() else []:
             f.unlink()
-    write_json(cfg_path, {"schema": "hessrank.analysis_config/1", "config": cfg.to_dict(), "hash": _config_hash(cfg)})
+        for name in ("probe_head.pt", "analysis.json", "analysis.npz"):
+            (out / name).unlink(missing_ok=True)
+    fingerprint = _data_fingerprint(cfg.data)
+    if cfg_path.exists() and resume and not overwrite:
+        old_fp = read_json(cfg_path).get("data_fingerprint")
+        if old_fp is not None and old_fp != fingerprint:
+            raise HessrankError(
+                f"{out}: the data file changed since this analysis started ({cfg.data}); "
+                "pass --overwrite to start again"
+            )
+    write_json(
+        cfg_path,
+        {
+            "schema": "hessrank.analysis_config/1",
+            "config": cfg.to_dict(),
+            "hash": _config_hash(cfg),
+            "data_fingerprint": fingerprint,
+            "hessrank_version": __version__,
+        },
+    )
     device = resolve_device(cfg.device)
     started = time.time()
 
@@ -412,7 +446,12 @@ def analyze(
             from .probe import find_head
 
             head_name, head = find_head(model)
-            head.load_state_dict(state["head"])
+            try:
+                head.load_state_dict(state["head"])
+            except RuntimeError:
+                raise HessrankError(
+                    f"{probe_path}: the cached probe head does not fit this model's head; rerun with --overwrite"
+                ) from None
             probe = state["probe"]
         else:
             n_probe = min(cfg.probe_examples, len(train))

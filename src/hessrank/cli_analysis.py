@@ -100,7 +100,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     )
     rec = recommend(args.dir, st)
     out = Path(args.out or args.dir)
-    files = write_recommendation(rec, out)
+    files = write_recommendation(rec, out, overwrite=args.overwrite)
     print("\n".join(rec["explanation"]))
     print(f"\nwrote {out}/recommendation.json and " + ", ".join(v for k, v in files.items()))
     return 0
@@ -287,6 +287,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--gradient-checkpointing", action="store_true")
     sp.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where training will run")
     sp.add_argument("--out", default=None, help="output folder (default: DIR)")
+    sp.add_argument("--overwrite", action="store_true", help="replace config files hessrank did not write")
     sp.set_defaults(func=cmd_recommend)
 
     sp = sub.add_parser(

@@ -179,8 +179,14 @@ class HessianOperator:
         self.n = off
         self.batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         w = [float(x) for x in (weights if weights is not None else [loss_weight(b) for b in self.batches])]
-        if len(w) != len(self.batches) or any(x <= 0 for x in w):
-            raise ScopeError(f"batch weights must be positive, one per batch; got {w}")
+        if len(w) != len(self.batches):
+            raise ScopeError(f"expected one weight per batch ({len(self.batches)}), got {len(w)}")
+        empty = [i for i, x in enumerate(w) if x <= 0]
+        if empty:
+            raise ScopeError(
+                f"batch {empty[0]} has no loss items (for a causal LM: no answer tokens left after "
+                "truncation; raise --max-length)"
+            )
         total = sum(w)
         self.weights = [x / total for x in w]
         self.num_matvecs = 0

@@ -75,6 +75,10 @@ def _op_device_dtype(op: Any) -> tuple[torch.device, torch.dtype]:
     dt = getattr(op, "dtype", torch.float32)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         dt = torch.float64
+    if dt in (torch.float16, torch.bfloat16):
+        # a half-precision Krylov basis loses orthogonality and its eps (8e-3 for bf16) makes every convergence
+        # test meaningless: the solvers work in float32 and cast only what the operator sees
+        dt = torch.float32
     return torch.device(dev), dt
 
 
@@ -370,7 +374,7 @@ def _lanczos_run(
     while True:
         stop = False
         while s < m:
-            w = op.matvec(V[s])
+            w = op.matvec(V[s]).to(dtype)
             used += 1
             if bar is not None:
                 bar.update(1)
@@ -401,7 +405,7 @@ def _lanczos_run(
         resid = V[s].clone()
         _rotate_rows(V, s, Yk)
         V[keep] = resid
-        V[keep + 1:] = 0.0
+        V[keep + 1 :] = 0.0
         T[:] = 0.0
         T[np.arange(keep), np.arange(keep)] = theta[:keep]
         s = keep
@@ -413,7 +417,8 @@ def _lanczos_run(
     if want_vectors:
         Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk].T)).to(device=device, dtype=dtype)
         _rotate_rows(V, s, Yk)
-        vecs = V[:kk].T  # n × k view of the basis storage: no second copy of k vectors
+        vecs = V[:kk].clone().T  # n × k; the clone lets the (ncv + 1) × n basis be freed after the return
+        del V
     return LanczosResult(
         eigenvalues=theta[:kk].copy(),
         residuals=res[:kk].copy(),
@@ -506,7 +511,7 @@ def slq(
         T = np.zeros((m, m))
         s = m
         for j in range(m):
-            w = op.matvec(V[j])
+            w = op.matvec(V[j]).to(dtype)
             used += 1
             w, h = _orthogonalize(V, j + 1, w)
             T[j, j] = h[j]

@@ -234,6 +234,12 @@ def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
 def compensation_curves(delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, ranks: Sequence[int]) -> dict[str, Any]:
     """Shares of ‖δ‖² (plain SVD) and of the K-FAC quadratic ½‖G^½δA^½‖² (weighted SVD) removed at each rank."""
     d = delta.double().cpu()
+    o, i = G.shape[0], A.shape[0]
+    if d.shape != (o, i):
+        if d.shape == (i, o):  # transformers' Conv1D stores (in, out)
+            d = d.T
+        else:
+            raise HessrankError(f"weight shape {tuple(d.shape)} does not match its K-FAC factors ({o} x {i})")
     s_plain = torch.linalg.svdvals(d)
     e_plain = torch.cumsum(s_plain**2, 0) / (s_plain**2).sum().clamp(min=1e-300)
     Gh, Ah = _psd_sqrt(G.cpu()), _psd_sqrt(A.cpu())

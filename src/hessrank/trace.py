@@ -81,4 +81,6 @@ def hutchpp(op: Operator, num_matvecs: int = 30, seed: int = 0) -> TraceResult:
         samples[i] = _dot(g, Ag)
     est = t_sketch + float(samples.mean())
     se = float(samples.std(ddof=1) / math.sqrt(m3)) if m3 > 1 else float("nan")
-    return TraceResult(estimate=est, std_error=se, num_matvecs=3 * m3, method="hutch++", seed=seed, samples=samples)
+    return TraceResult(
+        estimate=est, std_error=se, num_matvecs=2 * m3 + Q.shape[1], method="hutch++", seed=seed, samples=samples
+    )

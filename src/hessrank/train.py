@@ -307,13 +307,14 @@ def evaluate(
             tot_loss += float(nn.functional.cross_entropy(lg[keep], tgt[keep], reduction="sum"))
             n_items += int(keep.sum())
             if label_ids is not None:
+                has = keep.any(dim=1)  # rows whose answer survived truncation
                 first = keep.float().argmax(dim=1)  # first answer position per row
-                rows = torch.arange(lg.shape[0], device=lg.device)
-                scores = lg[rows, first][:, label_ids]
-                truth = tgt[rows, first]
+                rows = torch.arange(lg.shape[0], device=lg.device)[has]
+                scores = lg[rows, first[has]][:, label_ids]
+                truth = tgt[rows, first[has]]
                 lab = torch.tensor(label_ids, device=lg.device)
                 correct += int((lab[scores.argmax(-1)] == truth).sum())
-                n_cls += int(lg.shape[0])
+                n_cls += int(has.sum())
     res = {"eval_loss": tot_loss / max(n_items, 1), "eval_items": n_items}
     if task == "causal-lm":
         res["perplexity"] = math.exp(min(res["eval_loss"], 50.0))
@@ -456,9 +457,8 @@ def train(
     torch.manual_seed(cfg.seed)
 
     ds = load_dataset(cfg.data, **cfg.data_options)
-    from .models import BUNDLED_MODELS
 
-    task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
+    task = _resolve_task(cfg)
     train_ds, eval_ds = split_dataset(
         ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
     )
@@ -615,6 +615,13 @@ def train(
     return doc
 
 
+def _resolve_task(cfg: TrainConfig) -> str:
+    """The task: as configured, else the bundled model's default, else causal-lm (same rule as load_model)."""
+    from .models import BUNDLED_MODELS
+
+    return cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
+
+
 def _peft_config_dict(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "peft_config", None)
     if not cfg:
@@ -631,7 +638,7 @@ def load_trained(run: str | Path) -> tuple[nn.Module, Any, TrainConfig]:
     run = Path(run)
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json")["config"])
     ds = load_dataset(cfg.data, **cfg.data_options)
-    task = cfg.task or "causal-lm"
+    task = _resolve_task(cfg)
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
     lm = load_model(
         cfg.model,

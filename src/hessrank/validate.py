@@ -92,7 +92,8 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         device=cfg.device,
         **cfg.extra,
     )
-    base = TrainConfig.from_recommendation(cfg.recommendation, data=cfg.data, **common)
+    # every run shares the first seed unless it is a repeat of the advice or of its rival
+    base = TrainConfig.from_recommendation(cfg.recommendation, data=cfg.data, seed=cfg.seeds[0], **common)
     runs: dict[str, TrainConfig] = {}
     for s in cfg.seeds:
         runs[f"advice-s{s}"] = dataclasses.replace(base, seed=s)

@@ -114,13 +114,18 @@ def choose(options: list[FormatOption], memory_budget: int | None) -> FormatOpti
     return min(ok, key=lambda o: o.memory)
 
 
-def compensation(quant: dict[str, Any], fmt: str, tolerance: float) -> dict[str, dict[str, Any]]:
-    """Per module: ranks that recover the needed share of the quadratic quantization cost (K-FAC and plain)."""
+def compensation(
+    quant: dict[str, Any], fmt: str, tolerance: float, loss_increase: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per module: ranks that recover the needed share of the quadratic quantization cost (K-FAC and plain).
+
+    ``loss_increase`` is the chosen option's increase (after any skip list); default the whole-model one.
+    """
     if fmt == "none" or fmt not in quant["formats"]:
         return {}
     doc = quant["formats"][fmt]
     base = float(quant["base_eval_loss"])
-    whole = float(doc["whole_model"]["measured_loss_increase"])
+    whole = float(doc["whole_model"]["measured_loss_increase"]) if loss_increase is None else float(loss_increase)
     need = max(0.0, 1.0 - tolerance * base / whole) if whole > 0 else 0.0
     out = {}
     for m, d in doc["modules"].items():

@@ -22,10 +22,13 @@ a ⊗ g), so the Newton-step rank is roughly the number of curvature directions 
 for simple tasks, larger when many directions carry both curvature and gradient.
 
 **Budgeted allocation (water-filling).** Given a budget of trainable parameters, ranks are distributed by
-marginal predicted gain per parameter: each module's predicted decrease −q_m(r) (from its Newton curve) is made
-concave by its upper hull, and the budget goes, step by step, to the module whose next rank step buys the most
-decrease per parameter (r(m + n) parameters per rank-r LoRA adapter, A: r × n, B: m × r). For concave gains this
-greedy allocation is optimal on the grid (the classic marginal-allocation argument).
+marginal predicted gain per parameter (r(m + n) parameters per rank-r LoRA adapter, A: r × n, B: m × r): the
+budget goes, step by step, to the module whose next rank step buys the most predicted decrease per parameter.
+Modules analysed in one shared scope (joint or group) are combined in that scope's quadratic model *with its
+cross terms*: with bᵢᵐ(r) the coordinate of module m's rank-r truncated step along eigenvector i,
+q(r₁..r_M) = Σᵢ gᵢBᵢ + ½ Σᵢ λᵢBᵢ², Bᵢ = Σₘ bᵢᵐ(rₘ); modules from separate scopes add. The greedy rule is the
+standard heuristic for this (a multiple-choice knapsack); it is not guaranteed optimal when steps are coarse
+relative to the budget.
 """
 
 from __future__ import annotations
@@ -189,3 +192,104 @@ def share_allocation(curves: Sequence[ModuleCurve], share: float) -> tuple[dict[
         gained += hulls[best_name][i + 1][1] - hulls[best_name][i][1]
         pos[best_name] = i + 1
     return {name: hulls[name][pos[name]][2] for name in hulls}, spent, (gained / total if total > 0 else 1.0)
+
+
+@dataclass(frozen=True)
+class ScopeModel:
+    """The quadratic model of one shared scope: top eigenvalues λ and gradient projections g."""
+
+    eigenvalues: tuple[float, ...]
+    projections: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class JointCurve:
+    """A module's candidate ranks with its coordinates bᵢ(r) in its scope's eigenbasis."""
+
+    name: str
+    out_features: int
+    in_features: int
+    scope: str
+    ranks: tuple[int, ...]
+    coords: tuple[tuple[float, ...], ...]
+
+
+def allocate(
+    curves: Sequence[JointCurve],
+    scopes: dict[str, ScopeModel],
+    *,
+    param_budget: int | None = None,
+    share: float | None = None,
+) -> tuple[dict[str, int], int, float]:
+    """Greedy allocation on the joint quadratic models (cross terms included).
+
+    Stops when the predicted decrease reaches ``share`` of the decrease with every module at full rank, or when
+    no further step fits ``param_budget``. Returns (ranks, parameters spent, share of the full decrease reached).
+    """
+    import numpy as np
+
+    if (param_budget is None) == (share is None):
+        raise ValueError("give exactly one of param_budget and share")
+    lam = {k: np.clip(np.asarray(v.eigenvalues, dtype=np.float64), None, None) for k, v in scopes.items()}
+    g = {k: np.asarray(v.projections, dtype=np.float64) for k, v in scopes.items()}
+
+    def q(scope: str, B: np.ndarray) -> np.ndarray:
+        return B @ g[scope] + 0.5 * (B**2) @ lam[scope]
+
+    B = {k: np.zeros(len(v.eigenvalues)) for k, v in scopes.items()}
+    C = {c.name: np.asarray(c.coords, dtype=np.float64) for c in curves}
+    pos = {c.name: -1 for c in curves}
+    full = {k: np.zeros(len(v.eigenvalues)) for k, v in scopes.items()}
+    for c in curves:
+        full[c.scope] = full[c.scope] + C[c.name][-1]
+    total = -sum(float(q(k, full[k][None, :])[0]) for k in scopes)
+    spent, gained = 0, 0.0
+    cost = {c.name: [lora_params(r, c.out_features, c.in_features) for r in c.ranks] for c in curves}
+    while True:
+        if share is not None and (total <= 0 or gained >= share * total - 1e-15):
+            break
+        best: tuple[float, str, int, float, int] | None = None
+        for c in curves:
+            i = pos[c.name]
+            cur = C[c.name][i] if i >= 0 else 0.0
+            cands = C[c.name][i + 1 :] - cur
+            if len(cands) == 0:
+                continue
+            base = float(q(c.scope, B[c.scope][None, :])[0])
+            dgain = base - q(c.scope, B[c.scope][None, :] + cands)
+            dcost = np.asarray(cost[c.name][i + 1 :]) - (cost[c.name][i] if i >= 0 else 0)
+            for j in range(len(cands)):
+                if dgain[j] <= 0 or (param_budget is not None and spent + dcost[j] > param_budget):
+                    continue
+                ratio = dgain[j] / dcost[j]
+                if best is None or ratio > best[0]:
+                    best = (ratio, c.name, i + 1 + j, float(dgain[j]), int(dcost[j]))
+        if best is None:
+            break
+        _, name, j, dg, dc = best
+        c = next(cc for cc in curves if cc.name == name)
+        i = pos[name]
+        B[c.scope] = B[c.scope] + C[name][j] - (C[name][i] if i >= 0 else 0.0)
+        pos[name] = j
+        spent += dc
+        gained += dg
+    ranks = {c.name: (c.ranks[pos[c.name]] if pos[c.name] >= 0 else 0) for c in curves}
+    return ranks, spent, (gained / total if total > 0 else 1.0)
+
+
+def predicted_decrease(curves: Sequence[JointCurve], scopes: dict[str, ScopeModel], ranks: dict[str, int]) -> float:
+    """−q of an allocation in the joint quadratic models (rank 0 = no adapter for a module)."""
+    import numpy as np
+
+    B = {k: np.zeros(len(v.eigenvalues)) for k, v in scopes.items()}
+    for c in curves:
+        r = ranks.get(c.name, 0)
+        below = [i for i, rr in enumerate(c.ranks) if rr <= r]
+        if r > 0 and below:
+            B[c.scope] = B[c.scope] + np.asarray(c.coords[max(below)])
+    total = 0.0
+    for k, v in scopes.items():
+        lam = np.asarray(v.eigenvalues)
+        g = np.asarray(v.projections)
+        total -= float(B[k] @ g + 0.5 * (B[k] ** 2) @ lam)
+    return total

@@ -27,10 +27,14 @@ from . import quant as Q
 from .export import write_configs
 from .memory import Architecture, fmt_bytes, forecast
 from .rank import (
+    JointCurve,
     ModuleCurve,
+    ScopeModel,
+    allocate,
     curve_rank,
     lora_params,
     module_curves_from_analysis,
+    predicted_decrease,
     share_allocation,
     snap_to_grid,
     spectral_rank,
@@ -129,6 +133,8 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
     # ---- per-module estimators
     modules: dict[str, dict[str, Any]] = {}
     curves: list[ModuleCurve] = []
+    jcurves: list[JointCurve] = []  # the same curves with their eigen-coordinates (joint model, cross terms)
+    scope_models: dict[str, ScopeModel] = {}
     for m in doc["modules"]:
         scope, rep = sources[m]
         o, i = shapes[m]
@@ -137,6 +143,13 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
             raise HessrankError(f"analysis has no Newton-step data for module '{m}'")
         c = module_curves_from_analysis({"newton": {zkey: {"per_module": {m: nd}}}}, zkey, {m: (o, i)})[0]
         curves.append(c)
+        if "coords" in nd["curve"]:
+            jcurves.append(
+                JointCurve(
+                    m, o, i, scope["name"], tuple(nd["curve"]["ranks"]), tuple(tuple(x) for x in nd["curve"]["coords"])
+                )
+            )
+            scope_models[scope["name"]] = ScopeModel(tuple(rep["eigenvalues"]), tuple(rep["grad_projections"]))
         ne = _module_n_eff(scope, rep, m, float(zkey))
         spec_topk = spectral_rank(ne["topk"] or 0.0, o, i)
         spec_slq = spectral_rank(ne["slq"], o, i) if ne["slq"] is not None else None
@@ -161,7 +174,20 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         }
 
     total_gain = sum(d["predicted_decrease_full_rank"] for d in modules.values())
-    alloc, alloc_params, alloc_share = share_allocation(curves, st.share)
+    joint = len(jcurves) == len(curves)
+
+    def allocate_share(share: float) -> tuple[dict[str, int], int, float]:
+        return allocate(jcurves, scope_models, share=share) if joint else share_allocation(curves, share)
+
+    def allocate_budget(budget: int) -> dict[str, int]:
+        return allocate(jcurves, scope_models, param_budget=budget)[0] if joint else water_fill(curves, budget)
+
+    def decrease_of(ranks: dict[str, int]) -> float:
+        if joint:
+            return predicted_decrease(jcurves, scope_models, ranks)
+        return sum(_gain_at(c, ranks[c.name]) for c in curves)
+
+    alloc, alloc_params, alloc_share = allocate_share(st.share)
     for m, d in modules.items():
         est = d["estimators"]
         d["gain_share"] = d["predicted_decrease_full_rank"] / total_gain if total_gain > 0 else 0.0
@@ -182,6 +208,11 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
     allocation_note = (
         f"the cheapest allocation by predicted gain per parameter reaching {st.share:.0%} of the "
         f"full-rank predicted decrease reaches {alloc_share:.1%} with {alloc_params:,} LoRA parameters"
+        + (
+            " (joint quadratic model of the shared scope, cross terms included)"
+            if joint
+            else " (modules treated as separable: the analysis has no eigen-coordinates)"
+        )
     )
 
     # ---- quantization options, memory
@@ -210,7 +241,12 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
             raise HessrankError(
                 f"parameter budget {st.param_budget:,} is below the smallest rank-1 adapter ({smallest:,} parameters)"
             )
-        ranks = water_fill(curves, st.param_budget)
+        ranks = allocate_budget(st.param_budget)
+        if not any(ranks.values()):
+            raise HessrankError(
+                f"parameter budget {st.param_budget:,} buys no rank step with a predicted gain; "
+                f"the cheapest adapter here needs {smallest:,} parameters"
+            )
         for m, r in ranks.items():
             modules[m]["rank"] = r
             modules[m]["rank_rule"] = "budget"
@@ -242,8 +278,10 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
             pb = int(left // per_param)
             if pb <= 0:
                 continue
-            rk = water_fill(curves, pb)
-            gain = sum(_gain_at(c, rk[c.name]) for c in curves)
+            rk = allocate_budget(pb)
+            if not any(rk.values()):
+                continue
+            gain = decrease_of(rk)
             score = gain - opt.loss_increase
             if best is None or score > best[0]:
                 best = (score, opt, rk, pb)
@@ -267,7 +305,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         chosen = Q.choose(options, None)
 
     # ---- compensation for the chosen format
-    comp = Q.compensation(quant, chosen.format, st.tolerance) if quant is not None else {}
+    comp = Q.compensation(quant, chosen.format, st.tolerance, chosen.loss_increase) if quant is not None else {}
     for m, c in comp.items():
         d = modules[m]
         d["compensation"] = c
@@ -524,9 +562,29 @@ def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
     return lines
 
 
-def write_recommendation(rec: dict[str, Any], out: str | Path) -> dict[str, str]:
-    """Write ``recommendation.json``, the configs and ``explanation.md`` into ``out``."""
+OUTPUT_FILES = (
+    "recommendation.json",
+    "lora_config.json",
+    "bnb_config.json",
+    "axolotl.yaml",
+    "llamafactory.yaml",
+    "explanation.md",
+)
+
+
+def write_recommendation(rec: dict[str, Any], out: str | Path, overwrite: bool = False) -> dict[str, str]:
+    """Write ``recommendation.json``, the configs and ``explanation.md`` into ``out``.
+
+    Files from an earlier ``recommend`` (a folder holding ``recommendation.json``) are replaced; config files of
+    the same names that hessrank did not write are not, unless ``overwrite``.
+    """
     out = Path(out)
+    if not overwrite and not (out / "recommendation.json").exists():
+        clash = [f for f in OUTPUT_FILES if (out / f).exists()]
+        if clash:
+            raise HessrankError(
+                f"{out}: holds {', '.join(clash)} that hessrank did not write; pass --overwrite or choose another --out"
+            )
     files = write_configs(rec, out)
     rec = dict(rec)
     rec["files"] = {**files, "explanation": "explanation.md"}
