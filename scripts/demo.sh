@@ -16,8 +16,8 @@ $HR inspect --model smollm2-135m | tee "$OUT/inspect.txt"
 echo
 echo "== 2/4 analyze: Hessian spectrum of the answer-token loss over q_proj,v_proj (joint scope) + quantization"
 $HR analyze --model smollm2-135m --data movie-reviews --modules q_proj,v_proj --scope joint \
-  --top-k 8 --negative-k 1 --slq-probes 2 --slq-steps 12 --batch-size 4 --num-batches 2 --max-length 96 \
-  --quant-formats llm.int8,nf4,nf4-dq --quant-sign-probes 2 --quant-exact no --quant-eval-batches 4 \
+  --top-k 8 --negative-k 1 --slq-probes 2 --slq-steps 10 --batch-size 4 --num-batches 1 --max-length 96 \
+  --quant-formats nf4 --quant-sign-probes 2 --quant-exact no --quant-eval-batches 1 \
   --out "$OUT/analysis"
 
 echo
@@ -26,7 +26,7 @@ $HR recommend "$OUT/analysis" --batch-size 8 --seq-len 96
 
 echo
 echo "== 4/4 validate (short): the advice against a rank ladder at equal steps and seed"
-$HR validate "$OUT/analysis" --steps 40 --eval-every 20 --batch-size 8 --seeds 1 --ladder 0.5,1,2 \
+$HR validate "$OUT/analysis" --steps 30 --eval-every 15 --batch-size 8 --seeds 1 --ladder 0.5,2 \
   --formats "" --methods "" --max-train 800 --max-eval 96 --lr 5e-4 --out "$OUT/validation" --quiet
 
 echo

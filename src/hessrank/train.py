@@ -183,7 +183,9 @@ def build_peft_model(
     tt = _task_type(task)
     m = cfg.method
     if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' is_gradient_checkpointing rename
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if m == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -140,6 +140,20 @@ def _acc(m: dict[str, Any]) -> float | None:
     return m["train_info"]["metrics"].get("accuracy")
 
 
+def _plateaued(m: dict[str, Any], rel: float = 0.01) -> bool:
+    """The run's best held-out loss came before its last evaluation, or the last two evaluations differ by less
+    than ``rel`` (relative): early stopping found a minimum, or the curve has flattened."""
+    curve = m["train_info"].get("eval_curve") or []
+    steps = m["train_info"]["steps"]
+    best = m["train_info"].get("best_step")
+    if best is not None and best < steps:
+        return True
+    if len(curve) >= 2:
+        a, b = curve[-2]["eval_loss"], curve[-1]["eval_loss"]
+        return abs(a - b) <= rel * max(abs(a), 1e-12)
+    return False
+
+
 def validate(
     cfg: ValidateConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -243,6 +257,18 @@ def summarise(
             f"the advice's loss {adv_loss:.4f} is within {tol:.0%} of the best rank run ({best_loss:.4f}) with "
             f"{adv_params:,} trainable parameters" + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
         )
+    # a rung still improving at its last evaluation measured how fast it learns, not what it can reach
+    unsettled = [
+        k for k, m in {**pool, **{f"advice-{i}": m for i, m in enumerate(advice)}}.items() if not _plateaued(m)
+    ]
+    provisional = None
+    if unsettled:
+        provisional = verdict
+        verdict = "inconclusive"
+        why = (
+            f"{len(unsettled)} run(s) were still improving at their last evaluation ({', '.join(sorted(unsettled))}); "
+            f"train longer (more --steps) before judging rank. Provisional: {provisional} — {why}"
+        )
     acc_note = None
     accs = {k: _acc(m) for k, m in pool.items() if _acc(m) is not None}
     if accs and _acc(advice[0]) is not None:
@@ -305,6 +331,8 @@ def summarise(
         "knee_rank": knee,
         "knee_params": knee_params,
         "verdict": verdict,
+        "provisional_verdict": provisional,
+        "unsettled_runs": sorted(unsettled),
         "why": why,
         "accuracy_note": acc_note,
         "rival": rival,

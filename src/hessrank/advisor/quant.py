@@ -11,7 +11,9 @@ loss increase used is the *measured* whole-model increase (every linear layer bi
 dequantized, on held-out batches) — the direct evidence — with the Hessian prediction for the target modules
 beside it. If a format misses the tolerance, the most sensitive target modules (by measured per-module increase)
 are added to the skip list, one at a time, while the estimated remaining increase (whole − Σ skipped) is above
-the tolerance; at most half of the target modules may be skipped. Among acceptable (format, skip list) pairs the
+the tolerance; at most half of the target modules may be skipped, and skipping can remove at most the measured
+increase of quantizing the target modules together (the rest comes from layers not measured one by one). A skip
+list that cannot reach the tolerance is dropped. Among acceptable (format, skip list) pairs the
 one with the smallest forecast memory wins. With a memory budget instead, the pair with the smallest loss increase
 among those that fit wins.
 
@@ -81,19 +83,29 @@ def format_options(
         pred = float(doc["targets"]["predicted_loss_increase"])
         per = doc["modules"]
         order = sorted(per, key=lambda m: -float(per[m]["measured_loss_increase"]))
+        # skipping target modules can remove at most what quantizing the targets together costs: the rest of
+        # the increase comes from linear layers that were not measured one by one
+        removable = max(0.0, float(doc["targets"]["measured_loss_increase"]))
         skip: list[str] = []
+        removed = 0.0
         est = whole
         notes = []
-        while est > limit and len(skip) < len(per) // 2:
+        while est > limit and len(skip) < len(per) // 2 and removed < removable:
             m = order[len(skip)]
             gain = float(per[m]["measured_loss_increase"])
             if gain <= 0:
                 break
             skip.append(m)
-            est -= gain
+            removed = min(removable, removed + gain)
+            est = whole - removed
+        if skip and est > limit:
+            skip = []  # skipping does not reach the tolerance: not worth the memory
+            est = whole
+            notes.append("the target modules account for too little of the increase for a skip list to help")
         if skip:
             notes.append(
-                f"keeps {len(skip)} most sensitive module(s) unquantized; estimated increase {whole:.4g} -> {est:.4g}"
+                f"keeps {len(skip)} most sensitive module(s) unquantized; estimated increase {whole:.4g} -> {est:.4g} "
+                f"(at most the {removable:.4g} the target modules cost together)"
             )
         opts.append(FormatOption(fmt, skip, est, whole, pred, memory_of(fmt, heads + skip), est <= limit, notes))
     return opts

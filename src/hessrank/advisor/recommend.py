@@ -498,7 +498,7 @@ def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
         )
     if q["base_eval_loss"] is not None:
         cand = ", ".join(
-            f"{f}: +{c['loss_increase']:.4g}{' (ok)' if c['acceptable'] else ''} at {c['memory_human']}"
+            f"{f}: {c['loss_increase']:+.4g}{' (ok)' if c['acceptable'] else ''} at {c['memory_human']}"
             for f, c in q["candidates"].items()
         )
         desc = FORMAT_INFO[q["format"]].description if q["format"] in FORMAT_INFO else "no quantization"
