@@ -14,7 +14,9 @@ Every rung is trained with early stopping on the held-out loss and judged at its
 ladder measures optimisation speed rather than capacity (``../shared/VALIDATION.md``).
 
 **Knee and verdict.** r* is the smallest ladder rank whose held-out loss is within ``tolerance`` (relative, default
-2%) of the best rank run (ladder, uniform-budget and advice). The advice is *right* when its loss (mean over seeds)
+2%) of the best rank run (ladder, uniform-budget and advice). A run still improving at its last evaluation (best
+checkpoint at the last step and the last two held-out losses more than 1% apart) makes the verdict
+*inconclusive*; the would-be verdict is kept as provisional. The advice is *right* when its loss (mean over seeds)
 is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
 loss is worse than the tolerance allows; *too large* when it is within tolerance but costs more than twice the
 knee. Loss decides; accuracy is reported beside it, and where they disagree the report says so.
@@ -372,7 +374,7 @@ def table_markdown(doc: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"**Verdict: advice {doc['verdict']}** — {doc['why']}.",
+        f"**Verdict: {doc['verdict']}** — {doc['why']}.",
         f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['config']['tolerance']:.0%} of "
         f"the best rank-run loss {doc['best_rank_run_loss']:.4f}).",
     ]
