@@ -28,7 +28,6 @@ def main() -> None:
     ap.add_argument("--format", default="nf4")
     args = ap.parse_args()
     import _problems as P
-
     from hessrank import HessianOperator
     from hessrank.quantization import block_quadratic_signs, quantize_dequantize, spearman
 
@@ -42,15 +41,16 @@ def main() -> None:
     op.gradient()
     named = dict(prob["model"].named_modules())
     mods = {s.module: s for s in op.slices}
-    deltas = {m: (quantize_dequantize(named[m].weight, args.format) - named[m].weight.detach()).reshape(-1)
-              for m in mods}
+    deltas = {
+        m: (quantize_dequantize(named[m].weight, args.format) - named[m].weight.detach()).reshape(-1) for m in mods
+    }
     t = time.perf_counter()
     exact = {}
     for m, s in mods.items():
         v = torch.zeros(op.n, dtype=op.dtype)
-        v[s.start: s.stop] = deltas[m]
+        v[s.start : s.stop] = deltas[m]
         hv = op.matvec(v)
-        exact[m] = float(deltas[m].double() @ hv[s.start: s.stop].double())
+        exact[m] = float(deltas[m].double() @ hv[s.start : s.stop].double())
     t_exact = time.perf_counter() - t
     names = list(mods)
     ex = np.array([exact[m] for m in names])
@@ -68,8 +68,10 @@ def main() -> None:
             e = np.array([est[m] for m in names])
             errs.append(float(np.median(np.abs(e - ex) / np.maximum(np.abs(ex), 1e-30))))
             rhos.append(spearman(list(e), list(ex)) or float("nan"))
-        print(f"| random signs, P = {probes} | {probes} | {np.mean(secs):.1f} | {np.mean(errs):.2f} | "
-              f"{np.nanmean(rhos):.2f} |")
+        print(
+            f"| random signs, P = {probes} | {probes} | {np.mean(secs):.1f} | {np.mean(errs):.2f} | "
+            f"{np.nanmean(rhos):.2f} |"
+        )
 
 
 if __name__ == "__main__":
