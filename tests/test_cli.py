@@ -94,3 +94,50 @@ def test_analyze_bad_inputs_one_line(argv, needle, tmp_path, capsys, monkeypatch
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["recommend", "/no/such/dir"], "/no/such/dir: no such analysis folder"),
+        (["recommend", "DIR", "--param-budget", "abc"], "--param-budget 'abc'"),
+        (["recommend", "DIR", "--memory-budget", "6XB"], "unknown unit"),
+        (["recommend", "DIR", "--tolerance", "2"], "tolerance must be in (0, 1)"),
+        (["recommend", "DIR", "--z", "0.5"], "z '0.5' was not analysed"),
+        (["train", "--model", "minilm-l6", "--data", "sst2", "--method", "lorra", "--out", "R"], "method 'lorra'"),
+        (["train", "--out", "R"], "give --recommendation"),
+        (["train", "--config", "/no/such.yaml", "--out", "R"], "config file not found"),
+        (["train", "--config", "BAD_YAML", "--out", "R"], "not valid YAML"),
+        (["train", "--config", "UNKNOWN_FIELD", "--out", "R"], "unknown training config field(s): ranks"),
+        (["train", "--model", "m", "--data", "d", "--steps", "0", "--out", "R"], "steps must be at least 1"),
+        (["validate", "/no/such/recommendation.json", "--out", "V"], "recommendation file not found"),
+        (
+            ["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--quant-formats", "int3", "--out", "X"],
+            "quantization format 'int3'",
+        ),
+        (
+            ["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--keep-graph", "maybe", "--out", "X"],
+            "invalid choice",
+        ),
+        (
+            ["analyze", "--model", "minilm-l6", "--data", "TSV", "--text-field", "review", "--out", "X"],
+            "text field 'review' not found",
+        ),
+        (["inspect", "--model", "minilm-l6", "--quantization", "int3"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_more_bad_inputs_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    an = tmp_path / "DIR"
+    an.mkdir()
+    (an / "analysis.json").write_text(json.dumps({"schema": "hessrank.analysis/1", "newton_z": [0.1, 0.01]}))
+    (tmp_path / "BAD_YAML").write_text("a: [1, 2\n")
+    (tmp_path / "UNKNOWN_FIELD").write_text("model: m\ndata: d\nranks: 3\n")
+    (tmp_path / "TSV").write_text("text\tlabel\nfine\t1\n")
+    argv = [
+        str(an) if a == "DIR" else str(tmp_path / a) if a in ("BAD_YAML", "UNKNOWN_FIELD", "TSV") else a for a in argv
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -694,6 +694,8 @@ def _aggregate(
 def load_analysis(path: str | Path) -> dict[str, Any]:
     """Read ``analysis.json`` (a folder or the file) and check its schema."""
     p = Path(path)
+    if not p.exists():
+        raise HessrankError(f"{p}: no such analysis folder or file (run hessrank analyze --out {p} first)")
     if p.is_dir():
         p = p / "analysis.json"
     return read_json(p, schema=SCHEMA)

@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: Any = args.func(args)
         return int(rc or 0)
     except HessrankError as e:
-        print(f"hessrank {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"hessrank {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hessrank {args.command}: interrupted", file=sys.stderr)

@@ -153,7 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise HessrankError(f"{path}: not valid YAML ({e})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise HessrankError(
+                f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or 'parse error'})"
+            ) from None
         if not isinstance(d, dict):
             raise HessrankError(f"{path}: expected a mapping of training options")
         if args.data:

@@ -25,6 +25,7 @@ knee. Loss decides; accuracy is reported beside it, and where they disagree the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -162,14 +163,24 @@ def validate(
     """Run (or resume) a validation into ``out``; returns the ``validation.json`` document."""
     out = Path(out)
     cfile = out / "validate_config.json"
+    rec_path = Path(cfg.recommendation)
+    if not rec_path.is_file():
+        raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
+    rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     if cfile.exists() and not overwrite:
-        old = read_json(cfile).get("config")
-        if old != cfg.to_dict():
+        old = read_json(cfile)
+        if old.get("config") != cfg.to_dict():
             raise HessrankError(
                 f"{out}: holds a validation with a different configuration; pass --overwrite or choose another --out"
             )
+        if old.get("recommendation_sha256") not in (None, rec_hash):
+            raise HessrankError(
+                f"{out}: {rec_path} changed since this validation started; pass --overwrite to validate the new advice"
+            )
     ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
-    write_json(cfile, {"schema": "hessrank.validate_config/1", "config": cfg.to_dict()})
+    write_json(
+        cfile, {"schema": "hessrank.validate_config/1", "config": cfg.to_dict(), "recommendation_sha256": rec_hash}
+    )
     started = time.time()
     runs, facts = plan_runs(cfg)
     results: dict[str, dict[str, Any]] = {}
