@@ -9,9 +9,11 @@ One run = one :class:`TrainConfig` → one folder::
     RUN/metrics.json        ``hessrank.metrics/1``, shaped like PEFT's method-comparison results:
                             run_info / train_info / meta_info
 
-Training uses transformers' ``Trainer`` (AdamW, linear schedule with warm-up, gradient accumulation, optional
-gradient checkpointing, seed), evaluates the held-out split every ``eval_every`` steps and keeps the best
-checkpoint by held-out loss (early stopping, as ``../shared/VALIDATION.md`` asks: a rung of a rank ladder must be
+For a classifier with a new head, the head is first fitted as a linear probe (``probe_head``, default on: LP-FT,
+Kumar et al., ICLR 2022) — the point the analysis measured the Hessian at — so that a rank ladder compares what
+the adapters add rather than how fast a random head learns. Training uses transformers' ``Trainer`` (AdamW,
+linear schedule with warm-up, gradient accumulation, optional gradient checkpointing, seed), evaluates the
+held-out split every ``eval_every`` steps and keeps the best checkpoint by held-out loss (early stopping, as ``../shared/VALIDATION.md`` asks: a rung of a rank ladder must be
 judged at its best, not at an arbitrary last step). Final metrics: loss and perplexity always; accuracy for
 classification (the head's argmax, or for a causal LM on prompt→label data the argmax over the label
 verbalizers' first tokens); optionally GSM8K final-answer exact match by greedy generation.
@@ -86,6 +88,7 @@ class TrainConfig:
     num_labels: int | None = None
     gen_eval: int = 0  #: GSM8K-style exact match on this many held-out examples (0: off)
     gen_max_new_tokens: int = 192
+    probe_head: bool = True  #: seq-cls: fit the new head as a linear probe before fine-tuning (LP-FT)
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -479,10 +482,16 @@ def train(
     train_items = [enc.encode(e) for e in train_ds.examples]
     eval_items = [enc.encode(e) for e in eval_ds.examples]
     head: list[str] = []
+    probe_info = None
     if task == "seq-cls":
-        from .probe import find_head
+        from .probe import find_head, fit_head
 
         head = [find_head(lm.model)[0]]
+        if cfg.probe_head:
+            # LP-FT: start from a fitted head, the same point the analysis measured the Hessian at
+            n = min(512, len(train_items))
+            pb = [enc.collate(train_items[i : i + 32]) for i in range(0, n, 32)]
+            probe_info = dataclasses.asdict(fit_head(lm.model, pb))
     loader = None
     if cfg.method == "lora-eva":
         loader = torch.utils.data.DataLoader(
@@ -578,6 +587,7 @@ def train(
             "experiment_name": out.name,
             "train_config": cfg.to_dict(),
             "peft_config": _peft_config_dict(model),
+            "head_probe": probe_info,
         },
         "train_info": {
             "status": "success",
