@@ -13,10 +13,11 @@ For a classifier with a new head, the head is first fitted as a linear probe (``
 Kumar et al., ICLR 2022) — the point the analysis measured the Hessian at — so that a rank ladder compares what
 the adapters add rather than how fast a random head learns. Training uses transformers' ``Trainer`` (AdamW,
 linear schedule with warm-up, gradient accumulation, optional gradient checkpointing, seed), evaluates the
-held-out split every ``eval_every`` steps and keeps the best checkpoint by held-out loss (early stopping, as ``../shared/VALIDATION.md`` asks: a rung of a rank ladder must be
-judged at its best, not at an arbitrary last step). Final metrics: loss and perplexity always; accuracy for
-classification (the head's argmax, or for a causal LM on prompt→label data the argmax over the label
-verbalizers' first tokens); optionally GSM8K final-answer exact match by greedy generation.
+held-out split every ``eval_every`` steps and keeps the best checkpoint by held-out loss (early stopping, as
+``../shared/VALIDATION.md`` asks: a rung of a rank ladder must be judged at its best, not at an arbitrary last
+step). Final metrics: loss and perplexity always; accuracy for classification (the head's argmax, or for a
+causal LM on prompt→label data the argmax over the label verbalizers' first tokens); optionally GSM8K
+final-answer exact match by greedy generation.
 
 Methods: ``lora`` (``rank_pattern``/``alpha_pattern`` honoured), ``rslora``, ``dora``, ``lora-eva`` (PEFT's EVA
 initialisation), ``adalora``, ``ia3``, ``prefix``, ``prompt``, ``bitfit`` (only biases trainable), ``full``; each
