@@ -500,6 +500,7 @@ def train(
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing renames, via PEFT
         model = build_peft_model(lm.model, cfg, task, head, loader)
     trainable, total = count_params(model)
     if trainable == 0:
