@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,7 +32,9 @@ sys.path.insert(0, str(HERE))
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from hessrank.train import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def build(case: str, device: str):

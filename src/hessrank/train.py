@@ -379,10 +379,26 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    On Linux from ``VmHWM`` in ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` survives ``exec`` and so
+    reports the *parent's* RSS at fork time when that was larger (a subprocess started from a big test process).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "cpu_peak_rss"
+    return peak_rss_bytes(), "cpu_peak_rss"
 
 
 def _versions() -> dict[str, str]:
