@@ -244,11 +244,65 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def summarize(root: Path) -> str:
+    """Markdown for every finished case under ``root`` (what reports/validation.md holds)."""
+    parts = []
+    for case in CASES:
+        out = root / case
+        vj = out / "validation" / "validation.json"
+        if not vj.exists():
+            parts.append(f"## {case}\n\nNot run to completion in this session.\n")
+            continue
+        val = json.loads(vj.read_text())
+        rec = json.loads((out / "analysis" / "recommendation.json").read_text())
+        an = json.loads((out / "analysis" / "analysis.json").read_text())
+        ranks = sorted({d["rank"] for d in rec["modules"].values()})
+        adapted = sum(1 for d in rec["modules"].values() if d["rank"] > 0)
+        joint = next(s for s in an["scopes"] if s["name"] == "joint")
+        lam = joint["summary"]["eigenvalues_mean"]
+        cmd = f".venv/bin/python benchmarks/validate_real.py {case}"
+        lines = [
+            f"## {case}",
+            "",
+            f"Command: `{cmd}` (stages: `hessrank analyze {' '.join(CASES[case]['analyze'])}`, "
+            f"`hessrank recommend {' '.join(CASES[case]['recommend'])}`, "
+            f"`hessrank validate {' '.join(CASES[case]['validate'])}`).",
+            "",
+            f"Analysis: {an['model']['name']} on {Path(an['data']['source']).name}, joint scope over "
+            f"{len(an['modules'])} modules ({joint['summary']['num_params']:,} parameters), analysis point: "
+            f"{an['analysis_point']['kind']}; top eigenvalues {', '.join(f'{x:.4g}' for x in lam[:5])}, ...; "
+            f"{an['cost']['hvp_total']} HVPs.",
+            "",
+            f"Advice: global rank {rec['global_rank']}; {adapted} of {len(rec['modules'])} modules adapted with "
+            f"ranks {ranks}; format {rec['quantization']['format']}; {rec['trainable_parameters']:,} trainable "
+            f"parameters (head included).",
+            "",
+        ]
+        md = (out / "validation" / "validation.md").read_text().split("\n", 2)[2]
+        lines.append(md.strip())
+        q = rec["quantization"]
+        if q.get("candidates"):
+            lines.append("")
+            lines.append(
+                "Quantization before training (held-out loss increase, dequantized weights): "
+                + ", ".join(
+                    f"{f}: {c['measured_whole']:+.4f}"
+                    for f, c in q["candidates"].items()
+                    if c.get("measured_whole") is not None and f != "none"
+                )
+            )
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=sorted(CASES))
+    ap.add_argument("case", choices=[*sorted(CASES), "summary"])
     ap.add_argument("--out", default="runs/real")
     args = ap.parse_args()
+    if args.case == "summary":
+        print(summarize(Path(args.out)))
+        return
     c = CASES[args.case]
     out = Path(args.out) / args.case
     hr = [sys.executable, "-m", "hessrank"]
