@@ -253,7 +253,6 @@ def summarize(root: Path) -> str:
         if not vj.exists():
             parts.append(f"## {case}\n\nNot run to completion in this session.\n")
             continue
-        val = json.loads(vj.read_text())
         rec = json.loads((out / "analysis" / "recommendation.json").read_text())
         an = json.loads((out / "analysis" / "analysis.json").read_text())
         ranks = sorted({d["rank"] for d in rec["modules"].values()})
