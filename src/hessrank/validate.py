@@ -19,7 +19,9 @@ checkpoint at the last step and the last two held-out losses more than 1% apart)
 *inconclusive*; the would-be verdict is kept as provisional. The advice is *right* when its loss (mean over seeds)
 is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
 loss is worse than the tolerance allows; *too large* when it is within tolerance but costs more than twice the
-knee. Loss decides; accuracy is reported beside it, and where they disagree the report says so.
+knee. The tolerance band is the larger of ``tolerance``·best and twice the seed-to-seed standard deviation of the
+repeated runs (advice and rival seeds): differences inside the seed noise cannot rank two runs. Loss decides;
+accuracy is reported beside it, and where they disagree the report says so.
 """
 
 from __future__ import annotations
@@ -249,25 +251,36 @@ def summarise(
     }
     best_loss = min([_loss(m) for m in pool.values()] + [adv_loss]) if pool else adv_loss
     tol = cfg.tolerance
-    within = lambda loss: loss <= best_loss * (1 + tol) + 1e-12
+    # differences smaller than the seed-to-seed spread cannot rank two runs: the band is the larger of the
+    # relative tolerance and two standard deviations of the repeated runs (advice seeds, rival seeds)
+    rival_losses = [_loss(results[k]) for k in results if k.startswith("rival-")] + (
+        [_loss(results[rival])] if rival else []
+    )
+    spreads = [float(np.std(x, ddof=1)) for x in (adv_losses, rival_losses) if len(x) > 1]
+    noise = max(spreads) if spreads else 0.0
+    band = max(tol * best_loss, 2 * noise)
+    within = lambda loss: loss <= best_loss + band + 1e-12
     knee = min((r for r, m in ladder.items() if within(_loss(m))), default=None)
     knee_params = ladder[knee]["train_info"]["num_trainable_params"] if knee is not None else None
     if not within(adv_loss):
         verdict = "too small"
         why = (
             f"the advice's held-out loss {adv_loss:.4f} is {adv_loss / best_loss - 1:+.1%} from the best rank run "
-            f"({best_loss:.4f}), beyond the {tol:.0%} tolerance"
+            f"({best_loss:.4f}), beyond the band of {band:.4f} (max of {tol:.0%} and 2x the seed spread {noise:.4f})"
         )
     elif knee_params is not None and adv_params > 2 * knee_params:
         verdict = "too large"
         why = (
-            f"the advice is within {tol:.0%} of the best loss but trains {adv_params:,} parameters, more than "
+            f"the advice is within the band ({band:.4f}) of the best loss but trains {adv_params:,} parameters, "
+            f"more than "
             f"twice the knee's {knee_params:,} (rank {knee})"
         )
     else:
         verdict = "right"
         why = (
-            f"the advice's loss {adv_loss:.4f} is within {tol:.0%} of the best rank run ({best_loss:.4f}) with "
+            f"the advice's loss {adv_loss:.4f} is within {band:.4f} of the best rank run ({best_loss:.4f}; "
+            f"band = max of "
+            f"{tol:.0%} and 2x the seed spread {noise:.4f}) with "
             f"{adv_params:,} trainable parameters" + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
         )
     # a rung still improving at its last evaluation measured how fast it learns, not what it can reach
@@ -349,8 +362,9 @@ def summarise(
         "why": why,
         "accuracy_note": acc_note,
         "rival": rival,
-        "rival_losses": [_loss(results[k]) for k in results if k.startswith("rival-")]
-        + ([_loss(results[rival])] if rival else []),
+        "rival_losses": rival_losses,
+        "seed_spread": noise,
+        "band": band,
         "quantization_after_training": quant_cmp,
         "cost": {
             "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
@@ -386,8 +400,9 @@ def table_markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"**Verdict: {doc['verdict']}** — {doc['why']}.",
-        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['config']['tolerance']:.0%} of "
-        f"the best rank-run loss {doc['best_rank_run_loss']:.4f}).",
+        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['band']:.4f} of the best rank-run "
+        f"loss {doc['best_rank_run_loss']:.4f}; band = max of {doc['config']['tolerance']:.0%} and twice the seed "
+        f"spread {doc['seed_spread']:.4f}).",
     ]
     if doc.get("accuracy_note"):
         lines.append(doc["accuracy_note"] + ".")
