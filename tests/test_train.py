@@ -249,6 +249,18 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     for p, t in stamps.items():
         assert p.stat().st_mtime_ns == t
     assert doc2["verdict"] == doc["verdict"]
+    # re-running `recommend` rewrites the file (new time stamp, same advice): the validation still resumes
+    import time as _time
+
+    _time.sleep(1.1)
+    write_recommendation(recommend(an), an)
+    assert validate(cfg, out, progress=False)["verdict"] == doc["verdict"]
+    # different advice: refused with a message naming the file, unless --overwrite
+    rec = json.loads((an / "recommendation.json").read_text())
+    rec["global_rank"] = int(rec["global_rank"]) + 1
+    (an / "recommendation.json").write_text(json.dumps(rec))
+    with pytest.raises(HessrankError, match="recommendation.json.*changed"):
+        validate(cfg, out, progress=False)
 
 
 @pytest.mark.slow

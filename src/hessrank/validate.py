@@ -169,22 +169,34 @@ def validate(
     if not rec_path.is_file():
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
+    runs, facts = plan_runs(cfg)
+    # the advice is what the planned runs consume: re-running `recommend` on the same analysis rewrites the file
+    # (its time stamp) without changing a single run, and must not block a resume
+    plan_hash = hashlib.sha256(
+        json.dumps({n: tc.to_dict() for n, tc in runs.items()}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
     if cfile.exists() and not overwrite:
         old = read_json(cfile)
         if old.get("config") != cfg.to_dict():
             raise HessrankError(
                 f"{out}: holds a validation with a different configuration; pass --overwrite or choose another --out"
             )
-        if old.get("recommendation_sha256") not in (None, rec_hash):
+        if old.get("plan_sha256") not in (None, plan_hash):
             raise HessrankError(
-                f"{out}: {rec_path} changed since this validation started; pass --overwrite to validate the new advice"
+                f"{out}: the advice in {rec_path} changed since this validation started (the planned runs differ); "
+                "pass --overwrite to validate the new advice"
             )
     ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
     write_json(
-        cfile, {"schema": "hessrank.validate_config/1", "config": cfg.to_dict(), "recommendation_sha256": rec_hash}
+        cfile,
+        {
+            "schema": "hessrank.validate_config/1",
+            "config": cfg.to_dict(),
+            "recommendation_sha256": rec_hash,
+            "plan_sha256": plan_hash,
+        },
     )
     started = time.time()
-    runs, facts = plan_runs(cfg)
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
 
