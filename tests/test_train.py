@@ -259,7 +259,7 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     rec = json.loads((an / "recommendation.json").read_text())
     rec["global_rank"] = int(rec["global_rank"]) + 1
     (an / "recommendation.json").write_text(json.dumps(rec))
-    with pytest.raises(HessrankError, match="recommendation.json.*changed"):
+    with pytest.raises(HessrankError, match=r"recommendation\.json.*changed"):
         validate(cfg, out, progress=False)
 
 
