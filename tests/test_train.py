@@ -324,11 +324,24 @@ def test_generative_exact_match_runs(tiny_llama_dir, tmp_path):
     rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(40)]
     f = tmp_path / "math.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    doc = train(TrainConfig.from_dict(dict(model=str(tiny_llama_dir), data=str(f), task="causal-lm", steps=2,
-                                           eval_every=2, batch_size=4, max_length=32, gen_eval=3,
-                                           gen_max_new_tokens=4,
-                                           data_options={"prompt_field": "question", "answer_field": "answer"})),
-                tmp_path / "gen", progress=False)
+    doc = train(
+        TrainConfig.from_dict(
+            dict(
+                model=str(tiny_llama_dir),
+                data=str(f),
+                task="causal-lm",
+                steps=2,
+                eval_every=2,
+                batch_size=4,
+                max_length=32,
+                gen_eval=3,
+                gen_max_new_tokens=4,
+                data_options={"prompt_field": "question", "answer_field": "answer"},
+            )
+        ),
+        tmp_path / "gen",
+        progress=False,
+    )
     m = doc["train_info"]["metrics"]
     assert m["exact_match_n"] == 3 and 0.0 <= m["exact_match"] <= 1.0
     assert "accuracy" not in m  # no label verbalizers for instruction data
