@@ -103,6 +103,10 @@ def test_resume_after_interruption(tiny_llama_dir, tiny_data, tmp_path, monkeypa
     assert resumed["train_info"]["metrics"]["eval_loss"] == pytest.approx(
         full["train_info"]["metrics"]["eval_loss"], rel=1e-4
     )
+    # the whole cost survives the interruption: tokens of steps 1-4 (before) + 5-8 (after), evaluation excluded
+    assert resumed["train_info"]["resumed_from_step"] == 4 and full["train_info"]["resumed_from_step"] is None
+    assert resumed["train_info"]["train_tokens"] == full["train_info"]["train_tokens"]
+    assert 0 < full["train_info"]["train_tokens"] <= 8 * 8 * 24  # steps x batch x max_length
 
 
 @pytest.mark.slow

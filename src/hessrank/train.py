@@ -51,6 +51,7 @@ from .models import load_model, resolve_targets
 log = logging.getLogger(__name__)
 
 SCHEMA = "hessrank.metrics/1"
+TIMING_FILE = "hessrank_time.json"  # train seconds and tokens up to a checkpoint (resume keeps the whole cost)
 METHODS = ("lora", "rslora", "dora", "lora-eva", "adalora", "ia3", "prefix", "prompt", "bitfit", "full")
 QUANT_FOR_LOAD = {"none": "none", "llm.int8": "int8", "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4", "fp4": "fp4"}
 
@@ -542,11 +543,37 @@ def train(
         callbacks.append(_AdaLoraStep())
     tokens = [0]
 
-    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        b = enc.collate(items)
-        tokens[0] += int(b["attention_mask"].sum())
-        return b
+    def count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # counted where the model trains on them: a collate function would also see evaluation batches and the
+        # batch accelerate's loader prefetches, and a resumed run would count the prefetched batch twice
+        mask = kwargs.get("attention_mask")
+        if module.training and mask is not None:
+            tokens[0] += int(mask.sum())
 
+    token_hook = model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+
+    last = None
+    if resume and ckpt.is_dir():
+        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = str(cks[-1]) if cks else None
+    # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run
+    # reports its whole cost (HF's TrainerState keeps no wall time)
+    prior = read_json(Path(last) / TIMING_FILE) if last and (Path(last) / TIMING_FILE).exists() else {}
+    t0 = time.time()
+
+    class _Timing(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            d = ckpt / f"checkpoint-{state.global_step}"
+            if d.is_dir():
+                write_json(
+                    d / TIMING_FILE,
+                    {
+                        "train_time": float(prior.get("train_time", 0.0)) + time.time() - t0,
+                        "train_tokens": int(prior.get("train_tokens", 0)) + tokens[0],
+                    },
+                )
+
+    callbacks.append(_Timing())
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     trainer = Trainer(
@@ -554,18 +581,13 @@ def train(
         args=args,
         train_dataset=_ListDataset(train_items),
         eval_dataset=_ListDataset(eval_items),
-        data_collator=collate,
+        data_collator=enc.collate,
         callbacks=callbacks,
     )
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    last = None
-    if resume and ckpt.is_dir():
-        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        last = str(cks[-1]) if cks else None
-    t0 = time.time()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -573,7 +595,10 @@ def train(
             result = trainer.train(resume_from_checkpoint=last)
     finally:
         hf_logging.set_verbosity(verbosity)
-    train_time = time.time() - t0
+        token_hook.remove()
+    session_time, session_tokens = time.time() - t0, tokens[0]
+    train_time = float(prior.get("train_time", 0.0)) + session_time
+    train_tokens = int(prior.get("train_tokens", 0)) + session_tokens
     history = trainer.state.log_history
     loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     eval_curve = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
@@ -615,8 +640,9 @@ def train(
             "peak_memory_kind": kind,
             "train_time": train_time,
             "eval_time": eval_time,
-            "train_tokens": tokens[0],
-            "tokens_per_sec": tokens[0] / max(train_time, 1e-9),
+            "train_tokens": train_tokens,
+            "tokens_per_sec": session_tokens / max(session_time, 1e-9),
+            "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
             "steps": int(trainer.state.global_step),
             "best_step": best_step,
             "train_loss": float(result.training_loss),
