@@ -265,6 +265,16 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     (an / "recommendation.json").write_text(json.dumps(rec))
     with pytest.raises(HessrankError, match=r"recommendation\.json.*changed"):
         validate(cfg, out, progress=False)
+    # advice that drops a module is tested against one uniform rank on every analysed module
+    from hessrank.validate import plan_runs
+
+    dropped = sorted(rec["modules"])[0]
+    rec["modules"][dropped]["rank"] = 0
+    (an / "recommendation.json").write_text(json.dumps(rec))
+    runs, facts = plan_runs(cfg)
+    assert dropped not in runs["advice-s0"].target_modules and dropped not in runs["rank-1"].target_modules
+    assert runs["uniform-all"].target_modules == sorted(rec["modules"])
+    assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
 
 
 @pytest.mark.slow

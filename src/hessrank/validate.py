@@ -6,6 +6,8 @@ Runs (each a :func:`hessrank.train.train` folder under ``VAL/runs/``, so a kille
 * ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
   same target modules);
 * ``uniform-budget`` — one uniform rank with the advice's trainable-parameter count;
+* ``uniform-all`` — when the advice leaves analysed modules without an adapter: one uniform rank on *every*
+  analysed module at about the advice's parameter count (what a user without hessrank would train);
 * ``format-<f>`` — the advised ranks in other weight formats (16/32-bit, int8, NF4);
 * ``method-<m>`` — other methods (IA³, prefix, prompt, BitFit, full, rsLoRA, DoRA, EVA, AdaLoRA);
 * ``rival-s<seed>`` — the closest rival (the best non-advice rank run) again with the other seeds.
@@ -14,8 +16,8 @@ Every rung is trained with early stopping on the held-out loss and judged at its
 ladder measures optimisation speed rather than capacity (``../shared/VALIDATION.md``).
 
 **Knee and verdict.** r* is the smallest ladder rank whose held-out loss is within ``tolerance`` (relative, default
-2%) of the best rank run (ladder, uniform-budget and advice). A run still improving at its last evaluation (best
-checkpoint at the last step and the last two held-out losses more than 1% apart) makes the verdict
+2%) of the best rank run (ladder, uniform-budget, uniform-all and advice). A run still improving at its last
+evaluation (best checkpoint at the last step and the last two held-out losses more than 1% apart) makes the verdict
 *inconclusive*; the would-be verdict is kept as provisional. The advice is *right* when its loss (mean over seeds)
 is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
 loss is worse than the tolerance allows; *too large* when it is within tolerance but costs more than twice the
@@ -78,6 +80,19 @@ class ValidateConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+def _rank_label(tc: dict[str, Any]) -> str:
+    """The rank a run trained with: ``"4"`` for one rank, ``"1-2 (6 modules)"`` for a per-module pattern."""
+    targets = tc.get("target_modules")
+    pattern = tc.get("rank_pattern") or {}
+    if tc.get("method") not in ("lora", "rslora", "dora", "lora-eva") or not isinstance(targets, list):
+        return str(tc.get("rank"))
+    ranks = sorted({int(pattern.get(t, tc["rank"])) for t in targets})
+    if not pattern or len(ranks) == 0:
+        return str(tc.get("rank"))
+    span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    return f"{span} ({len(targets)} modules)"
+
+
 def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
     per_rank = sum(o + i for o, i in shapes)
     return max(1, round(params / max(per_rank, 1)))
@@ -114,6 +129,13 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     ru = _uniform_rank_for_params(advice_params, shapes)
     if ru not in ladder:
         runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=2 * ru)
+    # the advice may leave analysed modules without an adapter: test that choice against what a user without
+    # hessrank does, one uniform rank on every analysed module at (about) the advice's parameter count
+    all_mods = rec["modules"]
+    ru_all = None
+    if len(all_mods) > len(mods):
+        ru_all = _uniform_rank_for_params(advice_params, [tuple(d["shape"]) for d in all_mods.values()])
+        runs["uniform-all"] = dataclasses.replace(plain, rank=ru_all, alpha=2 * ru_all, target_modules=sorted(all_mods))
     for f in cfg.formats:
         if f != base.quantization:
             runs[f"format-{f}"] = dataclasses.replace(base, quantization=f)
@@ -130,6 +152,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         "global_rank": r,
         "ladder": ladder,
         "uniform_budget_rank": ru,
+        "uniform_all_rank": ru_all,
         "advice_params": advice_params,
         "format": base.quantization,
         "rec": rec,
@@ -170,10 +193,11 @@ def validate(
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     runs, facts = plan_runs(cfg)
-    # the advice is what the planned runs consume: re-running `recommend` on the same analysis rewrites the file
-    # (its time stamp) without changing a single run, and must not block a resume
+    # the advice is what its runs train: re-running `recommend` on the same analysis rewrites the file (its time
+    # stamp) without changing them and must not block a resume; neighbours added to the plan later need no
+    # guard here (each run folder refuses a different configuration itself)
     plan_hash = hashlib.sha256(
-        json.dumps({n: tc.to_dict() for n, tc in runs.items()}, sort_keys=True, default=str).encode()
+        json.dumps({n: tc.to_dict() for n, tc in runs.items() if n.startswith("advice-")}, sort_keys=True).encode()
     ).hexdigest()[:16]
     if cfile.exists() and not overwrite:
         old = read_json(cfile)
@@ -181,7 +205,7 @@ def validate(
             raise HessrankError(
                 f"{out}: holds a validation with a different configuration; pass --overwrite or choose another --out"
             )
-        if old.get("plan_sha256") not in (None, plan_hash):
+        if old.get("advice_sha256") not in (None, plan_hash):
             raise HessrankError(
                 f"{out}: the advice in {rec_path} changed since this validation started (the planned runs differ); "
                 "pass --overwrite to validate the new advice"
@@ -193,7 +217,7 @@ def validate(
             "schema": "hessrank.validate_config/1",
             "config": cfg.to_dict(),
             "recommendation_sha256": rec_hash,
-            "plan_sha256": plan_hash,
+            "advice_sha256": plan_hash,
         },
     )
     started = time.time()
@@ -212,7 +236,7 @@ def validate(
         log.info("validation run %d/%d: %s", i + 1, len(names), name)
         run(name, runs[name])
     # the closest rival gets the other seeds too
-    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget"))}
+    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-"))}
     rival = min(rank_runs, key=lambda k: _loss(rank_runs[k])) if rank_runs else None
     if rival is not None:
         for s in cfg.seeds[1:]:
@@ -240,6 +264,7 @@ def summarise(
                 "method": m["run_info"]["train_config"]["method"],
                 "quantization": m["run_info"]["train_config"]["quantization"],
                 "rank": m["run_info"]["train_config"]["rank"],
+                "ranks": _rank_label(m["run_info"]["train_config"]),
                 "seed": m["run_info"]["train_config"]["seed"],
                 "eval_loss": _loss(m),
                 "accuracy": _acc(m),
@@ -259,7 +284,7 @@ def summarise(
     ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
     pool = {
         **{f"rank-{r}": m for r, m in ladder.items()},
-        **({"uniform-budget": results["uniform-budget"]} if "uniform-budget" in results else {}),
+        **{k: results[k] for k in ("uniform-budget", "uniform-all") if k in results},
     }
     best_loss = min([_loss(m) for m in pool.values()] + [adv_loss]) if pool else adv_loss
     tol = cfg.tolerance
@@ -334,6 +359,19 @@ def summarise(
                 "measured_before_training": cand.get("measured_whole"),
             }
     ladder_time = sum(results[k]["train_info"]["train_time"] for k in results if k.startswith("rank-"))
+    selection = None
+    if "uniform-all" in results:
+        ua = results["uniform-all"]
+        selection = {
+            "adapted_modules": sum(1 for d in rec["modules"].values() if d["rank"] > 0),
+            "analysed_modules": len(rec["modules"]),
+            "uniform_all_rank": facts["uniform_all_rank"],
+            "uniform_all_params": ua["train_info"]["num_trainable_params"],
+            "uniform_all_loss": _loss(ua),
+            "advice_loss": adv_loss,
+            "advice_params": adv_params,
+            "advice_within_band": bool(adv_loss <= _loss(ua) + band + 1e-12),
+        }
     an_cost = rec["analysis"]["config"]
     doc = {
         "schema": SCHEMA,
@@ -366,6 +404,7 @@ def summarise(
             for r, m in sorted(ladder.items())
         },
         "best_rank_run_loss": best_loss,
+        "module_selection": selection,
         "knee_rank": knee,
         "knee_params": knee_params,
         "verdict": verdict,
@@ -405,7 +444,7 @@ def table_markdown(doc: dict[str, Any]) -> str:
     for r in sorted(doc["runs"], key=lambda r: r["run"]):
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['quantization']} | {r['rank']} | {r['seed']} | "
+            f"| {r['run']} | {r['method']} | {r['quantization']} | {r.get('ranks', r['rank'])} | {r['seed']} | "
             f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['best_step']} | "
             f"{r['train_time']:.0f} |"
         )
@@ -423,6 +462,16 @@ def table_markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"Quantization {f}: held-out loss change after training {q['measured_after_training']:+.4f}; "
             f"before training measured {mb if mb is None else f'{mb:+.4f}'}."
+        )
+    sel = doc.get("module_selection")
+    if sel:
+        lines.append(
+            f"Module selection: the advice adapts {sel['adapted_modules']} of {sel['analysed_modules']} analysed "
+            f"modules ({sel['advice_params']:,} trainable, loss {sel['advice_loss']:.4f}); rank "
+            f"{sel['uniform_all_rank']} on all of them ({sel['uniform_all_params']:,} trainable) reached "
+            f"{sel['uniform_all_loss']:.4f} — the advice is "
+            + ("within" if sel["advice_within_band"] else "outside")
+            + f" the band ({doc['band']:.4f}) of it."
         )
     c = doc["cost"]
     lines.append(
