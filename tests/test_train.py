@@ -244,6 +244,9 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert any(n.startswith("rank-") for n in names) and any(n.startswith("rival-s1") for n in names)
     assert doc["knee_rank"] in {int(k) for k in doc["ladder"]}
     assert (out / "validation.md").read_text().startswith("# hessrank validation")
+    # the advice's cost counts the analysis too (its work units' compute) next to the ladder's training time
+    assert doc["cost"]["analysis_seconds"] > 0 and doc["cost"]["ladder_train_time"] > 0
+    assert "Cost: the advice" in (out / "validation.md").read_text()
     # resume: one rung lost its result -> only that rung is retrained
     victim = out / "runs" / "method-ia3" / "metrics.json"
     victim.unlink()

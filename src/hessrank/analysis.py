@@ -614,6 +614,7 @@ def _aggregate(
     scope_docs = []
     arrays: dict[str, np.ndarray] = {}
     total_hvp = 0
+    unit_seconds = 0.0
     hvp_s: list[float] = []
     grad_s: list[float] = []
     for sname, kind, mods in scopes:
@@ -624,6 +625,7 @@ def _aggregate(
             for k, v in read_npz(units_dir / f"{stem}.npz").items():
                 arrays[f"{sname}/r{rep}/{k}"] = v
         total_hvp += sum(r["matvecs"] for r in reps)
+        unit_seconds += sum(float(r["seconds"]) for r in reps)
         hvp_s += [r["hvp_seconds"] for r in reps]
         grad_s += [r["graph_seconds"] for r in reps]
         ev_mean, ev_std = _mean_std([r["eigenvalues"] for r in reps])
@@ -650,6 +652,7 @@ def _aggregate(
             "num_params": reps[0]["num_params"],
         }
         scope_docs.append({"name": sname, "kind": kind, "modules": mods, "summary": summary, "repeats": reps})
+    quant_doc = read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -677,12 +680,14 @@ def _aggregate(
         "newton_z": list(NEWTON_Z),
         "rank_grid": list(RANK_GRID),
         "scopes": scope_docs,
-        "quantization": read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None,
+        "quantization": quant_doc,
         "cost": {
             "hvp_total": total_hvp,
             "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,
             "graph_seconds_mean": float(np.mean(grad_s)) if grad_s else None,
             "seconds_this_run": time.time() - started,
+            # compute in the work units (scopes and quantization), resumed ones included: the analysis's whole cost
+            "seconds_units": unit_seconds + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0),
         },
         "arrays": "analysis.npz",
     }

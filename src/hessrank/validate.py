@@ -373,6 +373,8 @@ def summarise(
             "advice_within_band": bool(adv_loss <= _loss(ua) + band + 1e-12),
         }
     an_cost = rec["analysis"]["config"]
+    an_file = Path(cfg.recommendation).parent / "analysis.json"
+    an_seconds = read_json(an_file).get("cost", {}).get("seconds_units") if an_file.exists() else None
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -420,6 +422,7 @@ def summarise(
         "cost": {
             "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
             "ladder_train_time": ladder_time,
+            "analysis_seconds": an_seconds,
             "analysis_settings": {k: an_cost.get(k) for k in ("top_k", "batch_size", "num_batches")},
         },
         "runs": rows,
@@ -474,9 +477,13 @@ def table_markdown(doc: dict[str, Any]) -> str:
             + f" the band ({doc['band']:.4f}) of it."
         )
     c = doc["cost"]
+    an_s = c.get("analysis_seconds")
+    advice_cost = c["advice_train_time"] + (an_s or 0.0)
     lines.append(
-        f"Cost: one advice run {c['advice_train_time']:.0f} s of training; the rank ladder "
-        f"{c['ladder_train_time']:.0f} s."
+        f"Cost: the advice {advice_cost:.0f} s ("
+        + (f"analysis {an_s:.0f} s + " if an_s is not None else "analysis time not recorded; ")
+        + f"one training run {c['advice_train_time']:.0f} s) vs the rank ladder {c['ladder_train_time']:.0f} s"
+        + (f" ({advice_cost / c['ladder_train_time']:.2f}x)." if c["ladder_train_time"] > 0 else ".")
     )
     if doc["errors"]:
         lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["errors"].items()))
