@@ -105,7 +105,7 @@ CASES: dict[str, dict[str, list[str]]] = {
         "recommend": ["--batch-size", "32", "--seq-len", "64"],
         "validate": [
             "--steps",
-            "600",
+            "500",
             "--eval-every",
             "50",
             "--patience",
@@ -121,9 +121,9 @@ CASES: dict[str, dict[str, list[str]]] = {
             "--max-eval",
             "1000",
             "--formats",
-            "none,nf4",
+            "none",
             "--methods",
-            "ia3",
+            "",
         ],
     },
     "smollm2-movie": {
