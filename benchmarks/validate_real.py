@@ -166,7 +166,7 @@ CASES: dict[str, dict[str, list[str]]] = {
             "--batch-size",
             "8",
             "--lr",
-            "5e-4",
+            "2e-3",
             "--seeds",
             "1",
             "--ladder",
