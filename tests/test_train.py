@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -275,9 +276,19 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     rec["modules"][dropped]["rank"] = 0
     (an / "recommendation.json").write_text(json.dumps(rec))
     runs, facts = plan_runs(cfg)
-    assert dropped not in runs["advice-s0"].target_modules and dropped not in runs["rank-1"].target_modules
+    lowest = f"rank-{min(facts['ladder'])}"
+    assert dropped not in runs["advice-s0"].target_modules and dropped not in runs[lowest].target_modules
     assert runs["uniform-all"].target_modules == sorted(rec["modules"])
     assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
+    # trained and reported as module_selection, outside the rank verdict (it adapts more modules than the ladder)
+    small = dataclasses.replace(cfg, seeds=(0,), multipliers=(1.0,), formats=(), methods=())
+    doc3 = validate(small, tmp_path / "val-sel", progress=False)
+    sel = doc3["module_selection"]
+    assert sel["analysed_modules"] == len(rec["modules"])
+    assert sel["adapted_modules"] == sum(d["rank"] > 0 for d in rec["modules"].values())
+    assert sel["uniform_all_params"] > 0 and isinstance(sel["advice_within_band"], bool)
+    assert "Module selection:" in (tmp_path / "val-sel" / "validation.md").read_text()
+    assert doc3["knee_rank"] in {int(k) for k in doc3["ladder"]}
 
 
 @pytest.mark.slow

@@ -686,7 +686,8 @@ def _aggregate(
             "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,
             "graph_seconds_mean": float(np.mean(grad_s)) if grad_s else None,
             "seconds_this_run": time.time() - started,
-            # compute in the work units (scopes and quantization), resumed ones included: the analysis's whole cost
+            # compute in the work units (scopes and quantization), resumed ones included; model loading, the probe
+            # and the first gradient graph are not in it
             "seconds_units": unit_seconds + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0),
         },
         "arrays": "analysis.npz",

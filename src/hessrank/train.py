@@ -550,45 +550,50 @@ def train(
         if module.training and mask is not None:
             tokens[0] += int(mask.sum())
 
-    token_hook = model.register_forward_pre_hook(count_tokens, with_kwargs=True)
-
     last = None
     if resume and ckpt.is_dir():
         cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         last = str(cks[-1]) if cks else None
     # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run
-    # reports its whole cost (HF's TrainerState keeps no wall time)
-    prior = read_json(Path(last) / TIMING_FILE) if last and (Path(last) / TIMING_FILE).exists() else {}
-    t0 = time.time()
+    # reports its whole cost (HF's TrainerState keeps no wall time); a checkpoint without that file (killed
+    # between HF's save and ours, or older than it) leaves the totals marked incomplete
+    timing_file = Path(last) / TIMING_FILE if last else None
+    prior = read_json(timing_file) if timing_file is not None and timing_file.exists() else {}
+    totals_complete = last is None or bool(prior)
+    clock = {"t0": time.time()}
 
     class _Timing(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            clock["t0"] = time.time()
+
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             d = ckpt / f"checkpoint-{state.global_step}"
-            if d.is_dir():
+            if d.is_dir() and totals_complete:
                 write_json(
                     d / TIMING_FILE,
                     {
-                        "train_time": float(prior.get("train_time", 0.0)) + time.time() - t0,
+                        "train_time": float(prior.get("train_time", 0.0)) + time.time() - clock["t0"],
                         "train_tokens": int(prior.get("train_tokens", 0)) + tokens[0],
                     },
                 )
 
     callbacks.append(_Timing())
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=_ListDataset(train_items),
-        eval_dataset=_ListDataset(eval_items),
-        data_collator=enc.collate,
-        callbacks=callbacks,
-    )
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+    token_hook = model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     try:
+        hf_logging.set_verbosity_error()
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=_ListDataset(train_items),
+            eval_dataset=_ListDataset(eval_items),
+            data_collator=enc.collate,
+            callbacks=callbacks,
+        )
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
             warnings.filterwarnings("ignore", category=UserWarning)
@@ -596,7 +601,7 @@ def train(
     finally:
         hf_logging.set_verbosity(verbosity)
         token_hook.remove()
-    session_time, session_tokens = time.time() - t0, tokens[0]
+    session_time, session_tokens = time.time() - clock["t0"], tokens[0]
     train_time = float(prior.get("train_time", 0.0)) + session_time
     train_tokens = int(prior.get("train_tokens", 0)) + session_tokens
     history = trainer.state.log_history
@@ -643,6 +648,7 @@ def train(
             "train_tokens": train_tokens,
             "tokens_per_sec": session_tokens / max(session_time, 1e-9),
             "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
+            "totals_complete": totals_complete,
             "steps": int(trainer.state.global_step),
             "best_step": best_step,
             "train_loss": float(result.training_loss),

@@ -16,7 +16,7 @@ Every rung is trained with early stopping on the held-out loss and judged at its
 ladder measures optimisation speed rather than capacity (``../shared/VALIDATION.md``).
 
 **Knee and verdict.** r* is the smallest ladder rank whose held-out loss is within ``tolerance`` (relative, default
-2%) of the best rank run (ladder, uniform-budget, uniform-all and advice). A run still improving at its last
+2%) of the best rank run (ladder, uniform-budget and advice; not uniform-all). A run still improving at its last
 evaluation (best checkpoint at the last step and the last two held-out losses more than 1% apart) makes the verdict
 *inconclusive*; the would-be verdict is kept as provisional. The advice is *right* when its loss (mean over seeds)
 is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
@@ -236,7 +236,8 @@ def validate(
         log.info("validation run %d/%d: %s", i + 1, len(names), name)
         run(name, runs[name])
     # the closest rival gets the other seeds too
-    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-"))}
+    # (among runs on the advised modules: uniform-all answers a different question, see module_selection)
+    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget"))}
     rival = min(rank_runs, key=lambda k: _loss(rank_runs[k])) if rank_runs else None
     if rival is not None:
         for s in cfg.seeds[1:]:
@@ -284,7 +285,9 @@ def summarise(
     ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
     pool = {
         **{f"rank-{r}": m for r, m in ladder.items()},
-        **{k: results[k] for k in ("uniform-budget", "uniform-all") if k in results},
+        # uniform-all trains more modules than the ladder: it judges the module selection, not the rank, and
+        # stays out of the best loss, the knee and the verdict (reported as module_selection)
+        **({"uniform-budget": results["uniform-budget"]} if "uniform-budget" in results else {}),
     }
     best_loss = min([_loss(m) for m in pool.values()] + [adv_loss]) if pool else adv_loss
     tol = cfg.tolerance
@@ -371,10 +374,16 @@ def summarise(
             "advice_loss": adv_loss,
             "advice_params": adv_params,
             "advice_within_band": bool(adv_loss <= _loss(ua) + band + 1e-12),
+            "uniform_all_plateaued": _plateaued(ua),
         }
+        if not selection["advice_within_band"]:
+            why += (
+                f"; module selection: one rank-{facts['uniform_all_rank']} adapter on every one of the "
+                f"{len(rec['modules'])} analysed modules reached {_loss(ua):.4f}, better than the advice by more "
+                f"than the band — leaving modules without an adapter cost quality"
+            )
     an_cost = rec["analysis"]["config"]
-    an_file = Path(cfg.recommendation).parent / "analysis.json"
-    an_seconds = read_json(an_file).get("cost", {}).get("seconds_units") if an_file.exists() else None
+    an_seconds = rec["analysis"].get("seconds_units")
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

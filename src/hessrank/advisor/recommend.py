@@ -366,6 +366,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
             "data": doc["data"]["source"],
             "created": doc["created"],
             "config": doc["config"],
+            "seconds_units": doc.get("cost", {}).get("seconds_units"),
         },
         "model": doc["model"]["name"],
         "task": task,
