@@ -280,6 +280,21 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert dropped not in runs["advice-s0"].target_modules and dropped not in runs[lowest].target_modules
     assert runs["uniform-all"].target_modules == sorted(rec["modules"])
     assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
+    # a rung that trains what the advice trains is recognised whatever the spelling (global rank vs pattern)
+    from hessrank.validate import _training_key
+
+    rung = runs[lowest]
+    spelled = dataclasses.replace(
+        rung,
+        rank=2,
+        alpha=4,
+        rank_pattern={m: 3 for m in rung.target_modules},
+        alpha_pattern={m: 6 for m in rung.target_modules},
+    )
+    plain3 = dataclasses.replace(rung, rank=3, alpha=6, rank_pattern={}, alpha_pattern={})
+    assert _training_key(spelled) == _training_key(plain3)
+    assert _training_key(dataclasses.replace(plain3, rank=4, alpha=8)) != _training_key(plain3)
+    assert _training_key(dataclasses.replace(plain3, seed=7)) != _training_key(plain3)
     # trained and reported as module_selection, outside the rank verdict (it adapts more modules than the ladder)
     small = dataclasses.replace(cfg, seeds=(0,), multipliers=(1.0,), formats=(), methods=())
     doc3 = validate(small, tmp_path / "val-sel", progress=False)

@@ -93,6 +93,18 @@ def _rank_label(tc: dict[str, Any]) -> str:
     return f"{span} ({len(targets)} modules)"
 
 
+def _training_key(tc: TrainConfig) -> str:
+    """What a LoRA run trains, independent of how its ranks are spelled (global rank vs ``rank_pattern``)."""
+    d = tc.to_dict()
+    targets = d.get("target_modules")
+    if d.get("method") != "lora" or not isinstance(targets, list):
+        return json.dumps(d, sort_keys=True, default=str)
+    pat, apat = d.get("rank_pattern") or {}, d.get("alpha_pattern") or {}
+    per = {t: (int(pat.get(t, d["rank"])), float(apat.get(t, d["alpha"]))) for t in targets}
+    rest = {k: v for k, v in d.items() if k not in ("rank", "alpha", "rank_pattern", "alpha_pattern")}
+    return json.dumps([per, rest], sort_keys=True, default=str)
+
+
 def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
     per_rank = sum(o + i for o, i in shapes)
     return max(1, round(params / max(per_rank, 1)))
@@ -232,12 +244,29 @@ def validate(
             log.warning("run %s skipped: %s", name, e)
 
     names = list(runs)
+    # a rung that trains exactly what the advice trains (same modules, ranks, alphas, everything else) reuses the
+    # advice's first-seed run instead of repeating it (a finished folder of its own is still used)
+    first = f"advice-s{cfg.seeds[0]}"
+    alias = {
+        n: first
+        for n in names
+        if n.startswith(("rank-", "uniform-budget"))
+        and _training_key(runs[n]) == _training_key(runs[first])
+        and not (out / "runs" / n / "metrics.json").exists()
+    }
     for i, name in enumerate(names):
+        if name in alias:
+            log.info("validation run %d/%d: %s (the same training as %s)", i + 1, len(names), name, alias[name])
+            continue
         log.info("validation run %d/%d: %s", i + 1, len(names), name)
         run(name, runs[name])
+    for name, same in alias.items():
+        if same in results:
+            results[name] = results[same]
     # the closest rival gets the other seeds too
-    # (among runs on the advised modules: uniform-all answers a different question, see module_selection)
-    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget"))}
+    # (among runs on the advised modules: uniform-all answers a different question, see module_selection; a rung
+    # identical to the advice is the advice, not a rival)
+    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget")) and k not in alias}
     rival = min(rank_runs, key=lambda k: _loss(rank_runs[k])) if rank_runs else None
     if rival is not None:
         for s in cfg.seeds[1:]:
