@@ -168,7 +168,7 @@ CASES: dict[str, dict[str, list[str]]] = {
             "--lr",
             "2e-3",
             "--seeds",
-            "1",
+            "2",
             "--ladder",
             "0.5,1,2,4",
             "--max-train",
