@@ -257,6 +257,13 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     for p, t in stamps.items():
         assert p.stat().st_mtime_ns == t
     assert doc2["verdict"] == doc["verdict"]
+    # a further seed extends the validation (only the new seed's runs train); a different recipe is refused
+    more = validate(dataclasses.replace(cfg, seeds=(0, 1, 2)), out, progress=False)
+    assert {"advice-s2", "rival-s2"} <= {r["run"] for r in more["runs"]}
+    for p, t in stamps.items():
+        assert p.stat().st_mtime_ns == t
+    with pytest.raises(HessrankError, match="differs in: steps"):
+        validate(dataclasses.replace(cfg, steps=5), out, progress=False)
     # re-running `recommend` rewrites the file (new time stamp, same advice): the validation still resumes
     import time as _time
 

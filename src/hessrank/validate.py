@@ -93,6 +93,9 @@ def _rank_label(tc: dict[str, Any]) -> str:
     return f"{span} ({len(targets)} modules)"
 
 
+EXTENDING_FIELDS = frozenset({"seeds", "multipliers", "formats", "methods", "tolerance"})
+
+
 def _training_key(tc: TrainConfig) -> str:
     """What a LoRA run trains, independent of how its ranks are spelled (global rank vs ``rank_pattern``)."""
     d = tc.to_dict()
@@ -208,15 +211,22 @@ def validate(
     # the advice is what its runs train: re-running `recommend` on the same analysis rewrites the file (its time
     # stamp) without changing them and must not block a resume; neighbours added to the plan later need no
     # guard here (each run folder refuses a different configuration itself)
-    plan_hash = hashlib.sha256(
-        json.dumps({n: tc.to_dict() for n, tc in runs.items() if n.startswith("advice-")}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    advice_tc = dataclasses.replace(runs[f"advice-s{cfg.seeds[0]}"], seed=0)
+    plan_hash = hashlib.sha256(json.dumps(advice_tc.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     if cfile.exists() and not overwrite:
         old = read_json(cfile)
-        if old.get("config") != cfg.to_dict():
+        old_cfg, new_cfg = dict(old.get("config") or {}), cfg.to_dict()
+        # fields that only add or remove runs (more seeds, another format, ...) extend a validation: the finished
+        # runs stay valid; anything else (steps, lr, data, ...) would compare runs made under different recipes
+        differ = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+        recipe = [k for k in differ if k not in EXTENDING_FIELDS]
+        if recipe:
             raise HessrankError(
-                f"{out}: holds a validation with a different configuration; pass --overwrite or choose another --out"
+                f"{out}: holds a validation with a different configuration (differs in: {', '.join(recipe)}); "
+                "pass --overwrite or choose another --out"
             )
+        if differ:
+            log.info("extending the validation in %s (%s changed)", out, ", ".join(differ))
         if old.get("advice_sha256") not in (None, plan_hash):
             raise HessrankError(
                 f"{out}: the advice in {rec_path} changed since this validation started (the planned runs differ); "
