@@ -208,11 +208,6 @@ def validate(
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     runs, facts = plan_runs(cfg)
-    # the advice is what its runs train: re-running `recommend` on the same analysis rewrites the file (its time
-    # stamp) without changing them and must not block a resume; neighbours added to the plan later need no
-    # guard here (each run folder refuses a different configuration itself)
-    advice_tc = dataclasses.replace(runs[f"advice-s{cfg.seeds[0]}"], seed=0)
-    plan_hash = hashlib.sha256(json.dumps(advice_tc.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     if cfile.exists() and not overwrite:
         old = read_json(cfile)
         old_cfg, new_cfg = dict(old.get("config") or {}), cfg.to_dict()
@@ -227,11 +222,15 @@ def validate(
             )
         if differ:
             log.info("extending the validation in %s (%s changed)", out, ", ".join(differ))
-        if old.get("advice_sha256") not in (None, plan_hash):
-            raise HessrankError(
-                f"{out}: the advice in {rec_path} changed since this validation started (the planned runs differ); "
-                "pass --overwrite to validate the new advice"
-            )
+        # the advice is what its runs train: compare with what the advice runs already made trained (re-running
+        # `recommend` on the same analysis rewrites the file, its time stamp, and must not block a resume)
+        for name, tc in runs.items():
+            made = out / "runs" / name / "train_config.json"
+            if name.startswith("advice-") and made.exists() and read_json(made).get("config") != tc.to_dict():
+                raise HessrankError(
+                    f"{out}: the advice in {rec_path} changed since this validation started ({name} trained a "
+                    "different configuration); pass --overwrite to validate the new advice"
+                )
     ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
     write_json(
         cfile,
@@ -239,7 +238,6 @@ def validate(
             "schema": "hessrank.validate_config/1",
             "config": cfg.to_dict(),
             "recommendation_sha256": rec_hash,
-            "advice_sha256": plan_hash,
         },
     )
     started = time.time()
