@@ -6,8 +6,12 @@
     .venv/bin/python benchmarks/validate_real.py smollm2-movie
     .venv/bin/python benchmarks/validate_real.py smollm2-gsm8k
 
+    .venv/bin/python benchmarks/validate_real.py summary --report reports/validation.md
+
 Each stage resumes, so an interrupted case continues where it stopped. The settings of each case are printed
-with its results and kept in reports/validation.md together with the command.
+with its results and kept in reports/validation.md together with the command. ``summary --report FILE``
+rewrites the generated part of FILE and keeps everything from the line ``<!-- written by hand -->`` on (the
+reading of the tables); without ``--report`` it prints the generated part.
 """
 
 from __future__ import annotations
@@ -208,30 +212,30 @@ CASES: dict[str, dict[str, list[str]]] = {
             "--quant-exact",
             "no",
             "--quant-eval-batches",
-            "8",
+            "4",
         ],
         "recommend": ["--batch-size", "4", "--seq-len", "256"],
         "validate": [
             "--steps",
-            "120",
+            "100",
             "--eval-every",
-            "30",
+            "20",
             "--patience",
             "2",
             "--batch-size",
             "4",
             "--lr",
-            "3e-4",
+            "2e-3",
             "--seeds",
-            "1",
+            "2",
             "--ladder",
             "0.5,1,2,4",
             "--max-train",
             "2000",
             "--max-eval",
-            "100",
+            "64",
             "--formats",
-            "",
+            "none",
             "--methods",
             "",
         ],
@@ -303,13 +307,34 @@ def summarize(root: Path) -> str:
     return "\n".join(parts)
 
 
+HAND_MARKER = "<!-- written by hand -->"
+
+
+def write_report(generated: str, report: Path) -> None:
+    """Replace the generated part of ``report``, keeping the hand-written part from :data:`HAND_MARKER` on."""
+    hand = ""
+    if report.exists():
+        old = report.read_text()
+        if HAND_MARKER in old:
+            hand = old[old.index(HAND_MARKER) :]
+    text = generated.rstrip("\n") + "\n\n" + (hand or HAND_MARKER + "\n")
+    tmp = report.with_suffix(report.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(report)
+    print(f"wrote {report} (generated part replaced, hand-written part kept: {bool(hand)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("case", choices=[*sorted(CASES), "summary"])
     ap.add_argument("--out", default="runs/real")
+    ap.add_argument("--report", type=Path, help="summary only: rewrite this report's generated part")
     args = ap.parse_args()
     if args.case == "summary":
-        print(summarize(Path(args.out)))
+        if args.report:
+            write_report(summarize(Path(args.out)), args.report)
+        else:
+            print(summarize(Path(args.out)))
         return
     c = CASES[args.case]
     out = Path(args.out) / args.case
