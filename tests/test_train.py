@@ -194,6 +194,16 @@ def test_gsm8k_answer():
     assert gsm8k_answer("no number") is None
 
 
+def test_rank_label_names_rank_and_module_count():
+    from hessrank.validate import _rank_label
+
+    base = {"method": "lora", "rank": 1, "target_modules": ["a.v", "b.v", "c.v"]}
+    assert _rank_label(base) == "1 (3 modules)"
+    assert _rank_label({**base, "rank_pattern": {"a.v": 2}}) == "1-2 (3 modules)"
+    assert _rank_label({**base, "target_modules": "all-linear"}) == "1"
+    assert _rank_label({"method": "ia3", "rank": 4, "target_modules": ["a.v"]}) == "4"
+
+
 @pytest.mark.slow
 def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
     from hessrank.advisor import recommend, write_recommendation

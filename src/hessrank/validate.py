@@ -81,14 +81,13 @@ class ValidateConfig:
 
 
 def _rank_label(tc: dict[str, Any]) -> str:
-    """The rank a run trained with: ``"4"`` for one rank, ``"1-2 (6 modules)"`` for a per-module pattern."""
+    """The rank a run trained with and on how many modules: ``"4 (12 modules)"``, ``"1-2 (6 modules)"`` for a
+    per-module pattern; the plain rank for methods without per-module ranks or without a module list."""
     targets = tc.get("target_modules")
     pattern = tc.get("rank_pattern") or {}
-    if tc.get("method") not in ("lora", "rslora", "dora", "lora-eva") or not isinstance(targets, list):
+    if tc.get("method") not in ("lora", "rslora", "dora", "lora-eva") or not isinstance(targets, list) or not targets:
         return str(tc.get("rank"))
     ranks = sorted({int(pattern.get(t, tc["rank"])) for t in targets})
-    if not pattern or len(ranks) == 0:
-        return str(tc.get("rank"))
     span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     return f"{span} ({len(targets)} modules)"
 
