@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,6 +259,13 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     # the advice's cost counts the analysis too (its work units' compute) next to the ladder's training time
     assert doc["cost"]["analysis_seconds"] > 0 and doc["cost"]["ladder_train_time"] > 0
     assert "Cost: the advice" in (out / "validation.md").read_text()
+    # paired by seed: the rival minus the advice at each seed both ran
+    losses = {r["run"]: r["eval_loss"] for r in doc["runs"]}
+    pr = doc["paired"][doc["rival"]]
+    assert set(pr["minus_advice"]) == {"0", "1"}
+    assert pr["minus_advice"]["1"] == pytest.approx(losses["rival-s1"] - losses["advice-s1"])
+    assert pr["mean"] == pytest.approx(np.mean(list(pr["minus_advice"].values())))
+    assert "Paired by seed" in (out / "validation.md").read_text()
     # resume: one rung lost its result -> only that rung is retrained
     victim = out / "runs" / "method-ia3" / "metrics.json"
     victim.unlink()

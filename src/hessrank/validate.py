@@ -371,6 +371,26 @@ def summarise(
             f"{len(unsettled)} run(s) were still improving at their last evaluation ({', '.join(sorted(unsettled))}); "
             f"train longer (more --steps) before judging rank. Provisional: {provisional} — {why}"
         )
+    # paired by seed: seed-to-seed variation shared by two runs (data order, initialisation) cancels in their
+    # difference, which the unpaired band above does not use; reported beside the verdict, not deciding it
+    adv_by_seed = {int(k.split("-s")[1]): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
+    others: dict[str, dict[int, float]] = {}
+    if rival:
+        others[rival] = {cfg.seeds[0]: _loss(results[rival])}
+        others[rival].update({int(k.split("-s")[1]): _loss(m) for k, m in results.items() if k.startswith("rival-s")})
+    if "uniform-all" in results:
+        others["uniform-all"] = {cfg.seeds[0]: _loss(results["uniform-all"])}
+    paired = {}
+    for name, by_seed in others.items():
+        diffs = {s: by_seed[s] - adv_by_seed[s] for s in by_seed if s in adv_by_seed}
+        if diffs:
+            mean = float(np.mean(list(diffs.values())))
+            ref = float(np.mean([adv_by_seed[s] for s in diffs]))
+            paired[name] = {
+                "minus_advice": {str(s): d for s, d in diffs.items()},
+                "mean": mean,
+                "relative": mean / ref if ref else None,
+            }
     acc_note = None
     accs = {k: _acc(m) for k, m in pool.items() if _acc(m) is not None}
     if accs and _acc(advice[0]) is not None:
@@ -461,6 +481,7 @@ def summarise(
         "accuracy_note": acc_note,
         "rival": rival,
         "rival_losses": rival_losses,
+        "paired": paired,
         "seed_spread": noise,
         "band": band,
         "quantization_after_training": quant_cmp,
@@ -521,6 +542,10 @@ def table_markdown(doc: dict[str, Any]) -> str:
             + ("within" if sel["advice_within_band"] else "outside")
             + f" the band ({doc['band']:.4f}) of it."
         )
+    for name, p in (doc.get("paired") or {}).items():
+        per = ", ".join(f"{d:+.4f} (seed {s})" for s, d in p["minus_advice"].items())
+        rel = "" if p["relative"] is None else f", {p['relative']:+.1%} of the advice's loss"
+        lines.append(f"Paired by seed, {name} minus advice: {per}; mean {p['mean']:+.4f}{rel}.")
     c = doc["cost"]
     an_s = c.get("analysis_seconds")
     advice_cost = c["advice_train_time"] + (an_s or 0.0)
