@@ -315,8 +315,9 @@ def write_report(generated: str, report: Path) -> None:
     hand = ""
     if report.exists():
         old = report.read_text()
-        if HAND_MARKER in old:
-            hand = old[old.index(HAND_MARKER) :]
+        if HAND_MARKER not in old:
+            raise SystemExit(f"{report} exists without the line {HAND_MARKER!r}: not overwritten")
+        hand = old[old.index(HAND_MARKER) :]
     text = generated.rstrip("\n") + "\n\n" + (hand or HAND_MARKER + "\n")
     tmp = report.with_suffix(report.suffix + ".tmp")
     tmp.write_text(text)

@@ -205,6 +205,18 @@ def test_rank_label_names_rank_and_module_count():
     assert _rank_label({"method": "ia3", "rank": 4, "target_modules": ["a.v"]}) == "4"
 
 
+def test_closest_rival_is_never_the_advice_itself():
+    from hessrank.validate import closest_rival
+
+    m = lambda loss: {"train_info": {"metrics": {"eval_loss": loss}}}
+    results = {"advice-s0": m(0.30), "rank-1": m(0.30), "rank-2": m(0.31), "rank-4": m(0.32), "uniform-all": m(0.1)}
+    keys = {"advice-s0": "A", "rank-1": "A", "rank-2": "B", "rank-4": "C", "uniform-all": "D"}
+    # rank-1 trains exactly the advice (its own finished folder): not a rival; uniform-all is not a rank run
+    assert closest_rival(results, keys, "advice-s0") == "rank-2"
+    assert closest_rival(results, {**keys, "rank-1": "E"}, "advice-s0") == "rank-1"
+    assert closest_rival({"advice-s0": m(0.3)}, {"advice-s0": "A"}, "advice-s0") is None
+
+
 @pytest.mark.slow
 def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
     from hessrank.advisor import recommend, write_recommendation
@@ -328,6 +340,8 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert sel["adapted_modules"] == sum(d["rank"] > 0 for d in rec["modules"].values())
     assert sel["uniform_all_params"] > 0 and isinstance(sel["advice_within_band"], bool)
     assert "Module selection:" in (tmp_path / "val-sel" / "validation.md").read_text()
+    ua = {r["run"]: r["eval_loss"] for r in doc3["runs"]}
+    assert doc3["paired"]["uniform-all"]["minus_advice"] == {"0": pytest.approx(ua["uniform-all"] - ua["advice-s0"])}
     assert doc3["knee_rank"] in {int(k) for k in doc3["ladder"]}
 
 

@@ -273,8 +273,7 @@ def validate(
     # the closest rival gets the other seeds too
     # (among runs on the advised modules: uniform-all answers a different question, see module_selection; a rung
     # identical to the advice is the advice, not a rival)
-    rank_runs = {k: v for k, v in results.items() if k.startswith(("rank-", "uniform-budget")) and k not in alias}
-    rival = min(rank_runs, key=lambda k: _loss(rank_runs[k])) if rank_runs else None
+    rival = closest_rival(results, {k: _training_key(runs[k]) for k in results if k in runs}, first)
     if rival is not None:
         for s in cfg.seeds[1:]:
             run(f"rival-s{s}", dataclasses.replace(runs[rival], seed=s))
@@ -282,6 +281,17 @@ def validate(
     write_json(out / "validation.json", doc)
     atomic_write(out / "validation.md", lambda f: f.write(table_markdown(doc)))
     return doc
+
+
+def closest_rival(results: dict[str, dict[str, Any]], keys: dict[str, Any], advice: str) -> str | None:
+    """The rank run (ladder rung or uniform-budget) with the lowest held-out loss that does not train what the
+    advice trains (``keys``: each run's :func:`_training_key`; an aliased rung shares the advice's key)."""
+    cands = [
+        k
+        for k in results
+        if k.startswith(("rank-", "uniform-budget")) and keys.get(k) is not None and keys.get(k) != keys.get(advice)
+    ]
+    return min(cands, key=lambda k: _loss(results[k])) if cands else None
 
 
 def summarise(
@@ -373,13 +383,13 @@ def summarise(
         )
     # paired by seed: seed-to-seed variation shared by two runs (data order, initialisation) cancels in their
     # difference, which the unpaired band above does not use; reported beside the verdict, not deciding it
-    adv_by_seed = {int(k.split("-s")[1]): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
+    seed_of = lambda m: int(m["run_info"]["train_config"]["seed"])
+    adv_by_seed = {seed_of(m): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
     others: dict[str, dict[int, float]] = {}
     if rival:
-        others[rival] = {cfg.seeds[0]: _loss(results[rival])}
-        others[rival].update({int(k.split("-s")[1]): _loss(m) for k, m in results.items() if k.startswith("rival-s")})
+        others[rival] = {seed_of(m): _loss(m) for k, m in results.items() if k == rival or k.startswith("rival-s")}
     if "uniform-all" in results:
-        others["uniform-all"] = {cfg.seeds[0]: _loss(results["uniform-all"])}
+        others["uniform-all"] = {seed_of(results["uniform-all"]): _loss(results["uniform-all"])}
     paired = {}
     for name, by_seed in others.items():
         diffs = {s: by_seed[s] - adv_by_seed[s] for s in by_seed if s in adv_by_seed}
