@@ -248,6 +248,31 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def partial_table(val: Path) -> str:
+    """The finished runs of a validation that has not finished (no verdict yet), from their ``metrics.json``."""
+    from hessrank.validate import _rank_label
+
+    rows = [
+        "**Validation not finished** (no verdict, knee or cost yet; rerunning the case resumes it). Finished runs "
+        "(last eval change: the held-out loss between the last two evaluations during training; validation counts a "
+        "run as settled below 1%):",
+        "",
+        "| run | format | rank | seed | held-out loss | trainable params | best step | last eval change | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mf in sorted(val.glob("runs/*/metrics.json")):
+        m = json.loads(mf.read_text())
+        tc, ti = m["run_info"]["train_config"], m["train_info"]
+        curve = [c["eval_loss"] for c in ti.get("eval_curve") or []]
+        change = f"{curve[-1] / curve[-2] - 1:+.2%}" if len(curve) >= 2 else "-"
+        rows.append(
+            f"| {mf.parent.name} | {tc['quantization']} | {_rank_label(tc)} | {tc['seed']} | "
+            f"{ti['metrics']['eval_loss']:.4f} | {ti['num_trainable_params']:,} | {ti['best_step']} | {change} | "
+            f"{ti['train_time']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def summarize(root: Path) -> str:
     """Markdown for every finished case under ``root`` (what reports/validation.md holds)."""
     parts = [
@@ -263,7 +288,7 @@ def summarize(root: Path) -> str:
     for case in CASES:
         out = root / case
         vj = out / "validation" / "validation.json"
-        if not vj.exists():
+        if not (out / "analysis" / "recommendation.json").exists():
             parts.append(f"## {case}\n\nNot run to completion in this session.\n")
             continue
         rec = json.loads((out / "analysis" / "recommendation.json").read_text())
@@ -290,8 +315,11 @@ def summarize(root: Path) -> str:
             f"parameters (head included).",
             "",
         ]
-        md = (out / "validation" / "validation.md").read_text().split("\n", 2)[2]
-        lines.append(md.strip())
+        if vj.exists():
+            md = (out / "validation" / "validation.md").read_text().split("\n", 2)[2]
+            lines.append(md.strip())
+        else:
+            lines.append(partial_table(out / "validation"))
         q = rec["quantization"]
         if q.get("candidates"):
             lines.append("")
