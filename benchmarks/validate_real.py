@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from hessrank.io import atomic_write
+from hessrank.validate import _rank_label
+
 CASES: dict[str, dict[str, list[str]]] = {
     "minilm-sst2": {
         "analyze": [
@@ -250,7 +253,6 @@ def run(cmd: list[str]) -> None:
 
 def partial_table(val: Path) -> str:
     """The finished runs of a validation that has not finished (no verdict yet), from their ``metrics.json``."""
-    from hessrank.validate import _rank_label
 
     rows = [
         "**Validation not finished** (no verdict, knee or cost yet; rerunning the case resumes it). Finished runs "
@@ -347,9 +349,7 @@ def write_report(generated: str, report: Path) -> None:
             raise SystemExit(f"{report} exists without the line {HAND_MARKER!r}: not overwritten")
         hand = old[old.index(HAND_MARKER) :]
     text = generated.rstrip("\n") + "\n\n" + (hand or HAND_MARKER + "\n")
-    tmp = report.with_suffix(report.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(report)
+    atomic_write(report, lambda f: f.write(text))
     print(f"wrote {report} (generated part replaced, hand-written part kept: {bool(hand)})")
 
 

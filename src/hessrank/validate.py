@@ -178,6 +178,10 @@ def _loss(m: dict[str, Any]) -> float:
     return float(m["train_info"]["metrics"]["eval_loss"])
 
 
+def _seed(m: dict[str, Any]) -> int:
+    return int(m["run_info"]["train_config"]["seed"])
+
+
 def _acc(m: dict[str, Any]) -> float | None:
     return m["train_info"]["metrics"].get("accuracy")
 
@@ -383,13 +387,12 @@ def summarise(
         )
     # paired by seed: seed-to-seed variation shared by two runs (data order, initialisation) cancels in their
     # difference, which the unpaired band above does not use; reported beside the verdict, not deciding it
-    seed_of = lambda m: int(m["run_info"]["train_config"]["seed"])
-    adv_by_seed = {seed_of(m): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
+    adv_by_seed = {_seed(m): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
     others: dict[str, dict[int, float]] = {}
     if rival:
-        others[rival] = {seed_of(m): _loss(m) for k, m in results.items() if k == rival or k.startswith("rival-s")}
+        others[rival] = {_seed(m): _loss(m) for k, m in results.items() if k == rival or k.startswith("rival-s")}
     if "uniform-all" in results:
-        others["uniform-all"] = {seed_of(results["uniform-all"]): _loss(results["uniform-all"])}
+        others["uniform-all"] = {_seed(results["uniform-all"]): _loss(results["uniform-all"])}
     paired = {}
     for name, by_seed in others.items():
         diffs = {s: by_seed[s] - adv_by_seed[s] for s in by_seed if s in adv_by_seed}
