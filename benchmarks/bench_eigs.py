@@ -37,6 +37,14 @@ def peak_rss_mb() -> float:
     return peak_rss_bytes() / 2**20
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it (CUDA calls return before they finish)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def build(case: str, device: str):
     import torch
 
@@ -86,20 +94,25 @@ def run_method(case: str, method: str, k: int, device: str) -> dict:
         v = torch.randn(op.n, device=op.device, dtype=op.dtype)
         grad_once()
         op.matvec(v)
-        reps = 3
+        reps = 3 if device == "cpu" else 10
+        sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             grad_once()
+        sync(device)
         tg = (time.perf_counter() - t) / reps
         t = time.perf_counter()
         for _ in range(reps):
             op.matvec(v)
+        sync(device)
         th = (time.perf_counter() - t) / reps
         kept = HessianOperator(model, loss_fn, batches, params=params, keep_graph=True)
         kept.matvec(v)
+        sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             kept.matvec(v)
+        sync(device)
         tk = (time.perf_counter() - t) / reps
         row.update(
             {"gradient_s": tg, "hvp_s": th, "hvp_kept_graph_s": tk, "ratio": th / tg, "ratio_kept": tk / tg, "n": op.n}
@@ -108,6 +121,7 @@ def run_method(case: str, method: str, k: int, device: str) -> dict:
     op = HessianOperator(model, loss_fn, batches, params=params)
     op.gradient()  # builds the kept graph (counted in wall time below via a fresh timer only for solvers)
     row["n"] = op.n
+    sync(device)
     t = time.perf_counter()
     if method == "hessrank":
         res = lanczos(op, k=k, tol=1e-3, seed=0)
@@ -156,12 +170,14 @@ def run_method(case: str, method: str, k: int, device: str) -> dict:
 
         with hvp_safe_attention():
             hes = ph.hessian(Wrap(), nn.CrossEntropyLoss(), data=(b["input_ids"], b["labels"]), cuda=device != "cpu")
+            sync(device)
             t = time.perf_counter()
             w, _ = hes.eigenvalues(maxIter=100, tol=1e-3, top_n=k)
         vals = np.array(w, dtype=np.float64)
         hvps = count[0]
     else:
         raise SystemExit(f"unknown method {method}")
+    sync(device)
     row.update(
         {
             "seconds": time.perf_counter() - t,
@@ -206,16 +222,21 @@ def main() -> None:
 
     import platform
 
+    import torch
+
     rows = []
+    gpu = args.device.startswith("cuda")
+    card = f" ({torch.cuda.get_device_name(args.device)}, torch {torch.__version__})" if gpu else ""
     print(
-        f"# bench_eigs: top-{args.k} eigenvalues; device {args.device}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs\n"
+        f"# bench_eigs: top-{args.k} eigenvalues; device {args.device}{card}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n"
     )
     cases = [("minilm", ["eigsh:1e-9", "eigsh:1e-9:SA", "hessrank", "eigsh:1e-3", "pyhessian"])]
     if args.smollm2:
         cases += [("smol-module", ["eigsh:1e-6", "hessrank", "eigsh:1e-3"]), ("smol-joint", ["hessrank"])]
-    print("| problem | method | HVPs | wall s | max rel. error (LA) | peak RSS MB |")
-    print("|---|---|---:|---:|---:|---:|")
+    extra = " peak CUDA MB |" if gpu else ""
+    print("| problem | method | HVPs | wall s | max rel. error (LA) | peak RSS MB |" + extra)
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
     for case, methods in cases:
         case_rows = {m: subprocess_row(case, m, args.k, args.device) for m in methods}
         rows += list(case_rows.values())
@@ -228,7 +249,10 @@ def main() -> None:
             if m.endswith(":SA"):
                 continue
             err = "reference" if m == ref_key else (f"{rel_err(r['eigenvalues'], ref):.1e}" if ref is not None else "-")
-            print(f"| {r['case']} | {m} | {r['hvps']} | {r['seconds']:.1f} | {err} | {r['peak_rss_mb']:.0f} |")
+            cuda_mb = f" {r['peak_cuda_mb']:.0f} |" if gpu else ""
+            print(
+                f"| {r['case']} | {m} | {r['hvps']} | {r['seconds']:.2f} | {err} | {r['peak_rss_mb']:.0f} |" + cuda_mb
+            )
         if "pyhessian" in case_rows and ref is not None and "eigenvalues" in case_rows.get("eigsh:1e-9:SA", {}):
             both = np.concatenate([ref, case_rows["eigsh:1e-9:SA"]["eigenvalues"]])
             lm = both[np.argsort(-np.abs(both))][: args.k]
@@ -251,8 +275,8 @@ def main() -> None:
             print(f"| {case} | error: {r['error']} | | | | | |")
             continue
         print(
-            f"| {r['case']} | {r['n']:,} | {r['gradient_s']:.3f} | {r['hvp_s']:.3f} | {r['ratio']:.2f} | "
-            f"{r['hvp_kept_graph_s']:.3f} | {r['ratio_kept']:.2f} |"
+            f"| {r['case']} | {r['n']:,} | {r['gradient_s']:.4f} | {r['hvp_s']:.4f} | {r['ratio']:.2f} | "
+            f"{r['hvp_kept_graph_s']:.4f} | {r['ratio_kept']:.2f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
