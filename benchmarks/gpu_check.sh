@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_check.sh "$OUT" cuda                      # there
 #   PY=.venv/bin/python bash benchmarks/gpu_check.sh runs/gpu-cpu cpu   # the same, here, on the carried weights
 #
-# DEADLINE (seconds after start, default 480) bounds stage 3, so that the files come back inside the call.
+# DEADLINE (seconds after start, default 480) bounds stage 3, so that the files come back inside the call;
+# STAGES (default "bench qlora case") picks stages, for a rerun of one of them.
 # Outputs in OUT: gpu_check.log, bench_eigs.json, qlora_grad.json, real.tgz (the case's folder without weights).
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT [DEVICE]}"
@@ -17,6 +18,7 @@ DEV="${2:-cuda}"
 PY="${PY:-python3}"
 CARRY="${CARRY:-.devcarry}"
 DEADLINE="${DEADLINE:-480}"
+STAGES=" ${STAGES:-bench qlora case} "
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD/src:$PWD/benchmarks:$PWD/$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,10 +38,12 @@ print(\"python\", platform.python_version(), \"torch\", torch.__version__, \"cud
       \"transformers\", transformers.__version__, \"peft\", peft.__version__, \"accelerate\", accelerate.__version__,
       \"bitsandbytes\", bitsandbytes.__version__, \"scipy\", scipy.__version__)
 print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"cpu only\")'"
-  stage bench_eigs 240 "$PY" benchmarks/bench_eigs.py --device "$DEV" --json "$OUT/bench_eigs.json"
-  stage qlora_grad 120 "$PY" benchmarks/qlora_grad_check.py --device "$DEV" --json "$OUT/qlora_grad.json"
+  [[ $STAGES == *" bench "* ]] && stage bench_eigs 240 "$PY" benchmarks/bench_eigs.py --device "$DEV" --json "$OUT/bench_eigs.json"
+  [[ $STAGES == *" qlora "* ]] && stage qlora_grad 120 "$PY" benchmarks/qlora_grad_check.py --device "$DEV" --json "$OUT/qlora_grad.json"
   left=$((DEADLINE - ($(date +%s) - t0)))
-  if [ "$left" -gt 30 ]; then
+  if [[ $STAGES != *" case "* ]]; then
+    :
+  elif [ "$left" -gt 30 ]; then
     stage minilm-sst2 "$left" "$PY" benchmarks/validate_real.py minilm-sst2 --out "$OUT/real"
   else
     echo "== minilm-sst2 skipped: ${left} s left before the deadline"

@@ -325,6 +325,8 @@ def measure_quantization(
     named = dict(model.named_modules())
     weights = {m: named[m].weight for m in mods}
     g = op.gradient().double()
+    # the operator moved its own batches to the model's device; the held-out ones must follow (found on CUDA)
+    eval_batches = [{k: v.to(op.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in eval_batches]
     ew = [float(loss_weight(b)) for b in eval_batches]
     base_eval = mean_loss(model, loss_fn, eval_batches, ew)
     aw = [float(loss_weight(b)) for b in op.batches]
