@@ -141,3 +141,18 @@ def test_bad_model_inputs(tmp_path):
         load_model("minilm-l6", "regression")
     with pytest.raises(ModelError, match="dtype 'float8'"):
         load_model("minilm-l6", "seq-cls", dtype="float8")
+
+
+def test_int8_cast_notice_dropped_other_bnb_messages_kept(caplog):
+    import logging
+
+    from hessrank.models import quiet_int8_cast_notice
+
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    quiet_int8_cast_notice()
+    quiet_int8_cast_notice()  # idempotent
+    with caplog.at_level(logging.WARNING, logger=lg.name):
+        lg.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        lg.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+    assert sum(type(f).__name__ == "_DropInt8CastNotice" for f in lg.filters) == 1

@@ -218,6 +218,25 @@ def load_tokenizer(name: str | os.PathLike[str]) -> Any:
     return tok
 
 
+class _DropInt8CastNotice(logging.Filter):
+    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" log line.
+
+    LLM.int8 casts a float32 activation to float16 on every int8 matmul by design, and bitsandbytes logs a
+    WARNING each time: one line per layer per forward pass (127,880 lines in one SmolLM2 validation here),
+    which buries every other message. Other bitsandbytes messages pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_cast_notice() -> None:
+    """Install :class:`_DropInt8CastNotice` on bitsandbytes' matmul logger (once; idempotent)."""
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in lg.filters):
+        lg.addFilter(_DropInt8CastNotice())
+
+
 def bnb_config(
     quantization: str,
     double_quant: bool = False,
@@ -352,6 +371,8 @@ def load_model(
         if bars:
             hf_logging.enable_progress_bar()
     fixed = fix_bnb_cpu(model) if quantization != "none" else 0
+    if quantization == "int8":
+        quiet_int8_cast_notice()
     if qconf is None:
         model.to(device)
     tok = load_tokenizer(sname)
