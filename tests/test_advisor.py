@@ -179,6 +179,8 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
             assert {"predicted_loss_increase", "measured_loss_increase"} <= set(q)
     assert doc["quantization"]["format"] in ("none", "llm.int8", "nf4", "nf4-dq", "fp4")
     assert doc["explanation"] and doc["rules_of_thumb"]
+    assert doc["confidence"]["level"] in ("low", "normal") and set(doc["confidence"]["top_k_ratio"]) == {"joint"}
+    assert (doc["confidence"]["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
     assert files["peft"] == "lora_config.json"
 
     lcfg = LoraConfig(**json.loads((tmp_path / "lora_config.json").read_text()))
@@ -290,3 +292,40 @@ def test_joint_allocation_counts_shared_directions_once():
     assert ranks == {"a": 1, "b": 1} and share == pytest.approx(1.0)
     ranks, spent, _ = allocate(curves, scope, param_budget=lora_params(1, 8, 8))
     assert spent == lora_params(1, 8, 8) and sum(1 for r in ranks.values() if r) == 1
+
+
+def _spectrum_doc(eigs_by_scope: dict[str, tuple[str, list[str], list[float]]]) -> dict:
+    scopes = [
+        {"name": n, "kind": kind, "modules": mods, "repeats": [{"eigenvalues": eigs}]}
+        for n, (kind, mods, eigs) in eigs_by_scope.items()
+    ]
+    return {"scopes": scopes, "config": {"top_k": 4}}
+
+
+def test_top_k_confidence_flags_a_flat_top_k_spectrum():
+    from hessrank.advisor.recommend import FLAT_TOP_K, top_k_confidence
+
+    decayed = top_k_confidence(_spectrum_doc({"joint": ("joint", ["a", "b"], [100.0, 20.0, 5.0, 2.0])}))
+    assert decayed["level"] == "normal"
+    assert decayed["top_k_ratio"] == {"joint": pytest.approx(0.02)}
+
+    flat = top_k_confidence(_spectrum_doc({"joint": ("joint", ["a", "b"], [43.0, 30.0, 25.0, 18.3])}))
+    assert flat["level"] == "low" and flat["threshold"] == FLAT_TOP_K
+    assert flat["top_k_ratio"]["joint"] == pytest.approx(18.3 / 43.0)
+    assert "top-4" in flat["note"] and "lower bounds" in flat["note"]
+
+    # per-module scopes take precedence over the joint one for their module; the worst ratio decides
+    mixed = top_k_confidence(
+        _spectrum_doc(
+            {
+                "joint": ("joint", ["a", "b"], [100.0, 1.0]),
+                "a": ("module", ["a"], [10.0, 5.0]),
+            }
+        )
+    )
+    assert mixed["top_k_ratio"] == {"a": pytest.approx(0.5), "joint": pytest.approx(0.01)}
+    assert mixed["level"] == "low"
+
+    # a spectrum with no positive eigenvalue gives no ratio and no alarm
+    neg = top_k_confidence(_spectrum_doc({"joint": ("joint", ["a"], [-1.0, -2.0])}))
+    assert neg["level"] == "normal" and neg["top_k_ratio"] == {}

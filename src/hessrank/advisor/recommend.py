@@ -85,6 +85,40 @@ def _module_sources(doc: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict
     return out
 
 
+#: λ_k/λ_1 above which the advised ranks get ``confidence.level = "low"``. Chosen from the four real cases
+#: of reports/validation.md (λ_k/λ_1 0.025, 0.088, 0.169, 0.426 with paired shortfalls of the advice against its
+#: best rung of 1.0%, 2.2%, 6.0% and 10.8%): above 0.1 the advice fell short by well over the 2% tolerance.
+#: Four points; a provisional threshold, not a fitted law.
+FLAT_TOP_K = 0.1
+
+
+def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict[str, Any]:
+    """How far each rank-bearing scope's top-k spectrum decayed: λ_k/λ_1 (repeat 0, positive part).
+
+    The Newton-step rank and the joint allocation see only the top-k eigen-subspace. When λ_k is still a large
+    fraction of λ_1 the spectrum has not flattened inside that subspace: directions beyond k carry curvature the
+    advice cannot see, and the advised ranks are then best read as lower bounds (measured: reports/validation.md).
+    """
+    ratios: dict[str, float] = {}
+    for scope, rep in _module_sources(doc).values():
+        if scope["name"] in ratios:
+            continue
+        lam = np.sort(np.asarray(rep["eigenvalues"], dtype=np.float64))[::-1]
+        if lam.size and lam[0] > 0:
+            ratios[scope["name"]] = float(max(lam[-1], 0.0) / lam[0])
+    worst = max(ratios.values()) if ratios else None
+    low = worst is not None and worst > threshold
+    k = int(doc["config"].get("top_k", 0)) if isinstance(doc.get("config"), dict) else 0
+    note = (
+        f"λ_k/λ_1 = {worst:.3g} > {threshold:g}: the top-{k} spectrum is still flat, so the advised ranks are "
+        "likely lower bounds (both measured cases above this ratio fell short by 6–11%); analyze with a larger "
+        "--top-k, or validate with a ladder up to 4r"
+        if low and worst is not None
+        else (f"λ_k/λ_1 = {worst:.3g} ≤ {threshold:g}" if worst is not None else "no positive top eigenvalue")
+    )
+    return {"level": "low" if low else "normal", "top_k_ratio": ratios, "threshold": threshold, "note": note}
+
+
 def _module_n_eff(scope: dict[str, Any], rep: dict[str, Any], module: str, z_rel: float) -> dict[str, float | None]:
     """N_eff of a module: its own scope's (top-k and SLQ), or Σᵢ λᵢ/(λᵢ+z)·massᵢ,ₘ from a shared scope."""
     key = f"{z_rel:g}"
@@ -406,6 +440,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "budget": budget_note,
         "allocation": allocation_note if budget_note is None else None,
     }
+    rec["confidence"] = top_k_confidence(doc)
     rec["rules_of_thumb"] = rules_of_thumb(rec, quant, st)
     rec["explanation"] = explain(rec, st)
     return rec
@@ -529,6 +564,9 @@ def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
         f"One global rank: {rec['global_rank']} (smallest uniform rank whose predicted decrease reaches "
         f"{st.share:.0%} of the full-rank decrease under the quadratic model, damping z = {st.z}·λ_max)."
     )
+    conf = rec.get("confidence")
+    if conf and conf["level"] == "low":
+        lines.append(f"Low confidence in the ranks: {conf['note']}.")
     by_rule: dict[str, list[str]] = {}
     for m, d in active.items():
         by_rule.setdefault(d["rank_rule"], []).append(m)
