@@ -244,7 +244,7 @@ def main() -> None:
         ref = np.array(case_rows[ref_key]["eigenvalues"]) if ref_key and "eigenvalues" in case_rows[ref_key] else None
         for m, r in case_rows.items():
             if "error" in r:
-                print(f"| {case} | {m} | error: {r['error']} | | | |")
+                print(f"| {case} | {m} | error: {r['error']} | | | |" + (" |" if gpu else ""))
                 continue
             if m.endswith(":SA"):
                 continue

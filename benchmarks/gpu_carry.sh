@@ -5,13 +5,14 @@
 #   bash benchmarks/gpu_carry.sh            # here, once (needs the project's .venv)
 #
 # What travels is capped at 64 MiB, so:
-#   - bitsandbytes keeps its Python code and only the CUDA 13.0 and CPU libraries (the GPU machine's torch is a
-#     cu130 build; the other eight CUDA builds are 150 MB);
+#   - bitsandbytes keeps its Python code and only its CUDA 13.0 and CPU libraries (the GPU machine's torch is a
+#     cu130 build); its other CUDA, ROCm and XPU libraries (about 120 MB) stay behind;
 #   - MiniLM-L6's weights travel as float16 (45 MB instead of 91 MB) and are loaded as float32 there. The
 #     GPU numbers are therefore for fp16-rounded weights; benchmarks/gpu_check.sh can run here on the same
-#     carried weights (`CARRY=.devcarry bash benchmarks/gpu_check.sh runs/gpu-cpu cpu`) for a like-for-like
+#     carried weights (`PY=.venv/bin/python bash benchmarks/gpu_check.sh runs/gpu-cpu cpu`) for a like-for-like
 #     CPU row.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 SP=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 DEST=.devcarry

@@ -21,15 +21,18 @@ DEADLINE="${DEADLINE:-480}"
 STAGES=" ${STAGES:-bench qlora case} "
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONPATH="$PWD/src:$PWD/benchmarks:$PWD/$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
-export HESSRANK_DATA_DIR="$PWD/$CARRY/data" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+cd "$(dirname "$0")/.."
+CARRY=$(cd "$CARRY" && pwd)
+export PYTHONPATH="$PWD/src:$PWD/benchmarks:$CARRY/site${PYTHONPATH:+:$PYTHONPATH}"
+export HESSRANK_DATA_DIR="$CARRY/data" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 t0=$(date +%s)
 stage() {
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit} s) at +$(($(date +%s) - t0)) s"
-  timeout "$limit" "$@"
-  echo "== $name rc=$? at +$(($(date +%s) - t0)) s"
+  local rc=0
+  timeout "$limit" "$@" || rc=$?
+  echo "== $name rc=$rc at +$(($(date +%s) - t0)) s"
 }
 {
   stage env 60 bash -c "nvidia-smi -L 2>/dev/null; $PY -c '

@@ -104,15 +104,17 @@ def main() -> None:
     print("| format | base layer | LoRA tensors | with grad (step 0 / 1) | loss 0 → 1 → 2 | peak MB |")
     print("|---|---|---:|---:|---|---:|")
     rows = []
-    # LLM.int8 casts float32 inputs to float16 by design and says so on every matmul on CUDA
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    failed = []
     for fmt in args.formats.split(","):
         try:
             r = one_format(fmt, device, args.seed)
         except Exception as e:  # report and go on: one format's failure must not hide the others'
             r = {"format": fmt, "error": f"{type(e).__name__}: {e}"[:300]}
             print(f"| {fmt} | error: {r['error']} | | | | |")
+            failed.append(fmt)
         else:
+            if r["with_grad_step1"] < r["lora_tensors"] or not r["loss2"] < r["loss0"]:
+                failed.append(fmt)
             print(
                 f"| {fmt} | {r['base_layer']} | {r['lora_tensors']} | {r['with_grad_step0']} / "
                 f"{r['with_grad_step1']} | {r['loss0']:.4f} → {r['loss1']:.4f} → {r['loss2']:.4f} | "
@@ -127,6 +129,9 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(device), "device_name": name, "rows": rows}, indent=2))
+    if failed:
+        why = "a LoRA tensor without a gradient, a loss that did not fall, or an error"
+        raise SystemExit(f"FAILED: {', '.join(failed)}: {why}")
 
 
 if __name__ == "__main__":

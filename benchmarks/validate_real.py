@@ -277,10 +277,17 @@ def partial_table(val: Path) -> str:
 
 def _where(root: Path) -> str:
     """Where the runs under ``root`` ran, read from their files: torch builds and training devices."""
-    torches = sorted({json.loads(a.read_text())["versions"]["torch"] for a in root.glob("*/analysis/analysis.json")})
+    torches = sorted(
+        {
+            str(json.loads(a.read_text()).get("versions", {}).get("torch", "?"))
+            for a in root.glob("*/analysis/analysis.json")
+        }
+    )
     kinds = sorted(
         {
-            "GPU" if json.loads(m.read_text())["train_info"].get("peak_memory_kind") == "cuda_max_allocated" else "CPU"
+            "GPU"
+            if json.loads(m.read_text()).get("train_info", {}).get("peak_memory_kind") == "cuda_max_allocated"
+            else "CPU"
             for m in root.glob("*/validation/runs/*/metrics.json")
         }
     )
@@ -385,7 +392,11 @@ def main() -> None:
     t0 = time.time()
     run([*hr, "analyze", *c["analyze"], "--out", str(out / "analysis"), "--quiet"])
     t1 = time.time()
-    run([*hr, "recommend", str(out / "analysis"), *c["recommend"]])
+    import torch
+
+    # the memory forecast is for the device the validation trains on (validate's --device auto)
+    device = ["--device", "cuda"] if torch.cuda.is_available() else []
+    run([*hr, "recommend", str(out / "analysis"), *c["recommend"], *device])
     run([*hr, "validate", str(out / "analysis"), *c["validate"], "--out", str(out / "validation"), "--quiet"])
     t2 = time.time()
     val = json.loads((out / "validation" / "validation.json").read_text())

@@ -181,6 +181,10 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
     assert doc["explanation"] and doc["rules_of_thumb"]
     assert doc["confidence"]["level"] in ("low", "normal") and set(doc["confidence"]["top_k_ratio"]) == {"joint"}
     assert (doc["confidence"]["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
+    from hessrank.advisor.recommend import explain
+
+    forced = {**rec, "confidence": {**rec["confidence"], "level": "low", "note": "λ_k/λ_1 = 0.5 > 0.1: flat"}}
+    assert "Low confidence in the ranks: λ_k/λ_1 = 0.5 > 0.1: flat." in explain(forced, RecommendSettings())
     assert files["peft"] == "lora_config.json"
 
     lcfg = LoraConfig(**json.loads((tmp_path / "lora_config.json").read_text()))
@@ -325,6 +329,11 @@ def test_top_k_confidence_flags_a_flat_top_k_spectrum():
     )
     assert mixed["top_k_ratio"] == {"a": pytest.approx(0.5), "joint": pytest.approx(0.01)}
     assert mixed["level"] == "low"
+
+    # a scope no larger than k has its whole spectrum: no alarm however slowly it decays
+    whole = _spectrum_doc({"joint": ("joint", ["a"], [2.0, 1.5, 1.0, 0.9])})
+    whole["scopes"][0]["repeats"][0]["num_params"] = 4
+    assert top_k_confidence(whole)["level"] == "normal"
 
     # a spectrum with no positive eigenvalue gives no ratio and no alarm
     neg = top_k_confidence(_spectrum_doc({"joint": ("joint", ["a"], [-1.0, -2.0])}))

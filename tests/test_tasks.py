@@ -47,3 +47,37 @@ def test_causal_loss_without_answer_tokens_is_an_error():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
     with pytest.raises(HessrankError, match="no answer tokens"):
         causal_lm_loss(m, batch)
+
+
+def test_batch_to_moves_tensors_only():
+    from hessrank.tasks import batch_to
+
+    b = {"input_ids": torch.ones(2, 3, dtype=torch.long), "note": "keep"}
+    assert batch_to(b, None) is b
+    moved = batch_to(b, "meta")
+    assert moved["input_ids"].device.type == "meta" and moved["note"] == "keep"
+    assert b["input_ids"].device.type == "cpu"  # the caller's batch is left alone
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::scipy.stats.ConstantInputWarning")
+def test_quantization_measurement_puts_held_out_batches_on_the_operator_device(monkeypatch):
+    """Regression: on CUDA the held-out batches stayed on the CPU while the model was on cuda:0."""
+    import hessrank.tasks as T
+    from fixtures import tiny_bert
+    from hessrank import HessianOperator
+    from hessrank.quantization import measure_quantization
+
+    model, batches, loss_fn = tiny_bert(dtype=torch.float32)
+    op = HessianOperator(model, loss_fn, batches[:1], params=["query", "value"])
+    held_out = batches[1:]
+    seen: list[tuple[int, str]] = []
+    real = T.batch_to
+
+    def spy(b, device):
+        seen.append((id(b), str(device)))
+        return real(b, device)
+
+    monkeypatch.setattr(T, "batch_to", spy)
+    measure_quantization(model, loss_fn, "seq-cls", op, held_out, ["int8"], sign_probes=1, exact=False)
+    assert {i for i, _ in seen} >= {id(b) for b in held_out}
+    assert {d for i, d in seen if i in {id(b) for b in held_out}} == {str(op.device)}

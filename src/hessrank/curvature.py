@@ -36,7 +36,7 @@ from torch import nn
 
 from .errors import NumericalError, ScopeError
 from .models import hvp_safe_attention, linear_modules, resolve_targets
-from .tasks import loss_weight
+from .tasks import batch_to, loss_weight
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class HessianOperator:
             off += p.numel()
         self.slices: list[ParamSlice] = slices
         self.n = off
-        self.batches = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        self.batches = [batch_to(b, self.device) for b in batches]
         w = [float(x) for x in (weights if weights is not None else [loss_weight(b) for b in self.batches])]
         if len(w) != len(self.batches):
             raise ScopeError(f"expected one weight per batch ({len(self.batches)}), got {len(w)}")

@@ -316,7 +316,7 @@ def measure_quantization(
     ``eval_batches`` are held-out batches for the measured ΔL. Costs: ``len(formats) · (modules if exact) +
     len(formats) · (sign_probes + 1) + sign_probes`` HVPs and ``len(formats) · (modules + 2) + 1`` evaluations.
     """
-    from .tasks import loss_weight
+    from .tasks import batch_to, loss_weight
 
     for f in formats:
         if f not in FORMATS:
@@ -326,7 +326,7 @@ def measure_quantization(
     weights = {m: named[m].weight for m in mods}
     g = op.gradient().double()
     # the operator moved its own batches to the model's device; the held-out ones must follow (found on CUDA)
-    eval_batches = [{k: v.to(op.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in eval_batches]
+    eval_batches = [batch_to(b, op.device) for b in eval_batches]
     ew = [float(loss_weight(b)) for b in eval_batches]
     base_eval = mean_loss(model, loss_fn, eval_batches, ew)
     aw = [float(loss_weight(b)) for b in op.batches]

@@ -47,6 +47,7 @@ from .data import IGNORE_INDEX, Dataset, Encoder, load_dataset, split_dataset
 from .errors import HessrankError
 from .io import ensure_new_or_resumable, read_json, write_json
 from .models import load_model, resolve_targets
+from .tasks import batch_to
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def evaluate(
     correct = 0
     n_cls = 0
     for b in batches:
-        b = {k: v.to(device) if device is not None else v for k, v in b.items()}
+        b = batch_to(b, device)
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         logits = out.logits.float()
         if task == "seq-cls":
@@ -516,7 +517,6 @@ def train(
             _ListDataset(train_items[: cfg.batch_size * 8]), batch_size=cfg.batch_size, collate_fn=enc.collate
         )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing renames, via PEFT
         model = build_peft_model(lm.model, cfg, task, head, loader)
     trainable, total = count_params(model)
@@ -595,7 +595,6 @@ def train(
 
             trainer.remove_callback(PrinterCallback)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
             warnings.filterwarnings("ignore", category=UserWarning)
             result = trainer.train(resume_from_checkpoint=last)
     finally:

@@ -100,19 +100,22 @@ def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict
     advice cannot see, and the advised ranks are then best read as lower bounds (measured: reports/validation.md).
     """
     ratios: dict[str, float] = {}
+    k = 0
     for scope, rep in _module_sources(doc).values():
         if scope["name"] in ratios:
             continue
         lam = np.sort(np.asarray(rep["eigenvalues"], dtype=np.float64))[::-1]
+        if rep.get("num_params") is not None and lam.size >= int(rep["num_params"]):
+            continue  # the whole spectrum is known: nothing lies beyond the top-k
         if lam.size and lam[0] > 0:
             ratios[scope["name"]] = float(max(lam[-1], 0.0) / lam[0])
+            k = max(k, int(lam.size))
     worst = max(ratios.values()) if ratios else None
     low = worst is not None and worst > threshold
-    k = int(doc["config"].get("top_k", 0)) if isinstance(doc.get("config"), dict) else 0
     note = (
         f"λ_k/λ_1 = {worst:.3g} > {threshold:g}: the top-{k} spectrum is still flat, so the advised ranks are "
         "likely lower bounds (both measured cases above this ratio fell short by 6–11%); analyze with a larger "
-        "--top-k, or validate with a ladder up to 4r"
+        "--top-k, or validate with more steps and a ladder beyond 4r"
         if low and worst is not None
         else (f"λ_k/λ_1 = {worst:.3g} ≤ {threshold:g}" if worst is not None else "no positive top eigenvalue")
     )
