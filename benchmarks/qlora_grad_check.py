@@ -26,6 +26,11 @@ import torch
 FORMATS = ["none", "llm.int8", "nf4", "nf4-dq", "fp4"]
 
 
+def with_gradient(params: list[torch.Tensor]) -> int:
+    """How many of ``params`` hold a finite, non-zero gradient."""
+    return sum(1 for p in params if p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0)
+
+
 def one_format(fmt: str, device: torch.device, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
@@ -54,17 +59,13 @@ def one_format(fmt: str, device: torch.device, seed: int) -> dict:
     t = time.perf_counter()
     loss = loss_fn(model, batch)
     loss.backward()
-    with_grad = sum(
-        1 for p in lora.values() if p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    )
+    with_grad = with_gradient(list(lora.values()))
     # LoRA's B starts at zero, so A's gradient is zero before the first step; take the step and look again.
     opt.step()
     opt.zero_grad()
     loss2 = loss_fn(model, batch)
     loss2.backward()
-    with_grad_after = sum(
-        1 for p in lora.values() if p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    )
+    with_grad_after = with_gradient(list(lora.values()))
     opt.step()
     with torch.no_grad():
         loss3 = loss_fn(model, batch)

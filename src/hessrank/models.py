@@ -222,8 +222,8 @@ class _DropInt8CastNotice(logging.Filter):
     """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" log line.
 
     LLM.int8 casts a float32 activation to float16 on every int8 matmul by design, and bitsandbytes logs a
-    WARNING each time: one line per layer per forward pass (127,880 lines in one SmolLM2 validation here),
-    which buries every other message. Other bitsandbytes messages pass.
+    WARNING each time: one line per layer per forward pass (``grep -c MatMul8bitLt`` counted 141,120 lines in the
+    log of the SmolLM2 GSM8K validation), which buries every other message. Other bitsandbytes messages pass.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

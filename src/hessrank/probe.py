@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import HessrankError
 from .models import HEAD_NAMES
+from .tasks import _forward_kwargs, batch_to
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ def _features(
     labels = []
     try:
         for b in batches:
-            model(**{k: v.to(device) for k, v in b.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-            labels.append(b["labels"].to(device))
+            b = batch_to(b, device)
+            model(**_forward_kwargs(b))
+            labels.append(b["labels"])
     finally:
         h.remove()
     return torch.cat(feats), torch.cat(labels)

@@ -343,9 +343,8 @@ def summarise(
     tol = cfg.tolerance
     # differences smaller than the seed-to-seed spread cannot rank two runs: the band is the larger of the
     # relative tolerance and two standard deviations of the repeated runs (advice seeds, rival seeds)
-    rival_losses = [_loss(results[k]) for k in results if k.startswith("rival-")] + (
-        [_loss(results[rival])] if rival else []
-    )
+    rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
+    rival_losses = [_loss(m) for m in rival_runs]
     spreads = [float(np.std(x, ddof=1)) for x in (adv_losses, rival_losses) if len(x) > 1]
     noise = max(spreads) if spreads else 0.0
     band = max(tol * best_loss, 2 * noise)
@@ -387,15 +386,15 @@ def summarise(
         )
     # paired by seed: seed-to-seed variation shared by two runs (data order, initialisation) cancels in their
     # difference, which the unpaired band above does not use; reported beside the verdict, not deciding it
-    adv_by_seed = {_seed(m): _loss(m) for k, m in results.items() if k.startswith("advice-s")}
+    adv_by_seed = {_seed(m): _loss(m) for m in advice}
     others: dict[str, dict[int, float]] = {}
     if rival:
-        others[rival] = {_seed(m): _loss(m) for k, m in results.items() if k == rival or k.startswith("rival-s")}
+        others[rival] = {_seed(m): _loss(m) for m in rival_runs}
     if "uniform-all" in results:
         others["uniform-all"] = {_seed(results["uniform-all"]): _loss(results["uniform-all"])}
     paired = {}
     for name, by_seed in others.items():
-        diffs = {s: by_seed[s] - adv_by_seed[s] for s in by_seed if s in adv_by_seed}
+        diffs = {s: by_seed[s] - adv_by_seed[s] for s in sorted(by_seed) if s in adv_by_seed}
         if diffs:
             mean = float(np.mean(list(diffs.values())))
             ref = float(np.mean([adv_by_seed[s] for s in diffs]))

@@ -116,7 +116,7 @@ def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict
         f"λ_k/λ_1 = {worst:.3g} > {threshold:g}: the top-{k} spectrum is still flat, so the advised ranks are "
         "likely lower bounds (both measured cases above this ratio fell short by 6–11%); analyze with a larger "
         "--top-k, or validate with more steps and a ladder beyond 4r"
-        if low and worst is not None
+        if low
         else (f"λ_k/λ_1 = {worst:.3g} ≤ {threshold:g}" if worst is not None else "no positive top eigenvalue")
     )
     return {"level": "low" if low else "normal", "top_k_ratio": ratios, "threshold": threshold, "note": note}
