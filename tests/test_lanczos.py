@@ -197,3 +197,22 @@ def test_agrees_with_scipy_eigsh_on_real_minilm_module(minilm_cls, shared_data):
     res = lanczos(op, k=5, tol=1e-4, seed=0)
     assert res.converged
     np.testing.assert_allclose(res.eigenvalues, ref, rtol=1e-3)
+
+
+def test_close_top_pair_is_not_declared_converged_early():
+    """Regression (found by the property test above): a top pair 1e-4 apart, k = 1. The residual dipped at step 7
+    before the larger of the two had entered the Krylov space, and the gap bound called 4.3689 converged while
+    λ_1 = 4.36939; the Ritz value was still moving."""
+    eigs = np.array(
+        [
+            *(0.28358134, 3.91655878, 0.28606548, 3.91634747, 0.28264132, 3.91525178, 1.87402653, 0.28221795),
+            *(1.87451171, 0.28484156, 1.87610414, 0.28339465, 0.28359528, 0.28279302, 0.284327, 3.91673978),
+            *(0.28141653, 1.87553802, 3.9159247, 0.28235327, 4.36939314, 4.36889215, 3.91638584, 3.91728096),
+            *(1.87411527, 1.8750284, 1.87304735, 3.91838592, 0.28356042, 0.28272462),
+        ]
+    )
+    A = sym_with_spectrum(eigs, 857937641)
+    ref = torch.linalg.eigvalsh(A).numpy()
+    res = lanczos(DenseOperator(A), k=1, which="LA", tol=1e-8, seed=857937641 % 1000)
+    assert res.converged
+    assert check(res, ref, "LA", 1, 1e-6) < 1e-6
