@@ -153,6 +153,8 @@ def tiny_analysis(tiny_llama_dir, tmp_path_factory):
         max_length=24,
         quant_formats=("int8", "llm.int8", "nf4", "nf4-dq", "fp4"),
         quant_sign_probes=6,
+        quant_exact="yes",
+        kfac_batches=8,
         data_options={"label_names": ("negative", "positive"), "template": "Review: {text}\nSentiment:"},
     )
     out = d / "run"
@@ -179,8 +181,15 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
             assert {"predicted_loss_increase", "measured_loss_increase"} <= set(q)
     assert doc["quantization"]["format"] in ("none", "llm.int8", "nf4", "nf4-dq", "fp4")
     assert doc["explanation"] and doc["rules_of_thumb"]
-    assert doc["confidence"]["level"] in ("low", "normal") and set(doc["confidence"]["top_k_ratio"]) == {"joint"}
-    assert (doc["confidence"]["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
+    assert doc["estimator"] == "kfac" and set(doc["estimators"]) == {"kfac", "newton-topk"}
+    conf = doc["confidence"]
+    assert conf["level"] in ("low", "normal") and 0 < conf["resolved_share"] <= 1.5
+    assert (conf["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
+    # every analysed module keeps at least rank 1 by default (no module selection)
+    assert all(d["rank"] >= 1 for d in doc["modules"].values()) and doc["selection"]["dropped"] == []
+    # the top-k estimator is still available, with its own confidence
+    alt = recommend(tiny_analysis, RecommendSettings(estimator="newton-topk"))
+    assert alt["estimator"] == "newton-topk" and set(alt["confidence"]["top_k_ratio"]) == {"joint"}
     from hessrank.advisor.recommend import explain
 
     forced = {**rec, "confidence": {**rec["confidence"], "level": "low", "note": "λ_k/λ_1 = 0.5 > 0.1: flat"}}

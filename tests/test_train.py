@@ -74,10 +74,47 @@ def test_train_save_reload_reproduces_metric(tiny_llama_dir, tiny_data, tmp_path
     again = evaluate(model, batches, "causal-lm", label_token_ids(tok, tr))
     assert again["eval_loss"] == pytest.approx(ti["metrics"]["eval_loss"], rel=1e-5)
     assert again["accuracy"] == ti["metrics"]["accuracy"]
-    # a finished run is returned, not retrained; another configuration is refused
+    # a finished run is returned, not retrained; another configuration is refused; a longer run on a linear
+    # schedule cannot be an exact continuation, so it is refused too
     assert train(cfg_for(tiny_llama_dir, tiny_data), out, progress=False)["run_info"] == doc["run_info"]
     with pytest.raises(HessrankError, match="different configuration"):
+        train(cfg_for(tiny_llama_dir, tiny_data, lr=2e-2), out, progress=False)
+    with pytest.raises(HessrankError, match="constant after warm-up"):
         train(cfg_for(tiny_llama_dir, tiny_data, steps=7), out, progress=False)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_constant_schedule_is_extended_exactly(tiny_llama_dir, tiny_data, tmp_path):
+    """More steps on a constant-after-warm-up schedule resume the finished run from its last checkpoint, and give
+    what training that long from the start gives; asking for the shorter length again returns the longer run."""
+    kw = dict(lr_scheduler="constant_with_warmup", warmup_ratio=0.25, eval_every=2, patience=None)
+    short = train(cfg_for(tiny_llama_dir, tiny_data, steps=4, **kw), tmp_path / "ext", progress=False)
+    longer = train(cfg_for(tiny_llama_dir, tiny_data, steps=8, **kw), tmp_path / "ext", progress=False)
+    direct = train(cfg_for(tiny_llama_dir, tiny_data, steps=8, **kw), tmp_path / "direct", progress=False)
+    assert short["train_info"]["steps"] == 4 and longer["train_info"]["steps"] == 8
+    assert longer["train_info"]["resumed_from_step"] == 4
+    # warm-up is 25% of the steps: 1 step at 4 steps, 2 at 8; past step 2 both schedules are the constant lr
+    assert longer["run_info"]["schedule"]["warmup_steps"] == 2
+    a = {c["step"]: c["eval_loss"] for c in longer["train_info"]["eval_curve"]}
+    b = {c["step"]: c["eval_loss"] for c in direct["train_info"]["eval_curve"]}
+    assert set(a) == set(b) == {2, 4, 6, 8}
+    assert a[8] == pytest.approx(b[8], rel=0.05)
+    again = train(cfg_for(tiny_llama_dir, tiny_data, steps=4, **kw), tmp_path / "ext", progress=False)
+    assert again["train_info"]["steps"] == 8
+
+
+def test_schedule_defaults_fill_steps_lr_and_evaluations():
+    from hessrank.train import DEFAULT_LR, resolve_schedule
+
+    cfg = TrainConfig(model="m", data="d", batch_size=16, epochs=2.0)
+    sch = resolve_schedule(cfg, 3000)
+    assert sch.steps == 375 and sch.lr == DEFAULT_LR["lora"] == 1e-3 and sch.eval_every == 37
+    assert sch.warmup_steps == round(0.1 * 375)
+    assert resolve_schedule(TrainConfig(model="m", data="d", method="full"), 100).lr == 2e-5
+    assert resolve_schedule(TrainConfig(model="m", data="d", steps=50, lr=3e-4, eval_every=5), 10**6) == type(sch)(
+        50, 3e-4, 5, 5
+    )
+    assert resolve_schedule(cfg, 10).steps == 20  # never fewer than 20 steps
 
 
 @pytest.mark.slow
@@ -235,6 +272,7 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
             batch_size=8,
             num_batches=1,
             max_length=24,
+            kfac_batches=8,
             quant_formats=("llm.int8", "nf4"),
             quant_sign_probes=2,
             quant_eval_batches=2,
@@ -250,10 +288,11 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
         eval_every=2,
         batch_size=8,
         lr=1e-2,
-        seeds=(0, 1),
+        seeds=(0, 1, 2),
         multipliers=(0.5, 1.0, 2.0),
-        formats=("none", "nf4"),
+        formats=("none",),
         methods=("ia3",),
+        max_extensions=1,
         max_train=120,
         max_eval=40,
     )
@@ -264,21 +303,36 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     if doc["verdict"] == "inconclusive":
         assert doc["provisional_verdict"] in ("right", "too small", "too large") and doc["unsettled_runs"]
     names = {r["run"] for r in doc["runs"]}
-    assert {"advice-s0", "advice-s1", "method-ia3"} <= names
-    assert any(n.startswith("rank-") for n in names) and any(n.startswith("rival-s1") for n in names)
+    assert {"advice-s0", "advice-s1", "advice-s2", "method-ia3", "folk-8", "folk-16", "eva", "adalora"} <= names
+    assert any(n.startswith("rank-") for n in names) and {"rival-s1", "rival-s2"} <= names
     assert doc["knee_rank"] in {int(k) for k in doc["ladder"]}
-    assert (out / "validation.md").read_text().startswith("# hessrank validation")
-    # the advice's cost counts the analysis too (its work units' compute) next to the ladder's training time
+    md = (out / "validation.md").read_text()
+    assert md.startswith("# hessrank validation") and "Who wins at which budget" in md
+    # every run still improving was extended once (steps doubled), and the table says whether it plateaued
+    for r in doc["runs"]:
+        assert r["steps"] <= 8 and (r["extended"] == 1 or r["plateaued"] or r["steps"] < 4)
+    # the analysis cost against the ladder's training time
     assert doc["cost"]["analysis_seconds"] > 0 and doc["cost"]["ladder_train_time"] > 0
-    assert "Cost: the advice" in (out / "validation.md").read_text()
-    # paired by seed: the rival minus the advice at each seed both ran
+    assert "Cost: analysis" in md
+    # paired by seed: the rival minus the advice at each of the three seeds decides the band
     losses = {r["run"]: r["eval_loss"] for r in doc["runs"]}
-    pr = doc["paired"][doc["rival"]]
-    assert set(pr["minus_advice"]) == {"0", "1"}
+    pr = doc["paired"]
+    assert pr["n"] == 3 and set(pr["minus_advice"]) == {"0", "1", "2"}
     assert pr["minus_advice"]["1"] == pytest.approx(losses["rival-s1"] - losses["advice-s1"])
     assert pr["mean"] == pytest.approx(np.mean(list(pr["minus_advice"].values())))
-    assert "Paired by seed" in (out / "validation.md").read_text()
-    # resume: one rung lost its result -> only that rung is retrained
+    assert pr["se"] == pytest.approx(np.std(list(pr["minus_advice"].values()), ddof=1) / np.sqrt(3))
+    assert doc["band"] == pytest.approx(
+        max(0.02 * min(doc["advice"]["eval_loss_mean"], doc["advice"]["eval_loss_mean"] + pr["mean"]), 2 * pr["se"])
+    )
+    assert "Paired by seed" in md
+    # competitors at stated budgets: EVA and AdaLoRA get the advice's budget as a uniform rank
+    comp = {r["run"]: r for r in doc["competitors"]}
+    assert {"folk-8", "folk-16", "eva", "adalora"} <= set(comp)
+    for r in comp.values():
+        assert r["minus_advice"] == pytest.approx(r["eval_loss"] - losses["advice-s0"])
+        assert r["winner"] in ("advice", "tie", r["run"])
+    assert comp["folk-16"]["trainable_params"] > comp["folk-8"]["trainable_params"]
+    # resume: one run lost its result -> only that run is retrained
     victim = out / "runs" / "method-ia3" / "metrics.json"
     victim.unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
@@ -288,12 +342,12 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
         assert p.stat().st_mtime_ns == t
     assert doc2["verdict"] == doc["verdict"]
     # a further seed extends the validation (only the new seed's runs train); a different recipe is refused
-    more = validate(dataclasses.replace(cfg, seeds=(0, 1, 2)), out, progress=False)
-    assert {"advice-s2", "rival-s2"} <= {r["run"] for r in more["runs"]}
+    more = validate(dataclasses.replace(cfg, seeds=(0, 1, 2, 3)), out, progress=False)
+    assert {"advice-s3", "rival-s3"} <= {r["run"] for r in more["runs"]}
     for p, t in stamps.items():
         assert p.stat().st_mtime_ns == t
-    with pytest.raises(HessrankError, match="differs in: steps"):
-        validate(dataclasses.replace(cfg, steps=5), out, progress=False)
+    with pytest.raises(HessrankError, match="differs in: lr"):
+        validate(dataclasses.replace(cfg, lr=2e-2), out, progress=False)
     # re-running `recommend` rewrites the file (new time stamp, same advice): the validation still resumes
     import time as _time
 
@@ -302,7 +356,9 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert validate(cfg, out, progress=False)["verdict"] == doc["verdict"]
     # different advice: refused with a message naming the file, unless --overwrite
     rec = json.loads((an / "recommendation.json").read_text())
-    rec["global_rank"] = int(rec["global_rank"]) + 1
+    first = sorted(d for d in rec["modules"] if rec["modules"][d]["rank"] > 0)[0]
+    rec["modules"][first]["rank"] += 1
+    rec["modules"][first]["alpha"] += 2
     (an / "recommendation.json").write_text(json.dumps(rec))
     with pytest.raises(HessrankError, match=r"recommendation\.json.*changed"):
         validate(cfg, out, progress=False)
@@ -332,16 +388,15 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert _training_key(spelled) == _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, rank=4, alpha=8)) != _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, seed=7)) != _training_key(plain3)
-    # trained and reported as module_selection, outside the rank verdict (it adapts more modules than the ladder)
-    small = dataclasses.replace(cfg, seeds=(0,), multipliers=(1.0,), formats=(), methods=())
+    assert _training_key(dataclasses.replace(plain3, steps=99)) == _training_key(plain3)  # an extension: same run
+    small = dataclasses.replace(
+        cfg, seeds=(0,), multipliers=(1.0,), formats=(), methods=(), competitors=("uniform-all",)
+    )
     doc3 = validate(small, tmp_path / "val-sel", progress=False)
-    sel = doc3["module_selection"]
-    assert sel["analysed_modules"] == len(rec["modules"])
-    assert sel["adapted_modules"] == sum(d["rank"] > 0 for d in rec["modules"].values())
-    assert sel["uniform_all_params"] > 0 and isinstance(sel["advice_within_band"], bool)
-    assert "Module selection:" in (tmp_path / "val-sel" / "validation.md").read_text()
     ua = {r["run"]: r["eval_loss"] for r in doc3["runs"]}
-    assert doc3["paired"]["uniform-all"]["minus_advice"] == {"0": pytest.approx(ua["uniform-all"] - ua["advice-s0"])}
+    row = next(r for r in doc3["competitors"] if r["run"] == "uniform-all")
+    assert row["minus_advice"] == pytest.approx(ua["uniform-all"] - ua["advice-s0"])
+    assert doc3["paired"]["n"] == 1 and "one seed" in doc3["why"]
     assert doc3["knee_rank"] in {int(k) for k in doc3["ladder"]}
 
 

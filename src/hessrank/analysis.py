@@ -87,8 +87,10 @@ class AnalysisConfig:
     keep_graph: str = "auto"
     quant_formats: tuple[str, ...] = ()
     quant_sign_probes: int = 4
-    quant_exact: str = "auto"
+    quant_exact: str = "no"
     quant_eval_batches: int = 8
+    kfac_batches: int = 16
+    kfac_groups: int = 4
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,10 @@ class AnalysisConfig:
             raise HessrankError(f"quantization format {bad_q[0]!r} is not one of {', '.join(FORMATS)}")
         if self.quant_exact not in ("auto", "yes", "no"):
             raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
+        if self.kfac_groups < 4 or self.kfac_groups % 2:
+            raise HessrankError(f"kfac-groups must be an even number >= 4, got {self.kfac_groups}")
+        if self.kfac_batches < self.kfac_groups:
+            raise HessrankError(f"kfac-batches ({self.kfac_batches}) must be at least kfac-groups ({self.kfac_groups})")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-normalised (tuples become lists), so a config read back from disk compares equal."""
@@ -158,6 +164,8 @@ class _Timed:
     def __init__(self, op: HessianOperator):
         self.op = op
         self.shape = op.shape
+        self.n = op.n
+        self.slices = op.slices
         self.device = op.device
         self.dtype = op.dtype
         self.seconds = 0.0
@@ -241,10 +249,61 @@ def newton_module_quantities(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def kfac_exact_check(
+    op: Any, grad: torch.Tensor, stats: dict[str, Any], ranks: tuple[int, ...] = (1, 8), z: float = 1e-2
+) -> list[dict[str, Any]]:
+    """The exact quadratic model along the K-FAC rank-r steps of the scope's modules (one HVP per rank).
+
+    D = (Δ_m(r))_m with Δ_m(r) the K-FAC-optimal rank-r update of module m (:func:`hessrank.kfac.rank_r_step`,
+    damping z relative to the largest K-FAC eigenvalue). Exact: gᵀD and DᵀHD (an HVP); K-FAC: DᵀKD =
+    Σ_m tr(Δ_mᵀ G_m Δ_m A_m). The exact model's best decrease along D is ½(gᵀD)²/DᵀHD (when DᵀHD > 0): a
+    rank-r update's decrease certified by the exact Hessian, and DᵀHD/DᵀKD is the K-FAC scale along it.
+    """
+    from .kfac import Eig, rank_r_step
+
+    mods = {s.module: s for s in op.slices if len(s.shape) == 2 and s.module in stats}
+    if not mods:
+        return []
+    eigs = {m: Eig.of(stats[m]) for m in mods}
+    ref = max(Eig.of(st).lambda_max for st in stats.values())
+    out = []
+    for r in ranks:
+        D = torch.zeros(op.n, dtype=torch.float64)
+        dkd = 0.0
+        for m, sl in mods.items():
+            st = stats[m]
+            step = rank_r_step(eigs[m], sum(st.grads) / len(st.grads), z * ref, min(r, min(st.shape)))
+            dkd += float(((st.G @ step) * (step @ st.A)).sum())
+            flat = step if tuple(sl.shape) == step.shape else step.T  # Conv1D stores (in, out)
+            D[sl.start : sl.stop] = flat.reshape(-1)
+        Dv = D.to(device=op.device, dtype=op.dtype)
+        dhd = float(Dv.double() @ op.matvec(Dv).double())
+        gd = float(grad.double() @ Dv.double())
+        out.append(
+            {
+                "rank": r,
+                "g_dot_d": gd,
+                "dHd": dhd,
+                "dKd": dkd,
+                "exact_decrease": 0.5 * gd * gd / dhd if dhd > 0 and gd < 0 else None,
+                "scale_along_step": dhd / dkd if dkd > 0 else None,
+            }
+        )
+    return out
+
+
 def measure_scope(
-    op: HessianOperator, cfg: AnalysisConfig, seed: int, progress: bool = False
+    op: HessianOperator,
+    cfg: AnalysisConfig,
+    seed: int,
+    progress: bool = False,
+    kfac_stats: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """All measurements of one operator; returns JSON-ready results and arrays."""
+    """All measurements of one operator; returns JSON-ready results and arrays.
+
+    With ``kfac_stats`` (:func:`hessrank.kfac.collect`) it also records the K-FAC Rayleigh quotients of the top
+    eigenvectors (``kfac_rayleigh``, the calibration of :mod:`hessrank.kfac`) and :func:`kfac_exact_check`.
+    """
     timed = _Timed(op)
     t0 = time.perf_counter()
     tg = time.perf_counter()
@@ -295,6 +354,14 @@ def measure_scope(
             vectors_by_module[s.module] = Vm
             shapes[s.module] = (int(s.shape[0]), int(s.shape[1]))
     newton, arrays = newton_module_quantities(top.eigenvalues, proj, vectors_by_module, shapes)
+    kfac_part: dict[str, Any] = {}
+    if kfac_stats is not None:
+        from .kfac import rayleigh_quotients
+
+        kfac_part = {
+            "kfac_rayleigh": rayleigh_quotients(vectors_by_module, kfac_stats, shapes),
+            "kfac_exact_check": kfac_exact_check(timed, grad, kfac_stats),
+        }
     lam_pos = np.clip(top.eigenvalues, 0, None)
     curvature_share = {m: float((lam_pos * split[m]).sum() / max(lam_pos.sum(), 1e-300)) for m in modules}
 
@@ -317,6 +384,7 @@ def measure_scope(
         "module_mass": {m: split[m].tolist() for m in modules},
         "module_curvature_share": curvature_share,
         "newton": newton,
+        **kfac_part,
         "matvecs": timed.count,
         "hvp_seconds": timed.seconds / max(timed.count, 1),
         "graph_seconds": grad_seconds,
@@ -374,20 +442,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def analyze(
-    cfg: AnalysisConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
-) -> dict[str, Any]:
-    """Run the analysis described by ``cfg`` into folder ``out``; returns the ``analysis.json`` document."""
-    out = Path(out)
+def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another analysis or changed data; clear it on ``overwrite``; write the config."""
     cfg_path = out / CONFIG_FILE
-    if cfg_path.exists() and resume and not overwrite:
-        old = read_json(cfg_path)
-        if old.get("config") != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if old.get("config", {}).get(k) != cfg.to_dict()[k])
-            raise HessrankError(
-                f"{out}: holds an analysis with a different configuration (differs in: {', '.join(diff)}); "
-                "pass --overwrite to replace it or choose another --out"
-            )
+    old = read_json(cfg_path) if cfg_path.exists() and resume and not overwrite else None
+    if old is not None and old.get("config") != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if old.get("config", {}).get(k) != cfg.to_dict()[k])
+        raise HessrankError(
+            f"{out}: holds an analysis with a different configuration (differs in: {', '.join(diff)}); "
+            "pass --overwrite to replace it or choose another --out"
+        )
     ensure_new_or_resumable(out, CONFIG_FILE, resume=resume, overwrite=overwrite)
     if overwrite:
         for f in list((out / "units").glob("*")) if (out / "units").is_dir() else []:
@@ -395,13 +459,10 @@ def analyze(
         for name in ("probe_head.pt", "analysis.json", "analysis.npz"):
             (out / name).unlink(missing_ok=True)
     fingerprint = _data_fingerprint(cfg.data)
-    if cfg_path.exists() and resume and not overwrite:
-        old_fp = read_json(cfg_path).get("data_fingerprint")
-        if old_fp is not None and old_fp != fingerprint:
-            raise HessrankError(
-                f"{out}: the data file changed since this analysis started ({cfg.data}); "
-                "pass --overwrite to start again"
-            )
+    if old is not None and old.get("data_fingerprint") is not None and old["data_fingerprint"] != fingerprint:
+        raise HessrankError(
+            f"{out}: the data file changed since this analysis started ({cfg.data}); pass --overwrite to start again"
+        )
     write_json(
         cfg_path,
         {
@@ -412,159 +473,231 @@ def analyze(
             "hessrank_version": __version__,
         },
     )
+
+
+@dataclass
+class _Setup:
+    """The loaded pieces every analysis step uses."""
+
+    cfg: AnalysisConfig
+    out: Path
+    ds: Any
+    train: Any
+    held_out: Any
+    task: str
+    lm: Any
+    enc: Encoder
+    loss_fn: Any
+    point: dict[str, Any]
+    targets: list[str]
+    device: torch.device
+    batch_sets: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    kfac_stats: dict[str, Any] | None = None
+
+    def batches(self, rep: int) -> list[dict[str, torch.Tensor]]:
+        """The fixed HVP batches of repeat ``rep`` (disjoint slices of one seeded permutation)."""
+        if rep not in self.batch_sets:
+            c = self.cfg
+            self.batch_sets[rep] = analysis_batches(self.train, self.enc, c.num_batches, c.batch_size, c.seed, rep)
+        return self.batch_sets[rep]
+
+    def stats(self, progress: bool = False) -> dict[str, Any]:
+        """K-FAC statistics of the target modules on ``kfac_batches`` batches; the first ``num_batches`` of them
+        are repeat 0's HVP batches (the same seeded permutation), so the analysis reuses its examples."""
+        if self.kfac_stats is None:
+            from .kfac import collect
+
+            c = self.cfg
+            n = min(c.kfac_batches, len(self.train) // c.batch_size)
+            if n < c.kfac_groups:
+                raise HessrankError(
+                    f"{self.ds.source}: {len(self.train)} training examples are too few for {c.kfac_groups} K-FAC "
+                    f"batch groups of batch size {c.batch_size}"
+                )
+            kb = analysis_batches(self.train, self.enc, n, c.batch_size, seed=c.seed)
+            named = dict(self.lm.model.named_modules())
+            mods = {t: named[t] for t in self.targets}
+            self.kfac_stats = collect(self.lm.model, mods, kb, groups=c.kfac_groups, seed=c.seed, progress=progress)
+        return self.kfac_stats
+
+
+def _analysis_point(cfg: AnalysisConfig, out: Path, model: torch.nn.Module, train: Any, enc: Encoder, device: Any):
+    """Where the Hessian is taken: the pretrained model, or for seq-cls the body with a fitted (cached) head."""
+    point: dict[str, Any] = {"kind": "pretrained", "reason": "a causal LM on prompt->answer data needs no new head"}
+    if enc.task != "seq-cls":
+        return point
+    from .probe import find_head, fit_head
+
+    probe_path = out / "probe_head.pt"
+    if probe_path.exists():
+        state = torch.load(probe_path, map_location=device, weights_only=True)
+        head_name, head = find_head(model)
+        try:
+            head.load_state_dict(state["head"])
+        except RuntimeError:
+            raise HessrankError(
+                f"{probe_path}: the cached probe head does not fit this model's head; rerun with --overwrite"
+            ) from None
+        probe = state["probe"]
+    else:
+        n_probe = min(cfg.probe_examples, len(train))
+        if n_probe < 2:
+            raise HessrankError(f"{train.source}: too few training examples for the linear probe")
+        pb = analysis_batches(
+            train, enc, num_batches=max(1, n_probe // 32), batch_size=min(32, n_probe), seed=cfg.seed + 7919
+        )
+        probe = dataclasses.asdict(fit_head(model, pb))
+        head_name, head = find_head(model)
+        tmp = probe_path.with_suffix(".tmp")
+        torch.save({"head": head.state_dict(), "probe": probe}, tmp)
+        tmp.replace(probe_path)
+    return {
+        "kind": "pretrained body + fitted head",
+        "reason": "a new classification head is fitted first (linear probe) so the Hessian reflects "
+        "fine-tuning rather than a random head",
+        "probe": probe,
+        "head": head_name,
+    }
+
+
+def _setup(cfg: AnalysisConfig, out: Path) -> _Setup:
+    """Data, split, model, encoder, analysis point and target modules."""
+    from .models import BUNDLED_MODELS
+
     device = resolve_device(cfg.device)
-    started = time.time()
-
-    # ---- data
     ds = load_dataset(cfg.data, **cfg.data_options)
-    task = cfg.task
-    lm_default = None
-    if task is None:
-        from .models import BUNDLED_MODELS
-
-        lm_default = BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm"
-        task = lm_default
+    task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
     train, held_out = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
-
-    # ---- model
     lm = load_model(cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device)
-    model = lm.model
-    model.eval()
+    lm.model.eval()
     enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train)
-    loss_fn = loss_fn_for(task)
+    point = _analysis_point(cfg, out, lm.model, train, enc, device)
+    targets = resolve_targets(lm.model, cfg.modules)
+    return _Setup(cfg, out, ds, train, held_out, task, lm, enc, loss_fn_for(task), point, targets, device)
 
-    # ---- analysis point
-    point: dict[str, Any] = {"kind": "pretrained", "reason": "a causal LM on prompt->answer data needs no new head"}
-    if task == "seq-cls":
-        from .probe import fit_head
 
-        probe_path = out / "probe_head.pt"
-        head_name = "classifier"
-        if probe_path.exists():
-            state = torch.load(probe_path, map_location=device, weights_only=True)
-            from .probe import find_head
+def _run_kfac(su: _Setup, units_dir: Path, progress: bool) -> None:
+    """The whole-module K-FAC rank curves (``units/kfac.json``; :mod:`hessrank.kfac`)."""
+    from .kfac import module_curves
 
-            head_name, head = find_head(model)
-            try:
-                head.load_state_dict(state["head"])
-            except RuntimeError:
-                raise HessrankError(
-                    f"{probe_path}: the cached probe head does not fit this model's head; rerun with --overwrite"
-                ) from None
-            probe = state["probe"]
-        else:
-            n_probe = min(cfg.probe_examples, len(train))
-            if n_probe < 2:
-                raise HessrankError(f"{ds.source}: too few training examples for the linear probe")
-            pb = analysis_batches(
-                train, enc, num_batches=max(1, n_probe // 32), batch_size=min(32, n_probe), seed=cfg.seed + 7919
-            )
-            res = fit_head(model, pb)
-            from .probe import find_head
-
-            head_name, head = find_head(model)
-            probe = dataclasses.asdict(res)
-            tmp = probe_path.with_suffix(".tmp")
-            torch.save({"head": head.state_dict(), "probe": probe}, tmp)
-            tmp.replace(probe_path)
-        point = {
-            "kind": "pretrained body + fitted head",
-            "reason": "a new classification head is fitted first (linear probe) so the Hessian reflects "
-            "fine-tuning rather than a random head",
-            "probe": probe,
-            "head": head_name,
+    path = units_dir / "kfac.json"
+    if path.exists():
+        return
+    t0 = time.perf_counter()
+    stats = su.stats(progress)
+    t1 = time.perf_counter()
+    doc = module_curves(stats, NEWTON_Z, RANK_GRID)
+    c = su.cfg
+    doc.update(
+        {
+            "batches": min(c.kfac_batches, len(su.train) // c.batch_size),
+            "groups": c.kfac_groups,
+            "statistics_seconds": t1 - t0,
+            "seconds": time.perf_counter() - t0,
         }
+    )
+    write_json(path, doc)
 
-    targets = resolve_targets(model, cfg.modules)
-    lin = linear_modules(model)
-    architecture = _architecture(model, task, lm.info["num_parameters"])
-    module_info = {
-        t: {
-            "shape": list(linear_shape(lin[t])),
-            "params": int(np.prod(linear_shape(lin[t]))),
-            "group": t.split(".")[-1],
-        }
-        for t in targets
-    }
-    scopes = _scope_list(model, targets, cfg.scopes)
-    units_dir = out / "units"
-    units_dir.mkdir(exist_ok=True)
+
+def _run_scopes(su: _Setup, scopes: list[tuple[str, str, list[str]]], units_dir: Path, progress: bool) -> None:
+    """One unit file per (repeat, scope) as it finishes, so an interrupted run resumes where it stopped."""
+    cfg = su.cfg
     todo = [(r, s) for r in range(cfg.repeats) for s in scopes]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="analysis", unit="scope")
-    batch_sets: dict[int, list[dict[str, torch.Tensor]]] = {}
     for rep, (sname, kind, mods) in todo:
         stem = f"r{rep}__{_safe(sname)}"
         jpath, npath = units_dir / f"{stem}.json", units_dir / f"{stem}.npz"
-        if jpath.exists() and npath.exists():
+        if not (jpath.exists() and npath.exists()):
             if bar is not None:
-                bar.update(1)
-            continue
-        if rep not in batch_sets:
-            batch_sets[rep] = analysis_batches(train, enc, cfg.num_batches, cfg.batch_size, seed=cfg.seed, offset=rep)
-        if bar is not None:
-            bar.set_postfix_str(f"repeat {rep} {sname}")
-        op = HessianOperator(
-            model,
-            loss_fn,
-            batch_sets[rep],
-            params=mods,
-            keep_graph=True if cfg.keep_graph == "true" else False if cfg.keep_graph == "false" else "auto",
-        )
-        res, arrays = measure_scope(op, cfg, seed=cfg.seed + 1000 * rep, progress=False)
-        op.release()
-        res.update({"scope": sname, "kind": kind, "repeat": rep, "modules": mods})
-        write_npz(npath, arrays)
-        write_json(jpath, res)  # written last: its presence marks the unit as done
-        log.info(
-            "%s (repeat %d): lambda_max %.4g, %d HVPs, %.1fs",
-            sname,
-            rep,
-            res["eigenvalues"][0],
-            res["matvecs"],
-            res["seconds"],
-        )
+                bar.set_postfix_str(f"repeat {rep} {sname}")
+            keep = True if cfg.keep_graph == "true" else False if cfg.keep_graph == "false" else "auto"
+            op = HessianOperator(su.lm.model, su.loss_fn, su.batches(rep), params=mods, keep_graph=keep)
+            res, arrays = measure_scope(op, cfg, seed=cfg.seed + 1000 * rep, progress=False, kfac_stats=su.stats())
+            op.release()
+            res.update({"scope": sname, "kind": kind, "repeat": rep, "modules": mods})
+            write_npz(npath, arrays)
+            write_json(jpath, res)  # written last: its presence marks the unit as done
+            log.info(
+                "%s (repeat %d): lambda_max %.4g, %d HVPs, %.1fs",
+                sname,
+                rep,
+                res["eigenvalues"][0],
+                res["matvecs"],
+                res["seconds"],
+            )
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
 
-    # ---- quantization sensitivity (repeat 0's batches; measured on held-out batches)
-    if cfg.quant_formats and not (units_dir / "quant.json").exists():
-        from .quantization import measure_quantization
 
-        if 0 not in batch_sets:
-            batch_sets[0] = analysis_batches(train, enc, cfg.num_batches, cfg.batch_size, seed=cfg.seed)
-        n_eval = min(cfg.quant_eval_batches, max(1, len(held_out) // cfg.batch_size))
-        eval_b = analysis_batches(held_out, enc, n_eval, min(cfg.batch_size, len(held_out)), seed=cfg.seed)
-        exact = cfg.quant_exact == "yes" or (cfg.quant_exact == "auto" and len(targets) * len(cfg.quant_formats) <= 120)
-        op = HessianOperator(model, loss_fn, batch_sets[0], params=targets)
-        t0 = time.perf_counter()
-        qdoc, _ = measure_quantization(
-            model,
-            loss_fn,
-            task,
-            op,
-            eval_b,
-            cfg.quant_formats,
-            sign_probes=cfg.quant_sign_probes,
-            exact=exact,
-            seed=cfg.seed,
-            rank_grid=RANK_GRID,
-            progress=progress,
-        )
-        qdoc["hvps"] = op.num_matvecs
-        qdoc["seconds"] = time.perf_counter() - t0
-        op.release()
-        write_json(units_dir / "quant.json", qdoc)
+def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
+    """Quantization sensitivity on repeat 0's batches, measured on held-out batches (``units/quant.json``)."""
+    from .quantization import measure_quantization
 
-    # ---- aggregate
-    doc = _aggregate(cfg, out, scopes, module_info, point, lm, ds, train, task, started, architecture)
-    return doc
+    cfg = su.cfg
+    if not cfg.quant_formats or (units_dir / "quant.json").exists():
+        return
+    n_eval = min(cfg.quant_eval_batches, max(1, len(su.held_out) // cfg.batch_size))
+    eval_b = analysis_batches(su.held_out, su.enc, n_eval, min(cfg.batch_size, len(su.held_out)), seed=cfg.seed)
+    exact = cfg.quant_exact == "yes" or (cfg.quant_exact == "auto" and len(su.targets) * len(cfg.quant_formats) <= 120)
+    op = HessianOperator(su.lm.model, su.loss_fn, su.batches(0), params=su.targets)
+    t0 = time.perf_counter()
+    factors = {m: (st.A, st.G) for m, st in su.stats().items()}
+    qdoc, _ = measure_quantization(
+        su.lm.model,
+        su.loss_fn,
+        su.task,
+        op,
+        eval_b,
+        cfg.quant_formats,
+        sign_probes=cfg.quant_sign_probes,
+        exact=exact,
+        seed=cfg.seed,
+        rank_grid=RANK_GRID,
+        progress=progress,
+        factors=factors,
+    )
+    qdoc["hvps"] = op.num_matvecs
+    qdoc["seconds"] = time.perf_counter() - t0
+    op.release()
+    write_json(units_dir / "quant.json", qdoc)
+
+
+def analyze(
+    cfg: AnalysisConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the analysis described by ``cfg`` into folder ``out``; returns the ``analysis.json`` document.
+
+    Steps (each a unit file under ``out/units``, so a rerun resumes): K-FAC rank curves of every target module,
+    the Lanczos/SLQ measurements of each scope and repeat, quantization sensitivity; then ``analysis.json``.
+    """
+    out = Path(out)
+    _prepare_folder(cfg, out, resume, overwrite)
+    started = time.time()
+    su = _setup(cfg, out)
+    lin = linear_modules(su.lm.model)
+    module_info = {
+        t: {
+            "shape": list(linear_shape(lin[t])),
+            "params": int(np.prod(linear_shape(lin[t]))),
+            "group": t.split(".")[-1],
+        }
+        for t in su.targets
+    }
+    architecture = _architecture(su.lm.model, su.task, su.lm.info["num_parameters"])
+    scopes = _scope_list(su.lm.model, su.targets, cfg.scopes)
+    units_dir = out / "units"
+    units_dir.mkdir(exist_ok=True)
+    _run_kfac(su, units_dir, progress)
+    _run_scopes(su, scopes, units_dir, progress)
+    _run_quantization(su, units_dir, progress)
+    return _aggregate(cfg, out, scopes, module_info, su.point, su.lm, su.ds, su.train, su.task, started, architecture)
 
 
 def _architecture(model: torch.nn.Module, task: str, num_parameters: int) -> dict[str, Any]:
@@ -653,6 +786,9 @@ def _aggregate(
         }
         scope_docs.append({"name": sname, "kind": kind, "modules": mods, "summary": summary, "repeats": reps})
     quant_doc = read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None
+    kfac_doc = read_json(units_dir / "kfac.json") if (units_dir / "kfac.json").exists() else None
+    if kfac_doc is not None:
+        kfac_doc["calibration"] = _kfac_calibration(scope_docs, kfac_doc)
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -680,6 +816,7 @@ def _aggregate(
         "newton_z": list(NEWTON_Z),
         "rank_grid": list(RANK_GRID),
         "scopes": scope_docs,
+        "kfac": kfac_doc,
         "quantization": quant_doc,
         "cost": {
             "hvp_total": total_hvp,
@@ -688,13 +825,37 @@ def _aggregate(
             "seconds_this_run": time.time() - started,
             # compute in the work units (scopes and quantization), resumed ones included; model loading, the probe
             # and the first gradient graph are not in it
-            "seconds_units": unit_seconds + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0),
+            "seconds_units": unit_seconds
+            + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0)
+            + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0),
         },
         "arrays": "analysis.npz",
     }
     write_npz(out / "analysis.npz", arrays)
     write_json(out / "analysis.json", doc)
     return doc
+
+
+def _kfac_calibration(scope_docs: list[dict[str, Any]], kfac_doc: dict[str, Any]) -> dict[str, Any]:
+    """Per scope (repeat 0): the K-FAC scale c fitted on the top-k Lanczos pairs, and the SLQ trace check.
+
+    c = Σλᵢ⁺ρᵢ/Σρᵢ² (:func:`hessrank.kfac.calibration`); trace_ratio = tr(H)_SLQ / (c·Σ_m tr(A_m)tr(G_m)).
+    """
+    from .kfac import calibration
+
+    out = {}
+    for sd in scope_docs:
+        r0 = sd["repeats"][0]
+        rho = r0.get("kfac_rayleigh") or []
+        if not rho:
+            continue
+        cal = calibration(r0["eigenvalues"], rho)
+        k_trace = sum(kfac_doc["factors"][m]["trace"] for m in sd["modules"] if m in kfac_doc["factors"])
+        tr = r0.get("trace")
+        cal["trace_ratio"] = tr / (cal["scale"] * k_trace) if tr and cal["scale"] and k_trace > 0 else None
+        cal["exact_check"] = r0.get("kfac_exact_check")
+        out[sd["name"]] = cal
+    return out
 
 
 def load_analysis(path: str | Path) -> dict[str, Any]:

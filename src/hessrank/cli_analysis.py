@@ -65,6 +65,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         quant_sign_probes=args.quant_sign_probes,
         quant_exact=args.quant_exact,
         quant_eval_batches=args.quant_eval_batches,
+        kfac_batches=args.kfac_batches,
+        kfac_groups=args.kfac_groups,
         data_options=data_options(args),
     )
     doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -92,6 +94,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         memory_budget=parse_bytes(args.memory_budget) if args.memory_budget is not None else None,
         z=args.z,
         share=args.share,
+        estimator=args.estimator,
+        min_gain_fraction=args.min_gain_fraction,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         compute_dtype=args.compute_dtype,
@@ -113,7 +117,9 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "rank",
         "alpha",
         "steps",
+        "epochs",
         "lr",
+        "lr_scheduler",
         "warmup_ratio",
         "batch_size",
         "grad_accum",
@@ -196,6 +202,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         recommendation=str(rec),
         data=args.data,
         steps=args.steps,
+        epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
         eval_every=args.eval_every,
@@ -206,6 +213,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         multipliers=tuple(float(x) for x in args.ladder.split(",")),
         formats=tuple(f for f in args.formats.split(",") if f),
         methods=tuple(m for m in args.methods.split(",") if m),
+        competitors=tuple(c for c in args.competitors.split(",") if c),
+        max_extensions=args.max_extensions,
         tolerance=args.tolerance,
         device=args.device,
     )
@@ -257,10 +266,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument(
         "--quant-exact",
         choices=["auto", "yes", "no"],
-        default="auto",
-        help="one HVP per module and format (auto: when modules x formats <= 120)",
+        default="no",
+        help="the expensive measurement: one HVP and one in-sample evaluation per module and format "
+        "(auto: when modules x formats <= 120)",
     )
     sp.add_argument("--quant-eval-batches", type=int, default=8, help="held-out batches for measured increases")
+    sp.add_argument(
+        "--kfac-batches",
+        type=int,
+        default=16,
+        help="batches for the whole-module K-FAC rank curves (gradients and factors; no HVPs)",
+    )
+    sp.add_argument("--kfac-groups", type=int, default=4, help="groups the K-FAC batches are cross-fitted over")
     sp.add_argument("--out", required=True, help="output folder")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
     sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
@@ -283,8 +300,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=0.02,
         help="allowed quantization loss increase as a share of the held-out loss (default 0.02)",
     )
-    sp.add_argument("--z", default="0.01", help="Newton damping relative to lambda_max (0.1, 0.01, 0.001)")
-    sp.add_argument("--share", type=float, default=0.9, help="share of the predicted decrease a rank must reach")
+    sp.add_argument(
+        "--estimator",
+        choices=["kfac", "newton-topk"],
+        default="kfac",
+        help="which estimator sets the ranks (all are reported): whole-module K-FAC curves, or the top-k Newton step",
+    )
+    sp.add_argument(
+        "--min-gain-fraction",
+        type=float,
+        default=0.0,
+        help="module selection: leave out a module whose predicted gain is below this fraction of the best "
+        "module's in both held-out halves (default 0: every analysed module gets at least rank 1)",
+    )
+    sp.add_argument("--z", default="0.01", help="damping relative to the largest curvature (0.1, 0.01, 0.001)")
+    sp.add_argument("--share", type=float, default=0.9, help="share of the predicted decrease the ranks must reach")
     sp.add_argument("--batch-size", type=int, default=None, help="training batch for the memory forecast")
     sp.add_argument("--seq-len", type=int, default=None, help="training sequence length for the memory forecast")
     sp.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -315,6 +345,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("rank", int),
         ("alpha", int),
         ("steps", int),
+        ("epochs", float),
         ("lr", float),
         ("warmup-ratio", float),
         ("batch-size", int),
@@ -329,6 +360,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("dropout", float),
     ):
         o.add_argument(f"--{name}", type=typ, default=None)
+    o.add_argument("--lr-scheduler", default=None, help="linear (default), cosine, constant, constant_with_warmup")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--device", default=None)
     sp.add_argument("--out", required=True)
@@ -345,20 +377,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     sp.add_argument("dir", help="folder holding recommendation.json (or the file)")
     sp.add_argument("--data", default=None, help="data (default: the analysis data)")
-    sp.add_argument("--steps", type=int, default=300)
-    sp.add_argument("--lr", type=float, default=5e-4)
+    sp.add_argument("--steps", type=int, default=None, help="steps per run (default: --epochs over the data)")
+    sp.add_argument("--epochs", type=float, default=3.0, help="passes over the training split when --steps is unset")
+    sp.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adapters)")
     sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--eval-every", type=int, default=50)
-    sp.add_argument("--patience", type=int, default=None)
+    sp.add_argument("--eval-every", type=int, default=None, help="default: ten evaluations per run")
+    sp.add_argument("--patience", type=int, default=3, help="early stopping after this many evaluations")
     sp.add_argument("--max-train", type=int, default=3000)
     sp.add_argument("--max-eval", type=int, default=500)
-    sp.add_argument("--seeds", type=int, default=2, help="seeds for the advice and its closest rival")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds for the advice and its closest rival (paired)")
     sp.add_argument("--ladder", default="0.25,0.5,1,2,4", help="rank multipliers around the advised rank")
-    sp.add_argument("--formats", default="none,llm.int8,nf4")
+    sp.add_argument(
+        "--competitors",
+        default="folk,eva,adalora,uniform-budget,uniform-all",
+        help="baselines at stated budgets: folk (r = 8 and 16), eva, adalora, uniform-budget, uniform-all",
+    )
+    sp.add_argument("--max-extensions", type=int, default=2, help="times a run still improving gets its steps doubled")
+    sp.add_argument("--formats", default="", help="the advised ranks in other weight formats, e.g. none,nf4")
     sp.add_argument(
         "--methods",
-        default="ia3,prompt,rslora,dora",
-        help="other methods (ia3, prefix, prompt, bitfit, full, rslora, dora, lora-eva, adalora)",
+        default="",
+        help="other methods (ia3, prefix, prompt, bitfit, full, rslora, dora)",
     )
     sp.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance for the knee")
     sp.add_argument("--device", default="auto")

@@ -150,80 +150,21 @@ def mean_loss(
     return total / float(sum(weights))
 
 
-@torch.no_grad()
 def kfac_factors(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batches: Sequence[dict[str, torch.Tensor]],
-    task: str,
+    task: str | None = None,
     seed: int = 0,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """K-FAC factors of linear modules with labels sampled from the model (Fisher = GGN for cross-entropy).
+    """{module: (A, G)}: the K-FAC factors of :func:`hessrank.kfac.collect` (labels sampled from the model), float64.
 
-    A weight used at every position t of a sequence has ∇_W = Σ_t ĝ_t x_tᵀ; the K-FAC "expand" approximation
-    (Eschenhagen et al., NeurIPS 2023) gives, for the mean loss over N loss items and T real (non-padding)
-    positions, H ≈ A ⊗ G with A = Σ_t x_t x_tᵀ / T and G = Σ_t ĝ_t ĝ_tᵀ / N, where ĝ_t is the output gradient
-    of the summed loss for sampled labels. Returns {module: (A, G)} in float64.
+    ``task`` is not needed (the batch's label shape says it) and kept for callers that pass it.
     """
-    from .tasks import _forward_kwargs
+    from .kfac import collect
 
-    acts: dict[str, torch.Tensor] = {}
-    grads: dict[str, torch.Tensor] = {}
-    sums: dict[str, list[Any]] = {}
-    handles = []
-    for name, mod in modules.items():
-
-        def fwd(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
-            acts[name] = args[0].detach()
-            if out.requires_grad:
-                out.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
-
-        handles.append(mod.register_forward_hook(fwd))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    items = 0
-    positions = 0
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for mod in modules.values():
-            mod.weight.requires_grad_(True)
-        for b in batches:
-            acts.clear()
-            grads.clear()
-            with torch.enable_grad():
-                logits = model(**_forward_kwargs(b)).logits
-                if task == "causal-lm":
-                    keep = b["labels"][:, 1:] != -100
-                    lg = logits[:, :-1][keep]
-                else:
-                    lg = logits
-                probs = torch.softmax(lg.detach().float(), -1)
-                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(lg.device)
-                loss = nn.functional.cross_entropy(lg.float(), y, reduction="sum")
-                loss.backward()
-            items += int(lg.shape[0])
-            real = b["attention_mask"].bool()
-            positions += int(real.sum())
-            for name in modules:
-                x, g = acts[name], grads[name]
-                if x.dim() == 3:
-                    x, g = x[real], g[real]
-                x = x.reshape(-1, x.shape[-1]).double()
-                g = g.reshape(-1, g.shape[-1]).double()
-                if name not in sums:
-                    sums[name] = [x.T @ x, g.T @ g]
-                else:
-                    sums[name][0] += x.T @ x
-                    sums[name][1] += g.T @ g
-    finally:
-        for h in handles:
-            h.remove()
-        for mod in modules.values():
-            mod.weight.grad = None
-        for p, f in flags:
-            p.requires_grad_(f)
-    return {name: (A / positions, G / items) for name, (A, G) in sums.items()}
+    del task
+    return {m: (st.A, st.G) for m, st in collect(model, modules, batches, groups=1, seed=seed).items()}
 
 
 def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
@@ -297,6 +238,133 @@ def bnb_quantized_linears(model: nn.Module) -> list[str]:
     return [n for n in linear_modules(model) if n not in excl]
 
 
+@dataclass
+class _Bench:
+    """What every format's measurement shares: the operator, its gradient, base losses and weight swaps."""
+
+    model: nn.Module
+    loss_fn: Callable
+    op: Any
+    eval_batches: list[dict[str, torch.Tensor]]
+    g: torch.Tensor
+    base_eval: float
+    base_in: float | None
+
+    def loss_with(self, replace: dict[str, torch.Tensor], in_sample: bool = False) -> float:
+        """Mean loss with some weights replaced, without touching the parameters (the operator's kept gradient
+        graphs hold them, and an in-place edit would invalidate those graphs)."""
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        from .tasks import loss_weight
+
+        batches = self.op.batches if in_sample else self.eval_batches
+        with _reparametrize_module(self.model, replace, strict=False):
+            return mean_loss(self.model, self.loss_fn, batches, [float(loss_weight(b)) for b in batches])
+
+    def vec_of(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        mods = {s.module: s for s in self.op.slices}
+        v = torch.zeros(self.op.n, dtype=self.op.dtype, device=self.op.device)
+        for m, d in parts.items():
+            s = mods[m]
+            v[s.start : s.stop] = d.reshape(-1).to(v)
+        return v
+
+
+def _block_traces(op: Any, probes: int, gen: torch.Generator) -> dict[str, float]:
+    """tr(H_mm) of every module at once: Hutchinson on the block diagonal (``probes`` HVPs)."""
+    mods = {s.module: s for s in op.slices}
+    est = {m: 0.0 for m in mods}
+    for _ in range(probes):
+        z = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
+        hz = op.matvec(z).double()
+        for m, s in mods.items():
+            est[m] += float(z[s.start : s.stop].double() @ hz[s.start : s.stop]) / probes
+    return est
+
+
+def _module_rows(
+    bench: _Bench,
+    weights: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor],
+    exact: bool,
+    sign_probes: int,
+    gen: torch.Generator,
+    traces: dict[str, float],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rank_grid: Sequence[int],
+) -> dict[str, Any]:
+    """Per module: predicted (gradient term + ½ quadratic), HAWQ, K-FAC, measured increase, compensation curve."""
+    op = bench.op
+    mods = {s.module: s for s in op.slices}
+    exact_q: dict[str, float] = {}
+    if exact:
+        for m in mods:
+            hv = op.matvec(bench.vec_of({m: deltas[m]})).double()
+            s = mods[m]
+            exact_q[m] = float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
+    sign_q = (
+        block_quadratic_signs(
+            op.matvec,
+            {m: (s.start, s.stop) for m, s in mods.items()},
+            {m: d.reshape(-1) for m, d in deltas.items()},
+            op.n,
+            sign_probes,
+            gen,
+        )
+        if sign_probes
+        else {m: float("nan") for m in mods}
+    )
+    per: dict[str, Any] = {}
+    for m, W in weights.items():
+        s, d = mods[m], deltas[m]
+        lin = float(bench.g[s.start : s.stop] @ d.reshape(-1).double().to(bench.g.device))
+        q = exact_q.get(m, sign_q[m])
+        replace = {f"{m}.weight": W.detach() + d}
+        dn2 = float((d.double() ** 2).sum())
+        A, G = factors[m]
+        comp = compensation_curves(d, A, G, rank_grid)
+        per[m] = {
+            "predicted_loss_increase": lin + 0.5 * q,
+            "gradient_term": lin,
+            "quadratic_exact": exact_q.get(m),
+            "quadratic_signs": sign_q[m],
+            "quadratic_kfac": comp["kfac_quadratic"] * 2,
+            "hawq_proxy": 0.5 * traces[m] / W.numel() * dn2,
+            "block_trace": traces[m],
+            "delta_rel_norm": float(d.double().norm() / W.detach().double().norm()),
+            "measured_loss_increase": bench.loss_with(replace) - bench.base_eval,
+            "measured_in_sample": (
+                bench.loss_with(replace, in_sample=True) - bench.base_in if bench.base_in is not None else None
+            ),
+            "compensation": {k: v for k, v in comp.items() if k != "kfac_quadratic"},
+        }
+    return per
+
+
+def _correlations(per: dict[str, Any], exact: bool) -> tuple[dict[str, float | None], float | None, float | None]:
+    """Spearman correlations over modules, and (with exact blocks) the sign estimate's and K-FAC's accuracy."""
+    names = list(per)
+    measured = [per[m]["measured_loss_increase"] for m in names]
+    corr = {
+        "predicted": spearman([per[m]["predicted_loss_increase"] for m in names], measured),
+        "quadratic_signs": spearman(
+            [per[m]["gradient_term"] + 0.5 * per[m]["quadratic_signs"] for m in names], measured
+        ),
+        "hawq_proxy": spearman([per[m]["hawq_proxy"] for m in names], measured),
+    }
+    if not exact:
+        return corr, None, None
+    ins = [per[m]["measured_in_sample"] for m in names]
+    corr["predicted_vs_in_sample"] = spearman([per[m]["predicted_loss_increase"] for m in names], ins)
+    corr["hawq_vs_in_sample"] = spearman([per[m]["hawq_proxy"] for m in names], ins)
+    qe = np.array([per[m]["quadratic_exact"] for m in names])
+    qs = np.array([per[m]["quadratic_signs"] for m in names])
+    qk = np.array([per[m]["quadratic_kfac"] for m in names])
+    sign_err = float(np.median(np.abs(qs - qe) / np.maximum(np.abs(qe), 1e-30)))
+    kfac_ratio = float(np.median(qk / np.where(np.abs(qe) > 0, qe, np.nan)))
+    return corr, sign_err, kfac_ratio
+
+
 def measure_quantization(
     model: nn.Module,
     loss_fn: Callable,
@@ -305,64 +373,40 @@ def measure_quantization(
     eval_batches: Sequence[dict[str, torch.Tensor]],
     formats: Sequence[str],
     sign_probes: int = 4,
-    exact: bool = True,
+    exact: bool = False,
     seed: int = 0,
     rank_grid: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
     progress: bool = False,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Predicted and measured loss increase of each format, per target module and for the whole model.
 
-    ``op`` is a :class:`hessrank.HessianOperator` whose scope is the target modules' weights (the joint scope).
-    ``eval_batches`` are held-out batches for the measured ΔL. Costs: ``len(formats) · (modules if exact) +
-    len(formats) · (sign_probes + 1) + sign_probes`` HVPs and ``len(formats) · (modules + 2) + 1`` evaluations.
+    ``op`` is a :class:`hessrank.HessianOperator` whose scope is the target modules' weights (the joint scope);
+    ``eval_batches`` are held-out batches. Each weight is quantized and dequantized once per format with
+    bitsandbytes' functional API; the measured increases are ordinary forwards with the dequantized fp32 weight
+    swapped in. ``factors`` are the modules' K-FAC factors (computed here from ``op.batches`` when not given).
+
+    Cost per format: ``sign_probes + 1`` HVPs, one held-out evaluation per module, one for the targets together
+    and one for the whole model; plus ``max(sign_probes, 2)`` HVPs once for the block traces. ``exact`` (opt-in:
+    the expensive measurement) adds one HVP per module and an in-sample evaluation per module.
     """
     from .tasks import batch_to, loss_weight
 
     for f in formats:
         if f not in FORMATS:
             raise HessrankError(f"quantization format '{f}' is not one of {', '.join(FORMATS)}")
-    mods = {s.module: s for s in op.slices}
     named = dict(model.named_modules())
+    mods = [s.module for s in op.slices]
     weights = {m: named[m].weight for m in mods}
-    g = op.gradient().double()
     # the operator moved its own batches to the model's device; the held-out ones must follow (found on CUDA)
     eval_batches = [batch_to(b, op.device) for b in eval_batches]
-    ew = [float(loss_weight(b)) for b in eval_batches]
-    base_eval = mean_loss(model, loss_fn, eval_batches, ew)
-    aw = [float(loss_weight(b)) for b in op.batches]
-    base_in = mean_loss(model, loss_fn, op.batches, aw)
+    base_eval = mean_loss(model, loss_fn, eval_batches, [float(loss_weight(b)) for b in eval_batches])
+    base_in = mean_loss(model, loss_fn, op.batches, [float(loss_weight(b)) for b in op.batches]) if exact else None
+    bench = _Bench(model, loss_fn, op, eval_batches, op.gradient().double(), base_eval, base_in)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def swapped_loss(replace: dict[str, torch.Tensor]) -> float:
-        """Held-out loss with some weights replaced, without touching the parameters (the operator's kept
-        gradient graphs hold them, and an in-place edit would invalidate those graphs)."""
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        with _reparametrize_module(model, replace, strict=False):
-            return mean_loss(model, loss_fn, eval_batches, ew)
-
-    def swapped_loss_in_sample(replace: dict[str, torch.Tensor]) -> float:
-        from torch.nn.utils.stateless import _reparametrize_module
-
-        with _reparametrize_module(model, replace, strict=False):
-            return mean_loss(model, loss_fn, op.batches, aw)
-
-    def vec_of(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        v = torch.zeros(op.n, dtype=op.dtype, device=op.device)
-        for m, d in parts.items():
-            s = mods[m]
-            v[s.start : s.stop] = d.reshape(-1).to(v)
-        return v
-
-    # block traces tr(H_mm) for HAWQ's proxy, all modules at once (Hutchinson on the block diagonal)
-    tr_est = {m: 0.0 for m in mods}
-    for _ in range(max(sign_probes, 2)):
-        z = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
-        hz = op.matvec(z).double()
-        for m, s in mods.items():
-            tr_est[m] += float(z[s.start : s.stop].double() @ hz[s.start : s.stop]) / max(sign_probes, 2)
-
-    kfac = kfac_factors(model, {m: named[m] for m in mods}, op.batches, task, seed=seed)
+    traces = _block_traces(op, max(sign_probes, 2), gen)
+    if factors is None:
+        factors = kfac_factors(model, {m: named[m] for m in mods}, op.batches, task, seed=seed)
     out: dict[str, Any] = {
         "formats": {},
         "base_eval_loss": base_eval,
@@ -371,8 +415,7 @@ def measure_quantization(
         "exact_blocks": exact,
         "num_eval_batches": len(eval_batches),
     }
-    arrays: dict[str, np.ndarray] = {}
-    it = list(formats)
+    it: Any = list(formats)
     if progress:
         from tqdm.auto import tqdm
 
@@ -380,92 +423,30 @@ def measure_quantization(
     all_linear = bnb_quantized_linears(model)
     for fmt in it:
         deltas = {m: (quantize_dequantize(W, fmt) - W.detach()) for m, W in weights.items()}
-        # exact blocks
-        exact_q: dict[str, float] = {}
-        if exact:
-            for m in mods:
-                hv = op.matvec(vec_of({m: deltas[m]})).double()
-                s = mods[m]
-                exact_q[m] = float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
-        # random-sign block estimates
-        sign_q = (
-            block_quadratic_signs(
-                op.matvec,
-                {m: (s.start, s.stop) for m, s in mods.items()},
-                {m: d.reshape(-1) for m, d in deltas.items()},
-                op.n,
-                sign_probes,
-                gen,
-            )
-            if sign_probes
-            else {m: float("nan") for m in mods}
-        )
-        # all target modules at once (cross terms included)
-        dall = vec_of(deltas).double()
+        per = _module_rows(bench, weights, deltas, exact, sign_probes, gen, traces, factors, rank_grid)
+        dall = bench.vec_of(deltas).double()
         hall = op.matvec(dall.to(op.dtype)).double()
-        pred_all = float(g @ dall + 0.5 * (dall @ hall))
-        # measured per module and jointly
-        per: dict[str, Any] = {}
-        for m, W in weights.items():
-            s = mods[m]
-            d = deltas[m]
-            lin = float(g[s.start : s.stop] @ d.reshape(-1).double().to(g.device))
-            q = exact_q.get(m, sign_q[m])
-            meas = swapped_loss({f"{m}.weight": W.detach() + d}) - base_eval
-            meas_in = swapped_loss_in_sample({f"{m}.weight": W.detach() + d}) - base_in
-            n_m = W.numel()
-            dn2 = float((d.double() ** 2).sum())
-            A, G = kfac[m]
-            comp = compensation_curves(d, A, G, rank_grid)
-            per[m] = {
-                "predicted_loss_increase": lin + 0.5 * q,
-                "gradient_term": lin,
-                "quadratic_exact": exact_q.get(m),
-                "quadratic_signs": sign_q[m],
-                "quadratic_kfac": comp["kfac_quadratic"] * 2,
-                "hawq_proxy": 0.5 * tr_est[m] / n_m * dn2,
-                "block_trace": tr_est[m],
-                "delta_rel_norm": float(d.double().norm() / W.detach().double().norm()),
-                "measured_loss_increase": meas,
-                "measured_in_sample": meas_in,
-                "compensation": {k: v for k, v in comp.items() if k != "kfac_quadratic"},
-            }
-        meas_targets = swapped_loss({f"{m}.weight": W.detach() + deltas[m] for m, W in weights.items()}) - base_eval
-        # every linear layer bitsandbytes would quantize
-        meas_whole = (
-            swapped_loss({f"{n}.weight": quantize_dequantize(named[n].weight, fmt) for n in all_linear}) - base_eval
-        )
-        names = list(per)
-        measured = [per[m]["measured_loss_increase"] for m in names]
-        corr = {
-            "predicted": spearman([per[m]["predicted_loss_increase"] for m in names], measured),
-            "quadratic_signs": spearman(
-                [per[m]["gradient_term"] + 0.5 * per[m]["quadratic_signs"] for m in names], measured
-            ),
-            "hawq_proxy": spearman([per[m]["hawq_proxy"] for m in names], measured),
-            "predicted_vs_in_sample": spearman(
-                [per[m]["predicted_loss_increase"] for m in names], [per[m]["measured_in_sample"] for m in names]
-            ),
-            "hawq_vs_in_sample": spearman(
-                [per[m]["hawq_proxy"] for m in names], [per[m]["measured_in_sample"] for m in names]
-            ),
+        targets_w = {f"{m}.weight": W.detach() + deltas[m] for m, W in weights.items()}
+        # every linear layer bitsandbytes would quantize: the target modules reuse their δ
+        whole = {
+            f"{n}.weight": (targets_w[f"{n}.weight"] if n in weights else quantize_dequantize(named[n].weight, fmt))
+            for n in all_linear
         }
-        if exact:
-            qe = np.array([per[m]["quadratic_exact"] for m in names])
-            qs = np.array([per[m]["quadratic_signs"] for m in names])
-            qk = np.array([per[m]["quadratic_kfac"] for m in names])
-            sign_err = float(np.median(np.abs(qs - qe) / np.maximum(np.abs(qe), 1e-30)))
-            kfac_ratio = float(np.median(qk / np.where(np.abs(qe) > 0, qe, np.nan)))
-        else:
-            sign_err = kfac_ratio = None
+        corr, sign_err, kfac_ratio = _correlations(per, exact)
         out["formats"][fmt] = {
             "bits": FORMAT_INFO[fmt].bits,
             "description": FORMAT_INFO[fmt].description,
             "modules": per,
-            "targets": {"predicted_loss_increase": pred_all, "measured_loss_increase": meas_targets},
-            "whole_model": {"measured_loss_increase": meas_whole, "num_linear_layers": len(all_linear)},
+            "targets": {
+                "predicted_loss_increase": float(bench.g @ dall + 0.5 * (dall @ hall)),
+                "measured_loss_increase": bench.loss_with(targets_w) - base_eval,
+            },
+            "whole_model": {
+                "measured_loss_increase": bench.loss_with(whole) - base_eval,
+                "num_linear_layers": len(all_linear),
+            },
             "spearman": corr,
             "sign_estimate_median_rel_error": sign_err,
             "kfac_over_exact_median": kfac_ratio,
         }
-    return out, arrays
+    return out, {}

@@ -51,27 +51,38 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over label tokens (labels != -100, shifted by one)."""
+def loss_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at the loss positions and their targets: (items × classes, items).
+
+    ``seq-cls`` batches (1-D labels): the class logits and labels. Causal-LM batches (2-D labels): the next-token
+    logits at positions whose shifted label is not -100 (answer tokens), computed by the selective path where the
+    model allows it. Every loss hessrank differentiates is the cross-entropy of these.
+    """
     labels = batch["labels"]
+    if labels.dim() == 1:
+        return model(**_forward_kwargs(batch)).logits, labels
     target = labels[:, 1:]
     keep = target != IGNORE_INDEX
-    n = int(keep.sum())
-    if n == 0:
+    if not bool(keep.any()):
         raise HessrankError("a causal-lm batch has no answer tokens (every label is -100); check max_length")
     if _selective_path(model):
         hidden = model.model(**_forward_kwargs(batch), use_cache=False).last_hidden_state
-        h = hidden[:, :-1][keep]
-        logits = model.lm_head(h)
+        logits = model.lm_head(hidden[:, :-1][keep])
     else:
         logits = model(**_forward_kwargs(batch), use_cache=False).logits[:, :-1][keep]
-    return F.cross_entropy(_upcast(logits), target[keep], reduction="sum") / n
+    return logits, target[keep]
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over label tokens (labels != -100, shifted by one)."""
+    logits, target = loss_logits(model, batch)
+    return F.cross_entropy(_upcast(logits), target)
 
 
 def seq_cls_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the classifier's logits."""
-    logits = model(**_forward_kwargs(batch)).logits
-    return F.cross_entropy(_upcast(logits), batch["labels"])
+    logits, target = loss_logits(model, batch)
+    return F.cross_entropy(_upcast(logits), target)
 
 
 def loss_weight(batch: dict[str, torch.Tensor]) -> int:

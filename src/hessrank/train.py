@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 SCHEMA = "hessrank.metrics/1"
 TIMING_FILE = "hessrank_time.json"  # train seconds and tokens up to a checkpoint (resume keeps the whole cost)
 METHODS = ("lora", "rslora", "dora", "lora-eva", "adalora", "ia3", "prefix", "prompt", "bitfit", "full")
+#: Default learning rates (AdamW) when ``lr`` is None: adapters and BitFit 1e-3 (with lora_alpha = 2r, the rate the
+#: validation cases of reports/validation.md train with), full fine-tuning 2e-5.
+DEFAULT_LR: dict[str, float] = {m: 1e-3 for m in METHODS} | {"full": 2e-5}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 QUANT_FOR_LOAD = {"none": "none", "llm.int8": "int8", "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4", "fp4": "fp4"}
 
 
@@ -73,8 +77,10 @@ class TrainConfig:
     target_modules: list[str] | str = "q_proj,v_proj"
     dropout: float = 0.0
     num_virtual_tokens: int = 16
-    steps: int = 200
-    lr: float = 5e-4
+    steps: int | None = None  #: None: ``epochs`` passes over the training split (see :func:`resolve_schedule`)
+    epochs: float = 3.0
+    lr: float | None = None  #: None: the method's default (:data:`DEFAULT_LR`)
+    lr_scheduler: str = "linear"  #: transformers scheduler: linear, cosine, constant_with_warmup, ...
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     batch_size: int = 16
@@ -83,8 +89,8 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_train: int | None = 3000
     max_eval: int | None = 500
-    eval_every: int = 50
-    patience: int | None = None  #: stop after this many evaluations without improvement
+    eval_every: int | None = None  #: None: ten evaluations per run
+    patience: int | None = 3  #: stop after this many evaluations without improvement (None: never)
     seed: int = 0
     gradient_checkpointing: bool = False
     device: str = "auto"
@@ -100,10 +106,15 @@ class TrainConfig:
         if self.quantization not in QUANT_FOR_LOAD:
             raise HessrankError(f"quantization '{self.quantization}' is not one of {', '.join(QUANT_FOR_LOAD)}")
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_every", "rank"):
-            if getattr(self, name) < 1:
-                raise HessrankError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise HessrankError(f"{name.replace('_', '-')} must be at least 1, got {v}")
+        if self.lr is not None and not self.lr > 0:
             raise HessrankError(f"lr must be positive, got {self.lr}")
+        if not self.epochs > 0:
+            raise HessrankError(f"epochs must be positive, got {self.epochs}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(SCHEDULERS)}")
         if not 0 <= self.warmup_ratio < 1:
             raise HessrankError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.method in ("bitfit", "full", "prefix", "prompt") and self.quantization != "none":
@@ -167,7 +178,12 @@ def _escape_pattern(d: dict[str, int]) -> dict[str, int]:
 
 
 def build_peft_model(
-    model: nn.Module, cfg: TrainConfig, task: str, head: list[str], train_loader: Any = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    task: str,
+    head: list[str],
+    train_loader: Any = None,
+    total_steps: int | None = None,
 ) -> nn.Module:
     """Wrap ``model`` for ``cfg.method``; returns the model whose trainable parameters the optimiser sees."""
     from peft import (
@@ -228,6 +244,7 @@ def build_peft_model(
             initialize_lora_eva_weights(pm, train_loader)
         return pm
     if m == "adalora":
+        steps = total_steps or cfg.steps or 200
         conf = AdaLoraConfig(
             init_r=max(cfg.rank + cfg.rank // 2, cfg.rank + 1),
             target_r=cfg.rank,
@@ -235,10 +252,10 @@ def build_peft_model(
             target_modules=targets(),
             lora_dropout=cfg.dropout,
             task_type=tt,
-            total_step=cfg.steps,
-            tinit=max(1, cfg.steps // 10),
-            tfinal=max(1, cfg.steps // 5),
-            deltaT=max(1, cfg.steps // 20),
+            total_step=steps,
+            tinit=max(1, steps // 10),
+            tfinal=max(1, steps // 5),
+            deltaT=max(1, steps // 20),
             modules_to_save=head or None,
         )
         return get_peft_model(model, conf)
@@ -413,27 +430,59 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _training_args(cls: Any, cfg: TrainConfig, ckpt: Path, device: torch.device, progress: bool) -> Any:
+@dataclass(frozen=True)
+class Schedule:
+    """The resolved step count, learning rate and evaluation cadence of a run."""
+
+    steps: int
+    lr: float
+    eval_every: int
+    warmup_steps: int
+
+
+def resolve_schedule(cfg: TrainConfig, n_train: int) -> Schedule:
+    """Fill the config's automatic values: ``steps`` = ⌈epochs · n_train / (batch · grad_accum)⌉ (at least 20),
+    ``lr`` from :data:`DEFAULT_LR`, ``eval_every`` = steps / 10 (evaluations are the early-stopping points)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.steps if cfg.steps is not None else max(20, math.ceil(cfg.epochs * n_train / per_step))
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    every = cfg.eval_every if cfg.eval_every is not None else max(1, steps // 10)
+    return Schedule(steps, lr, min(every, steps), round(cfg.warmup_ratio * steps))
+
+
+def plateau_status(eval_curve: list[dict[str, Any]], steps: int, best_step: int | None, rel: float = 0.01) -> bool:
+    """True when the run reached a plateau of its held-out loss: the best checkpoint came before the last
+    evaluation (early stopping found a minimum), or the last two evaluations differ by less than ``rel``
+    (relative). A run that is False was still improving when it stopped: it measured how fast it learns."""
+    if best_step is not None and best_step < steps:
+        return True
+    if len(eval_curve) >= 2:
+        a, b = eval_curve[-2]["eval_loss"], eval_curve[-1]["eval_loss"]
+        return abs(a - b) <= rel * max(abs(a), 1e-12)
+    return False
+
+
+def _training_args(cls: Any, cfg: TrainConfig, sch: Schedule, ckpt: Path, device: torch.device, progress: bool) -> Any:
     return cls(
         output_dir=str(ckpt),
-        max_steps=cfg.steps,
-        learning_rate=cfg.lr,
-        warmup_steps=round(cfg.warmup_ratio * cfg.steps),
-        lr_scheduler_type="linear",
+        max_steps=sch.steps,
+        learning_rate=sch.lr,
+        warmup_steps=sch.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         eval_strategy="steps",
-        eval_steps=cfg.eval_every,
+        eval_steps=sch.eval_every,
         save_strategy="steps",
-        save_steps=cfg.eval_every,
+        save_steps=sch.eval_every,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        logging_steps=max(1, min(10, cfg.eval_every)),
+        logging_steps=max(1, min(10, sch.eval_every)),
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[],
@@ -446,26 +495,41 @@ def _training_args(cls: Any, cfg: TrainConfig, ckpt: Path, device: torch.device,
     )
 
 
-def train(
-    cfg: TrainConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
-) -> dict[str, Any]:
-    """Run (or resume, or return the finished result of) one training run into folder ``out``."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-    from transformers.utils import logging as hf_logging
+#: A finished run may be extended (more ``steps``, resumed from its last checkpoint) only where the continuation
+#: is exact: a schedule that is constant after warm-up.
+EXTENDABLE_SCHEDULERS = ("constant", "constant_with_warmup")
 
-    from .analysis import resolve_device
 
-    out = Path(out)
+def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the folder; returns the finished metrics when there is nothing to do.
+
+    A folder holding the same configuration resumes (or is finished). One that differs only in ``steps`` is the
+    same run trained for another length: fewer steps asked than it holds → its finished result; more steps on a
+    constant schedule → an extension, resumed from its last checkpoint. Anything else is refused.
+    """
     cfg_file = out / "train_config.json"
     if cfg_file.exists() and not overwrite:
-        old = read_json(cfg_file).get("config")
-        if old != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if (old or {}).get(k) != cfg.to_dict()[k])
+        old = read_json(cfg_file).get("config") or {}
+        new = cfg.to_dict()
+        diff = sorted(k for k in new if old.get(k) != new[k])
+        length_only = diff == ["steps"] and old.get("steps") is not None and cfg.steps is not None
+        if diff and not length_only:
             raise HessrankError(
                 f"{out}: holds a run with a different configuration (differs in: {', '.join(diff)}); "
                 "pass --overwrite or choose another --out"
             )
-        if (out / "metrics.json").exists() and resume:
+        done = (out / "metrics.json").exists()
+        if length_only and cfg.steps < old["steps"] and done:
+            return read_json(out / "metrics.json", schema=SCHEMA)  # the run was extended beyond this length
+        if length_only and cfg.steps > old["steps"]:
+            if cfg.lr_scheduler not in EXTENDABLE_SCHEDULERS:
+                raise HessrankError(
+                    f"{out}: extending a run from {old['steps']} to {cfg.steps} steps needs a schedule that is "
+                    f"constant after warm-up ({', '.join(EXTENDABLE_SCHEDULERS)}), not '{cfg.lr_scheduler}'"
+                )
+            log.info("extending %s from %d to %d steps", out, old["steps"], cfg.steps)
+            (out / "metrics.json").unlink(missing_ok=True)
+        elif done and resume:
             return read_json(out / "metrics.json", schema=SCHEMA)
     ensure_new_or_resumable(out, "train_config.json", resume=resume, overwrite=overwrite)
     if overwrite:
@@ -476,12 +540,35 @@ def train(
             elif target.exists():
                 target.unlink()
     write_json(cfg_file, {"schema": "hessrank.train_config/1", "config": cfg.to_dict()})
+    return None
+
+
+@dataclass
+class _Run:
+    """The model and data of one run, ready for the Trainer."""
+
+    cfg: TrainConfig
+    task: str
+    device: torch.device
+    ds: Dataset
+    train_ds: Dataset
+    eval_ds: Dataset
+    lm: Any
+    enc: Encoder
+    train_items: list[dict[str, Any]]
+    eval_items: list[dict[str, Any]]
+    model: nn.Module
+    probe_info: dict[str, Any] | None
+    schedule: Schedule
+
+
+def _build(cfg: TrainConfig) -> _Run:
+    """Data, split, model (in its weight format), head probe (seq-cls), adapters."""
+    from .analysis import resolve_device
+
     device = resolve_device(cfg.device)
-    started = time.time()
     torch.manual_seed(cfg.seed)
-
     ds = load_dataset(cfg.data, **cfg.data_options)
-
     task = _resolve_task(cfg)
     train_ds, eval_ds = split_dataset(
         ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
@@ -496,8 +583,7 @@ def train(
         seed=cfg.seed,
         device=device,
     )
-    tok = lm.tokenizer
-    enc = Encoder(tok, task, cfg.max_length, dataset=train_ds)
+    enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train_ds)
     train_items = [enc.encode(e) for e in train_ds.examples]
     eval_items = [enc.encode(e) for e in eval_ds.examples]
     head: list[str] = []
@@ -516,23 +602,20 @@ def train(
         loader = torch.utils.data.DataLoader(
             _ListDataset(train_items[: cfg.batch_size * 8]), batch_size=cfg.batch_size, collate_fn=enc.collate
         )
+    sch = resolve_schedule(cfg, len(train_items))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing renames, via PEFT
-        model = build_peft_model(lm.model, cfg, task, head, loader)
-    trainable, total = count_params(model)
-    if trainable == 0:
-        raise HessrankError(f"method '{cfg.method}' left no trainable parameters")
-    eval_batches = [enc.collate(eval_items[i : i + cfg.batch_size]) for i in range(0, len(eval_items), cfg.batch_size)]
-    label_ids = label_token_ids(tok, train_ds) if task == "causal-lm" else None
+        model = build_peft_model(lm.model, cfg, task, head, loader, total_steps=sch.steps)
+    return _Run(cfg, task, device, ds, train_ds, eval_ds, lm, enc, train_items, eval_items, model, probe_info, sch)
 
-    ckpt = out / "checkpoints"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient_checkpointing in v6
-        args = _training_args(TrainingArguments, cfg, ckpt, device, progress)
+
+def _callbacks(run: _Run, ckpt: Path, prior: dict[str, Any], totals_complete: bool, tokens: list[int]) -> list[Any]:
+    """Early stopping, AdaLoRA's rank updates, and the timing record written beside every checkpoint."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    cfg, model = run.cfg, run.model
     callbacks: list[Any] = []
     if cfg.patience:
-        from transformers import EarlyStoppingCallback
-
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
     if cfg.method == "adalora":
 
@@ -541,25 +624,6 @@ def train(
                 model.base_model.update_and_allocate(state.global_step)
 
         callbacks.append(_AdaLoraStep())
-    tokens = [0]
-
-    def count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # counted where the model trains on them: a collate function would also see evaluation batches and the
-        # batch accelerate's loader prefetches, and a resumed run would count the prefetched batch twice
-        mask = kwargs.get("attention_mask")
-        if module.training and mask is not None:
-            tokens[0] += int(mask.sum())
-
-    last = None
-    if resume and ckpt.is_dir():
-        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        last = str(cks[-1]) if cks else None
-    # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run
-    # reports its whole cost (HF's TrainerState keeps no wall time); a checkpoint without that file (killed
-    # between HF's save and ours, or older than it) leaves the totals marked incomplete
-    timing_file = Path(last) / TIMING_FILE if last else None
-    prior = read_json(timing_file) if timing_file is not None and timing_file.exists() else {}
-    totals_complete = last is None or bool(prior)
     clock = {"t0": time.time()}
 
     class _Timing(TrainerCallback):
@@ -578,16 +642,49 @@ def train(
                 )
 
     callbacks.append(_Timing())
+    return callbacks
+
+
+def _fit(run: _Run, out: Path, resume: bool, progress: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """Train with transformers' Trainer, resuming from the last checkpoint; returns (trainer, result, timing)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    ckpt = out / "checkpoints"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient_checkpointing in v6
+        args = _training_args(TrainingArguments, run.cfg, run.schedule, ckpt, run.device, progress)
+    last = None
+    if resume and ckpt.is_dir():
+        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = str(cks[-1]) if cks else None
+    # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run
+    # reports its whole cost (HF's TrainerState keeps no wall time); a checkpoint without that file (killed
+    # between HF's save and ours, or older than it) leaves the totals marked incomplete
+    timing_file = Path(last) / TIMING_FILE if last else None
+    prior = read_json(timing_file) if timing_file is not None and timing_file.exists() else {}
+    totals_complete = last is None or bool(prior)
+    tokens = [0]
+
+    def count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # counted where the model trains on them: a collate function would also see evaluation batches and the
+        # batch accelerate's loader prefetches, and a resumed run would count the prefetched batch twice
+        mask = kwargs.get("attention_mask")
+        if module.training and mask is not None:
+            tokens[0] += int(mask.sum())
+
+    callbacks = _callbacks(run, ckpt, prior, totals_complete, tokens)
     verbosity = hf_logging.get_verbosity()
-    token_hook = model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    token_hook = run.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    t0 = time.time()
     try:
         hf_logging.set_verbosity_error()
         trainer = Trainer(
-            model=model,
+            model=run.model,
             args=args,
-            train_dataset=_ListDataset(train_items),
-            eval_dataset=_ListDataset(eval_items),
-            data_collator=enc.collate,
+            train_dataset=_ListDataset(run.train_items),
+            eval_dataset=_ListDataset(run.eval_items),
+            data_collator=run.enc.collate,
             callbacks=callbacks,
         )
         if not progress:
@@ -600,32 +697,75 @@ def train(
     finally:
         hf_logging.set_verbosity(verbosity)
         token_hook.remove()
-    session_time, session_tokens = time.time() - clock["t0"], tokens[0]
-    train_time = float(prior.get("train_time", 0.0)) + session_time
-    train_tokens = int(prior.get("train_tokens", 0)) + session_tokens
+    session = time.time() - t0
+    timing = {
+        "train_time": float(prior.get("train_time", 0.0)) + session,
+        "train_tokens": int(prior.get("train_tokens", 0)) + tokens[0],
+        "tokens_per_sec": tokens[0] / max(session, 1e-9),
+        "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
+        "totals_complete": totals_complete,
+    }
+    return trainer, result, timing
+
+
+def _save_adapter(run: _Run, out: Path) -> Path:
+    adapter = out / "adapter"
+    adapter.mkdir(exist_ok=True)
+    if hasattr(run.model, "save_pretrained") and run.cfg.method not in ("full", "bitfit"):
+        run.model.save_pretrained(str(adapter))
+    else:
+        from safetensors.torch import save_file
+
+        state = {n: p.detach().cpu().contiguous() for n, p in run.model.named_parameters() if p.requires_grad}
+        save_file(state, str(adapter / "trainable.safetensors"))
+    return adapter
+
+
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume, extend, or return the finished result of) one training run into folder ``out``."""
+    out = Path(out)
+    done = _prepare_run(cfg, out, resume, overwrite)
+    if done is not None:
+        return done
+    started = time.time()
+    run = _build(cfg)
+    trainable, total = count_params(run.model)
+    if trainable == 0:
+        raise HessrankError(f"method '{cfg.method}' left no trainable parameters")
+    trainer, result, timing = _fit(run, out, resume, progress)
     history = trainer.state.log_history
     loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     eval_curve = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
     best_step = None
     if trainer.state.best_model_checkpoint:
         best_step = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
-
+    steps_done = int(trainer.state.global_step)
+    plateaued = plateau_status(eval_curve, steps_done, best_step)
+    if not plateaued:
+        log.warning(
+            "%s: STILL IMPROVING at its last evaluation (step %d, held-out loss %s): the run has not reached a "
+            "plateau; train longer (--steps or --epochs) before trusting this result",
+            out,
+            steps_done,
+            f"{eval_curve[-1]['eval_loss']:.4f}" if eval_curve else "?",
+        )
     t1 = time.time()
-    metrics = evaluate(model, eval_batches, task, label_ids, device)
-    if cfg.gen_eval and task == "causal-lm":
-        metrics.update(generative_exact_match(model, tok, enc, eval_ds, cfg.gen_eval, cfg.gen_max_new_tokens, device))
+    eval_batches = [
+        run.enc.collate(run.eval_items[i : i + cfg.batch_size]) for i in range(0, len(run.eval_items), cfg.batch_size)
+    ]
+    label_ids = label_token_ids(run.lm.tokenizer, run.train_ds) if run.task == "causal-lm" else None
+    metrics = evaluate(run.model, eval_batches, run.task, label_ids, run.device)
+    if cfg.gen_eval and run.task == "causal-lm":
+        metrics.update(
+            generative_exact_match(
+                run.model, run.lm.tokenizer, run.enc, run.eval_ds, cfg.gen_eval, cfg.gen_max_new_tokens, run.device
+            )
+        )
     eval_time = time.time() - t1
-
-    adapter = out / "adapter"
-    adapter.mkdir(exist_ok=True)
-    if hasattr(model, "save_pretrained") and cfg.method not in ("full", "bitfit"):
-        model.save_pretrained(str(adapter))
-    else:
-        from safetensors.torch import save_file
-
-        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(adapter / "trainable.safetensors"))
-    peak, kind = _peak_memory(device)
+    adapter = _save_adapter(run, out)
+    peak, kind = _peak_memory(run.device)
     doc = {
         "schema": SCHEMA,
         "run_info": {
@@ -633,8 +773,9 @@ def train(
             "total_time": time.time() - started,
             "experiment_name": out.name,
             "train_config": cfg.to_dict(),
-            "peft_config": _peft_config_dict(model),
-            "head_probe": probe_info,
+            "schedule": dataclasses.asdict(run.schedule),
+            "peft_config": _peft_config_dict(run.model),
+            "head_probe": run.probe_info,
         },
         "train_info": {
             "status": "success",
@@ -642,14 +783,11 @@ def train(
             "num_total_params": total,
             "peak_memory_bytes": peak,
             "peak_memory_kind": kind,
-            "train_time": train_time,
+            **timing,
             "eval_time": eval_time,
-            "train_tokens": train_tokens,
-            "tokens_per_sec": session_tokens / max(session_time, 1e-9),
-            "resumed_from_step": int(last.rsplit("-", 1)[1]) if last else None,
-            "totals_complete": totals_complete,
-            "steps": int(trainer.state.global_step),
+            "steps": steps_done,
             "best_step": best_step,
+            "plateaued": plateaued,
             "train_loss": float(result.training_loss),
             "loss_curve": loss_curve,
             "eval_curve": eval_curve,
@@ -657,16 +795,16 @@ def train(
             "adapter_size_bytes": _dir_size(adapter),
         },
         "meta_info": {
-            "model": {"name": cfg.model, "task": task, "path": str(lm.path)},
+            "model": {"name": cfg.model, "task": run.task, "path": str(run.lm.path)},
             "dataset": {
-                "source": ds.source,
-                "train_examples": len(train_ds),
-                "eval_examples": len(eval_ds),
-                "label_names": ds.label_names,
+                "source": run.ds.source,
+                "train_examples": len(run.train_ds),
+                "eval_examples": len(run.eval_ds),
+                "label_names": run.ds.label_names,
             },
             "package_info": _versions(),
             "system_info": {
-                "device": str(device),
+                "device": str(run.device),
                 "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
             },

@@ -1,29 +1,33 @@
-"""Validation: run the advice and its neighbours at equal steps, data and seeds, and give a verdict.
+"""Validation: run the advice, its rank ladder and the baselines users would pick, and give a paired verdict.
 
 Runs (each a :func:`hessrank.train.train` folder under ``VAL/runs/``, so a killed validation resumes):
 
-* ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed;
+* ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed (default 3);
 * ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
   same target modules);
-* ``uniform-budget`` — one uniform rank with the advice's trainable-parameter count;
-* ``uniform-all`` — when the advice leaves analysed modules without an adapter: one uniform rank on *every*
-  analysed module at about the advice's parameter count (what a user without hessrank would train);
-* ``format-<f>`` — the advised ranks in other weight formats (16/32-bit, int8, NF4);
-* ``method-<m>`` — other methods (IA³, prefix, prompt, BitFit, full, rsLoRA, DoRA, EVA, AdaLoRA);
-* ``rival-s<seed>`` — the closest rival (the best non-advice rank run) again with the other seeds.
+* ``rival-s<seed>`` — the closest rival (the best rank run at the first seed) again with the other seeds;
+* competitors (``--competitors``, default all): ``folk-8`` / ``folk-16`` (the folk rule: uniform r = 8 and 16 on
+  the advised modules), ``eva`` (PEFT's EVA initialisation and rank redistribution, ``lora-eva``, at the advice's
+  budget), ``adalora`` (AdaLoRA with the advice's final budget), ``uniform-budget`` (one uniform rank at the advice's
+  parameter count) and ``uniform-all`` (when the advice leaves analysed modules out: one uniform rank on *every*
+  analysed module at about the advice's budget);
+* ``format-<f>`` — the advised ranks in other weight formats; ``method-<m>`` — other methods.
 
-Every rung is trained with early stopping on the held-out loss and judged at its best checkpoint, since a short
-ladder measures optimisation speed rather than capacity (``../shared/VALIDATION.md``).
+A planned run that trains exactly what an earlier one trains (same training key) reuses it.
 
-**Knee and verdict.** r* is the smallest ladder rank whose held-out loss is within ``tolerance`` (relative, default
-2%) of the best rank run (ladder, uniform-budget and advice; not uniform-all). A run still improving at its last
-evaluation (best checkpoint at the last step and the last two held-out losses more than 1% apart) makes the verdict
-*inconclusive*; the would-be verdict is kept as provisional. The advice is *right* when its loss (mean over seeds)
-is within tolerance of that best and it costs at most twice the knee's trainable parameters; *too small* when its
-loss is worse than the tolerance allows; *too large* when it is within tolerance but costs more than twice the
-knee. The tolerance band is the larger of ``tolerance``·best and twice the seed-to-seed standard deviation of the
-repeated runs (advice and rival seeds): differences inside the seed noise cannot rank two runs. Loss decides;
-accuracy is reported beside it, and where they disagree the report says so.
+**Recipe.** Every run is trained with early stopping on the held-out loss and judged at its best checkpoint
+(``../shared/VALIDATION.md``: a short ladder measures optimisation speed, not capacity), on a schedule that is
+constant after warm-up, so that a run still improving at its last evaluation can be *extended* exactly: its steps
+are doubled and it resumes from its last checkpoint, up to ``max_extensions`` times.
+
+**Paired verdict.** Seed-to-seed variation (data order, initialisation) is largely shared by runs with the same
+seed, so the advice is compared with its rival *seed by seed*: dₛ = L(rival, s) − L(advice, s), mean d̄ and
+standard error se = sd(d)/√n over n ≥ 3 seeds. The band is max(tolerance·L_best, 2·se). The advice is *too small*
+when d̄ < −band (the rival is better by more than the band); otherwise *right* when it trains at most twice the
+knee's parameters, else *too large*. The knee r* is the smallest ladder rank within the band of the best rung at
+the first seed. A run that is still improving after the extensions makes the verdict *inconclusive* (the would-be
+verdict is kept as provisional). Competitors are single-seed and compared with the advice at the same seed under
+the same band; the table says who wins at which budget. Loss decides; accuracy is reported beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,29 +46,33 @@ import numpy as np
 
 from .errors import HessrankError
 from .io import atomic_write, ensure_new_or_resumable, read_json, write_json
-from .train import TrainConfig, train
+from .train import TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "hessrank.validation/1"
-DEFAULT_METHODS = ("ia3", "prompt", "rslora", "dora")
+COMPETITORS = ("folk", "eva", "adalora", "uniform-budget", "uniform-all")
+FOLK_RANKS = (8, 16)
 
 
 @dataclass(frozen=True)
 class ValidateConfig:
     recommendation: str
     data: str | None = None
-    steps: int = 300
-    lr: float = 5e-4
+    steps: int | None = None  #: None: ``epochs`` passes over the training split
+    epochs: float = 3.0
+    lr: float | None = None  #: None: the method's default (hessrank.train.DEFAULT_LR)
     batch_size: int = 16
-    eval_every: int = 50
-    patience: int | None = None
+    eval_every: int | None = None  #: None: ten evaluations per run
+    patience: int | None = 3
     max_train: int | None = 3000
     max_eval: int | None = 500
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-    formats: tuple[str, ...] = ("none", "llm.int8", "nf4")
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    formats: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    competitors: tuple[str, ...] = COMPETITORS
+    max_extensions: int = 2
     tolerance: float = 0.02
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
@@ -75,6 +84,11 @@ class ValidateConfig:
             raise HessrankError(f"tolerance must be in (0, 1), got {self.tolerance}")
         if any(m <= 0 for m in self.multipliers):
             raise HessrankError("ladder multipliers must be positive")
+        bad = [c for c in self.competitors if c not in COMPETITORS]
+        if bad:
+            raise HessrankError(f"competitor '{bad[0]}' is not one of {', '.join(COMPETITORS)}")
+        if self.max_extensions < 0:
+            raise HessrankError(f"max-extensions must be >= 0, got {self.max_extensions}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -92,12 +106,16 @@ def _rank_label(tc: dict[str, Any]) -> str:
     return f"{span} ({len(targets)} modules)"
 
 
-EXTENDING_FIELDS = frozenset({"seeds", "multipliers", "formats", "methods", "tolerance"})
+EXTENDING_FIELDS = frozenset(
+    {"seeds", "multipliers", "formats", "methods", "competitors", "tolerance", "max_extensions"}
+)
 
 
 def _training_key(tc: TrainConfig) -> str:
-    """What a LoRA run trains, independent of how its ranks are spelled (global rank vs ``rank_pattern``)."""
+    """What a run trains, independent of how LoRA ranks are spelled (global rank vs ``rank_pattern``) and of its
+    length (an extended run is the same run)."""
     d = tc.to_dict()
+    d.pop("steps", None)
     targets = d.get("target_modules")
     if d.get("method") != "lora" or not isinstance(targets, list):
         return json.dumps(d, sort_keys=True, default=str)
@@ -112,12 +130,47 @@ def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
     return max(1, round(params / max(per_rank, 1)))
 
 
+def _resolved_steps(cfg: ValidateConfig, base: TrainConfig) -> int:
+    """The step count every run starts with: ``steps``, or ``epochs`` passes over the training split."""
+    if cfg.steps is not None:
+        return cfg.steps
+    from .data import load_dataset, split_dataset
+
+    ds = load_dataset(base.data, **base.data_options)
+    tr, _ = split_dataset(ds, base.eval_fraction, seed=base.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+    return max(20, math.ceil(cfg.epochs * len(tr) / (cfg.batch_size * base.grad_accum)))
+
+
+def _competitor_runs(
+    cfg: ValidateConfig, plain: TrainConfig, rec: dict[str, Any], advice_params: int, ru: int, ladder: list[int]
+) -> tuple[dict[str, TrainConfig], int | None]:
+    """The baselines users would pick, at stated budgets (see the module docstring)."""
+    runs: dict[str, TrainConfig] = {}
+    mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
+    if "folk" in cfg.competitors:
+        for r in FOLK_RANKS:
+            runs[f"folk-{r}"] = dataclasses.replace(plain, rank=r, alpha=2 * r)
+    if "eva" in cfg.competitors:
+        runs["eva"] = dataclasses.replace(plain, method="lora-eva", rank=ru, alpha=2 * ru)
+    if "adalora" in cfg.competitors:
+        runs["adalora"] = dataclasses.replace(plain, method="adalora", rank=ru, alpha=2 * ru)
+    if "uniform-budget" in cfg.competitors and ru not in ladder:
+        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=2 * ru)
+    ru_all = None
+    if "uniform-all" in cfg.competitors and len(rec["modules"]) > len(mods):
+        ru_all = _uniform_rank_for_params(advice_params, [tuple(d["shape"]) for d in rec["modules"].values()])
+        runs["uniform-all"] = dataclasses.replace(
+            plain, rank=ru_all, alpha=2 * ru_all, target_modules=sorted(rec["modules"])
+        )
+    return runs, ru_all
+
+
 def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, Any]]:
-    """The runs of a validation, by name, and facts about the advice they are built around."""
+    """The runs of a validation (before the rival's seeds), by name, and facts about the advice."""
     rec = read_json(cfg.recommendation, schema="hessrank.recommendation/1")
     common = dict(
-        steps=cfg.steps,
         lr=cfg.lr,
+        lr_scheduler="constant_with_warmup",
         batch_size=cfg.batch_size,
         eval_every=cfg.eval_every,
         patience=cfg.patience,
@@ -126,11 +179,10 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         device=cfg.device,
         **cfg.extra,
     )
-    # every run shares the first seed unless it is a repeat of the advice or of its rival
     base = TrainConfig.from_recommendation(cfg.recommendation, data=cfg.data, seed=cfg.seeds[0], **common)
-    runs: dict[str, TrainConfig] = {}
-    for s in cfg.seeds:
-        runs[f"advice-s{s}"] = dataclasses.replace(base, seed=s)
+    steps = _resolved_steps(cfg, base)
+    base = dataclasses.replace(base, steps=steps, eval_every=cfg.eval_every or max(1, steps // 10))
+    runs: dict[str, TrainConfig] = {f"advice-s{s}": dataclasses.replace(base, seed=s) for s in cfg.seeds}
     r = int(rec["global_rank"])
     mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
     shapes = [tuple(d["shape"]) for d in mods.values()]
@@ -141,15 +193,8 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=2 * rr)
     advice_params = sum(d["rank"] * (d["shape"][0] + d["shape"][1]) for d in mods.values())
     ru = _uniform_rank_for_params(advice_params, shapes)
-    if ru not in ladder:
-        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=2 * ru)
-    # the advice may leave analysed modules without an adapter: test that choice against what a user without
-    # hessrank does, one uniform rank on every analysed module at (about) the advice's parameter count
-    all_mods = rec["modules"]
-    ru_all = None
-    if len(all_mods) > len(mods):
-        ru_all = _uniform_rank_for_params(advice_params, [tuple(d["shape"]) for d in all_mods.values()])
-        runs["uniform-all"] = dataclasses.replace(plain, rank=ru_all, alpha=2 * ru_all, target_modules=sorted(all_mods))
+    comp, ru_all = _competitor_runs(cfg, plain, rec, advice_params, ru, ladder)
+    runs.update(comp)
     for f in cfg.formats:
         if f != base.quantization:
             runs[f"format-{f}"] = dataclasses.replace(base, quantization=f)
@@ -165,6 +210,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     facts = {
         "global_rank": r,
         "ladder": ladder,
+        "steps": steps,
         "uniform_budget_rank": ru,
         "uniform_all_rank": ru_all,
         "advice_params": advice_params,
@@ -186,18 +232,92 @@ def _acc(m: dict[str, Any]) -> float | None:
     return m["train_info"]["metrics"].get("accuracy")
 
 
-def _plateaued(m: dict[str, Any], rel: float = 0.01) -> bool:
-    """The run's best held-out loss came before its last evaluation, or the last two evaluations differ by less
-    than ``rel`` (relative): early stopping found a minimum, or the curve has flattened."""
-    curve = m["train_info"].get("eval_curve") or []
-    steps = m["train_info"]["steps"]
-    best = m["train_info"].get("best_step")
-    if best is not None and best < steps:
-        return True
-    if len(curve) >= 2:
-        a, b = curve[-2]["eval_loss"], curve[-1]["eval_loss"]
-        return abs(a - b) <= rel * max(abs(a), 1e-12)
-    return False
+def _plateaued(m: dict[str, Any]) -> bool:
+    ti = m["train_info"]
+    return plateau_status(ti.get("eval_curve") or [], ti["steps"], ti.get("best_step"))
+
+
+def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], overwrite: bool) -> None:
+    """Refuse a folder holding a validation under another recipe or of another advice."""
+    cfile = out / "validate_config.json"
+    if not cfile.exists() or overwrite:
+        return
+    old = read_json(cfile)
+    old_cfg, new_cfg = dict(old.get("config") or {}), cfg.to_dict()
+    # fields that only add or remove runs (more seeds, another format, ...) extend a validation: the finished
+    # runs stay valid; anything else (steps, lr, data, ...) would compare runs made under different recipes
+    differ = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    recipe = [k for k in differ if k not in EXTENDING_FIELDS]
+    if recipe:
+        raise HessrankError(
+            f"{out}: holds a validation with a different configuration (differs in: {', '.join(recipe)}); "
+            "pass --overwrite or choose another --out"
+        )
+    if differ:
+        log.info("extending the validation in %s (%s changed)", out, ", ".join(differ))
+    # the advice is what its runs train: compare with what the advice runs already made trained (re-running
+    # `recommend` on the same analysis rewrites the file, its time stamp, and must not block a resume)
+    for name, tc in runs.items():
+        made = out / "runs" / name / "train_config.json"
+        if name.startswith("advice-") and made.exists():
+            held = TrainConfig.from_dict(read_json(made)["config"])
+            if _training_key(held) != _training_key(tc):
+                raise HessrankError(
+                    f"{out}: the advice in {cfg.recommendation} changed since this validation started ({name} "
+                    "trained a different configuration); pass --overwrite to validate the new advice"
+                )
+
+
+class _Runner:
+    """Trains planned runs (reusing identical ones) and extends those still improving."""
+
+    def __init__(self, cfg: ValidateConfig, out: Path, progress: bool):
+        self.cfg, self.out, self.progress = cfg, out, progress
+        self.results: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, str] = {}
+        self.configs: dict[str, TrainConfig] = {}
+        self.alias: dict[str, str] = {}  #: run -> the earlier run that trains the same thing
+        self.extended: dict[str, int] = {}
+
+    def _one(self, name: str, tc: TrainConfig) -> None:
+        try:
+            self.results[name] = train(tc, self.out / "runs" / name, resume=True, progress=self.progress)
+            self.configs[name] = tc
+        except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
+            self.errors[name] = str(e)
+            log.warning("run %s skipped: %s", name, e)
+
+    def run_all(self, runs: dict[str, TrainConfig]) -> None:
+        """Train ``runs``; a run that trains what an earlier run trains (and has no folder of its own) reuses it;
+        then extend every run still improving, doubling its steps, up to ``max_extensions`` times."""
+        keys = {k: _training_key(tc) for k, tc in self.configs.items()}
+        for i, (name, tc) in enumerate(runs.items()):
+            key = _training_key(tc)
+            same = next((k for k, v in keys.items() if v == key and k in self.results), None)
+            if same is not None and not (self.out / "runs" / name / "metrics.json").exists():
+                log.info("validation run %d/%d: %s (the same training as %s)", i + 1, len(runs), name, same)
+                self.alias[name] = self.alias.get(same, same)
+            else:
+                log.info("validation run %d/%d: %s", i + 1, len(runs), name)
+                self._one(name, tc)
+            keys[name] = key
+        for _ in range(self.cfg.max_extensions):
+            self._share_aliases()
+            todo = [n for n in runs if n in self.results and n not in self.alias and not _plateaued(self.results[n])]
+            if not todo:
+                break
+            for n in todo:
+                longer = dataclasses.replace(self.configs[n], steps=2 * int(self.configs[n].steps or 0))
+                log.info("extending %s to %d steps (still improving at its last evaluation)", n, longer.steps)
+                self.extended[n] = self.extended.get(n, 0) + 1
+                self._one(n, longer)
+        self._share_aliases()
+
+    def _share_aliases(self) -> None:
+        for name, same in self.alias.items():
+            if same in self.results:
+                self.results[name], self.configs[name] = self.results[same], self.configs[same]
+                self.extended[name] = self.extended.get(same, 0)
 
 
 def validate(
@@ -205,274 +325,231 @@ def validate(
 ) -> dict[str, Any]:
     """Run (or resume) a validation into ``out``; returns the ``validation.json`` document."""
     out = Path(out)
-    cfile = out / "validate_config.json"
     rec_path = Path(cfg.recommendation)
     if not rec_path.is_file():
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     runs, facts = plan_runs(cfg)
-    if cfile.exists() and not overwrite:
-        old = read_json(cfile)
-        old_cfg, new_cfg = dict(old.get("config") or {}), cfg.to_dict()
-        # fields that only add or remove runs (more seeds, another format, ...) extend a validation: the finished
-        # runs stay valid; anything else (steps, lr, data, ...) would compare runs made under different recipes
-        differ = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-        recipe = [k for k in differ if k not in EXTENDING_FIELDS]
-        if recipe:
-            raise HessrankError(
-                f"{out}: holds a validation with a different configuration (differs in: {', '.join(recipe)}); "
-                "pass --overwrite or choose another --out"
-            )
-        if differ:
-            log.info("extending the validation in %s (%s changed)", out, ", ".join(differ))
-        # the advice is what its runs train: compare with what the advice runs already made trained (re-running
-        # `recommend` on the same analysis rewrites the file, its time stamp, and must not block a resume)
-        for name, tc in runs.items():
-            made = out / "runs" / name / "train_config.json"
-            if name.startswith("advice-") and made.exists() and read_json(made).get("config") != tc.to_dict():
-                raise HessrankError(
-                    f"{out}: the advice in {rec_path} changed since this validation started ({name} trained a "
-                    "different configuration); pass --overwrite to validate the new advice"
-                )
+    _check_folder(cfg, out, runs, overwrite)
     ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
     write_json(
-        cfile,
-        {
-            "schema": "hessrank.validate_config/1",
-            "config": cfg.to_dict(),
-            "recommendation_sha256": rec_hash,
-        },
+        out / "validate_config.json",
+        {"schema": "hessrank.validate_config/2", "config": cfg.to_dict(), "recommendation_sha256": rec_hash},
     )
     started = time.time()
-    results: dict[str, dict[str, Any]] = {}
-    errors: dict[str, str] = {}
-
-    def run(name: str, tc: TrainConfig) -> None:
-        try:
-            results[name] = train(tc, out / "runs" / name, resume=True, overwrite=overwrite, progress=progress)
-        except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
-            errors[name] = str(e)
-            log.warning("run %s skipped: %s", name, e)
-
-    names = list(runs)
-    # a rung that trains exactly what the advice trains (same modules, ranks, alphas, everything else) reuses the
-    # advice's first-seed run instead of repeating it (a finished folder of its own is still used)
+    runner = _Runner(cfg, out, progress)
+    runner.run_all(runs)
     first = f"advice-s{cfg.seeds[0]}"
-    alias = {
-        n: first
-        for n in names
-        if n.startswith(("rank-", "uniform-budget"))
-        and _training_key(runs[n]) == _training_key(runs[first])
-        and not (out / "runs" / n / "metrics.json").exists()
-    }
-    for i, name in enumerate(names):
-        if name in alias:
-            log.info("validation run %d/%d: %s (the same training as %s)", i + 1, len(names), name, alias[name])
-            continue
-        log.info("validation run %d/%d: %s", i + 1, len(names), name)
-        run(name, runs[name])
-    for name, same in alias.items():
-        if same in results:
-            results[name] = results[same]
-    # the closest rival gets the other seeds too
-    # (among runs on the advised modules: uniform-all answers a different question, see module_selection; a rung
-    # identical to the advice is the advice, not a rival)
-    rival = closest_rival(results, {k: _training_key(runs[k]) for k in results if k in runs}, first)
+    # the closest rival gets the other seeds too (a rung identical to the advice is the advice, not a rival)
+    rival = closest_rival(runner.results, {k: _training_key(v) for k, v in runner.configs.items()}, first)
     if rival is not None:
-        for s in cfg.seeds[1:]:
-            run(f"rival-s{s}", dataclasses.replace(runs[rival], seed=s))
-    doc = summarise(cfg, facts, results, errors, rival, started)
+        base = runner.configs[rival]
+        runner.run_all({f"rival-s{s}": dataclasses.replace(base, seed=s) for s in cfg.seeds[1:]})
+    doc = summarise(cfg, facts, runner, rival, started)
     write_json(out / "validation.json", doc)
     atomic_write(out / "validation.md", lambda f: f.write(table_markdown(doc)))
     return doc
 
 
 def closest_rival(results: dict[str, dict[str, Any]], keys: dict[str, Any], advice: str) -> str | None:
-    """The rank run (ladder rung or uniform-budget) with the lowest held-out loss that does not train what the
-    advice trains (``keys``: each run's :func:`_training_key`; an aliased rung shares the advice's key)."""
+    """The ladder rung with the lowest held-out loss that does not train what the advice trains (``keys``: each
+    run's :func:`_training_key`; an aliased rung shares the advice's key)."""
     cands = [
-        k
-        for k in results
-        if k.startswith(("rank-", "uniform-budget")) and keys.get(k) is not None and keys.get(k) != keys.get(advice)
+        k for k in results if k.startswith("rank-") and keys.get(k) is not None and keys.get(k) != keys.get(advice)
     ]
     return min(cands, key=lambda k: _loss(results[k])) if cands else None
 
 
-def summarise(
-    cfg: ValidateConfig,
-    facts: dict[str, Any],
-    results: dict[str, dict[str, Any]],
-    errors: dict[str, str],
-    rival: str | None,
-    started: float,
-) -> dict[str, Any]:
-    rows = []
-    for name, m in results.items():
-        ti = m["train_info"]
-        rows.append(
-            {
-                "run": name,
-                "method": m["run_info"]["train_config"]["method"],
-                "quantization": m["run_info"]["train_config"]["quantization"],
-                "rank": m["run_info"]["train_config"]["rank"],
-                "ranks": _rank_label(m["run_info"]["train_config"]),
-                "seed": m["run_info"]["train_config"]["seed"],
-                "eval_loss": _loss(m),
-                "accuracy": _acc(m),
-                "perplexity": ti["metrics"].get("perplexity"),
-                "trainable_params": ti["num_trainable_params"],
-                "best_step": ti["best_step"],
-                "train_time": ti["train_time"],
-                "peak_memory_bytes": ti["peak_memory_bytes"],
-            }
-        )
-    advice = [results[k] for k in results if k.startswith("advice-")]
-    if not advice:
-        raise HessrankError("no advice run finished; see the errors in the run folders")
-    adv_losses = [_loss(m) for m in advice]
-    adv_loss = float(np.mean(adv_losses))
-    adv_params = advice[0]["train_info"]["num_trainable_params"]
-    ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
-    pool = {
-        **{f"rank-{r}": m for r, m in ladder.items()},
-        # uniform-all trains more modules than the ladder: it judges the module selection, not the rank, and
-        # stays out of the best loss, the knee and the verdict (reported as module_selection)
-        **({"uniform-budget": results["uniform-budget"]} if "uniform-budget" in results else {}),
+# ----------------------------------------------------------------------------------------------------------
+# the verdict
+# ----------------------------------------------------------------------------------------------------------
+
+
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """dₛ = a[s] − b[s] over the seeds both have: per seed, mean, sd, standard error (None below 2 seeds)."""
+    seeds = sorted(s for s in a if s in b)
+    d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+    n = len(seeds)
+    sd = float(d.std(ddof=1)) if n > 1 else None
+    ref = float(np.mean([b[s] for s in seeds])) if n else None
+    return {
+        "minus_advice": {str(s): float(x) for s, x in zip(seeds, d)},
+        "n": n,
+        "mean": float(d.mean()) if n else None,
+        "sd": sd,
+        "se": sd / math.sqrt(n) if sd is not None else None,
+        "relative": float(d.mean()) / ref if n and ref else None,
     }
-    best_loss = min([_loss(m) for m in pool.values()] + [adv_loss]) if pool else adv_loss
-    tol = cfg.tolerance
-    # differences smaller than the seed-to-seed spread cannot rank two runs: the band is the larger of the
-    # relative tolerance and two standard deviations of the repeated runs (advice seeds, rival seeds)
-    rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
-    rival_losses = [_loss(m) for m in rival_runs]
-    spreads = [float(np.std(x, ddof=1)) for x in (adv_losses, rival_losses) if len(x) > 1]
-    noise = max(spreads) if spreads else 0.0
-    band = max(tol * best_loss, 2 * noise)
-    within = lambda loss: loss <= best_loss + band + 1e-12
-    knee = min((r for r, m in ladder.items() if within(_loss(m))), default=None)
+
+
+def _by_seed(runs: list[dict[str, Any]]) -> dict[int, float]:
+    return {_seed(m): _loss(m) for m in runs}
+
+
+def _verdict(
+    cfg: ValidateConfig, adv: dict[int, float], adv_params: int, ladder: dict[int, dict[str, Any]], paired: dict
+) -> dict[str, Any]:
+    """Band, knee and verdict from the paired differences (see the module docstring)."""
+    s0 = cfg.seeds[0]
+    adv_mean = float(np.mean(list(adv.values())))
+    scale = min(adv_mean, adv_mean + paired["mean"]) if paired.get("mean") is not None else adv_mean
+    se = paired.get("se")
+    band = max(cfg.tolerance * scale, 2 * se) if se is not None else cfg.tolerance * scale
+    best0 = min([_loss(m) for m in ladder.values()] + ([adv[s0]] if s0 in adv else []))
+    knee = min((r for r, m in ladder.items() if _loss(m) <= best0 + band + 1e-12), default=None)
     knee_params = ladder[knee]["train_info"]["num_trainable_params"] if knee is not None else None
-    if not within(adv_loss):
+    mean = paired.get("mean")
+    basis = f"paired over {paired['n']} seeds" if paired.get("n", 0) >= 2 else "one seed: no paired spread"
+    if mean is not None and mean < -band:
         verdict = "too small"
         why = (
-            f"the advice's held-out loss {adv_loss:.4f} is {adv_loss / best_loss - 1:+.1%} from the best rank run "
-            f"({best_loss:.4f}), beyond the band of {band:.4f} (max of {tol:.0%} and 2x the seed spread {noise:.4f})"
+            f"the best rung beats the advice by {-mean:.4f} on average seed by seed ({basis}), beyond the band "
+            f"{band:.4f} (max of {cfg.tolerance:.0%} and 2x the paired standard error {se or 0:.4f})"
         )
     elif knee_params is not None and adv_params > 2 * knee_params:
         verdict = "too large"
         why = (
-            f"the advice is within the band ({band:.4f}) of the best loss but trains {adv_params:,} parameters, "
-            f"more than "
-            f"twice the knee's {knee_params:,} (rank {knee})"
+            f"the advice is within the band ({band:.4f}, {basis}) of the best rung but trains {adv_params:,} "
+            f"parameters, more than twice the knee's {knee_params:,} (rank {knee})"
         )
     else:
         verdict = "right"
         why = (
-            f"the advice's loss {adv_loss:.4f} is within {band:.4f} of the best rank run ({best_loss:.4f}; "
-            f"band = max of "
-            f"{tol:.0%} and 2x the seed spread {noise:.4f}) with "
-            f"{adv_params:,} trainable parameters" + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
+            f"the advice is within {band:.4f} of the best rung ({basis}; rival minus advice "
+            f"{0.0 if mean is None else mean:+.4f}) with {adv_params:,} trainable parameters"
+            + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
         )
-    # a rung still improving at its last evaluation measured how fast it learns, not what it can reach
-    unsettled = [
-        k for k, m in {**pool, **{f"advice-{i}": m for i, m in enumerate(advice)}}.items() if not _plateaued(m)
-    ]
-    provisional = None
-    if unsettled:
-        provisional = verdict
-        verdict = "inconclusive"
-        why = (
-            f"{len(unsettled)} run(s) were still improving at their last evaluation ({', '.join(sorted(unsettled))}); "
-            f"train longer (more --steps) before judging rank. Provisional: {provisional} — {why}"
-        )
-    # paired by seed: seed-to-seed variation shared by two runs (data order, initialisation) cancels in their
-    # difference, which the unpaired band above does not use; reported beside the verdict, not deciding it
-    adv_by_seed = {_seed(m): _loss(m) for m in advice}
-    others: dict[str, dict[int, float]] = {}
-    if rival:
-        others[rival] = {_seed(m): _loss(m) for m in rival_runs}
-    if "uniform-all" in results:
-        others["uniform-all"] = {_seed(results["uniform-all"]): _loss(results["uniform-all"])}
-    paired = {}
-    for name, by_seed in others.items():
-        diffs = {s: by_seed[s] - adv_by_seed[s] for s in sorted(by_seed) if s in adv_by_seed}
-        if diffs:
-            mean = float(np.mean(list(diffs.values())))
-            ref = float(np.mean([adv_by_seed[s] for s in diffs]))
-            paired[name] = {
-                "minus_advice": {str(s): d for s, d in diffs.items()},
-                "mean": mean,
-                "relative": mean / ref if ref else None,
+    return {"verdict": verdict, "why": why, "band": band, "knee": knee, "knee_params": knee_params}
+
+
+def _competitor_table(
+    results: dict[str, dict[str, Any]], adv: dict[int, float], adv_params: int, band: float, s0: int
+) -> list[dict[str, Any]]:
+    """Every single-seed rival of the advice at the first seed, by budget: who wins (by more than the band)."""
+    rows = []
+    for name, m in results.items():
+        if name.startswith(("advice-", "rival-", "format-")) or _seed(m) != s0 or s0 not in adv:
+            continue
+        d = _loss(m) - adv[s0]
+        params = int(m["train_info"]["num_trainable_params"])
+        winner = "advice" if d > band else (name if d < -band else "tie")
+        rows.append(
+            {
+                "run": name,
+                "method": m["run_info"]["train_config"]["method"],
+                "ranks": _rank_label(m["run_info"]["train_config"]),
+                "trainable_params": params,
+                "eval_loss": _loss(m),
+                "minus_advice": d,
+                "winner": winner,
+                "advice_ties_or_beats_at_fewer_params": bool(adv_params <= params and d >= -band),
             }
-    acc_note = None
-    accs = {k: _acc(m) for k, m in pool.items() if _acc(m) is not None}
-    if accs and _acc(advice[0]) is not None:
-        best_acc_run = max(accs, key=lambda k: accs[k])
-        best_loss_run = min(pool, key=lambda k: _loss(pool[k]))
-        if best_acc_run != best_loss_run:
-            acc_note = (
-                f"loss and accuracy disagree: best loss {best_loss_run}, best accuracy {best_acc_run} "
-                f"({accs[best_acc_run]:.3f}); the verdict uses loss"
-            )
-    # quantization after training: measured (format-f minus format none) vs predicted from the analysis
-    quant_cmp = {}
+        )
+    return sorted(rows, key=lambda r: (r["trainable_params"], r["run"]))
+
+
+def _quant_after_training(cfg: ValidateConfig, facts: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict:
+    """Quantization after training: a format's run minus the 16/32-bit run, beside what the analysis measured."""
     rec = facts["rec"]
-    none_run = results.get("format-none") if facts["format"] != "none" else advice[0]
-    quantized = {k: m for k, m in results.items() if k.startswith("format-") or k == f"advice-s{cfg.seeds[0]}"}
-    if none_run is not None:
-        for m in quantized.values():
-            f = m["run_info"]["train_config"]["quantization"]
-            if f == "none":
-                continue
-            cand = rec["quantization"]["candidates"].get(f, {})
-            quant_cmp[f] = {
-                "measured_after_training": _loss(m) - _loss(none_run),
-                "predicted_before_training": cand.get("predicted_targets"),
-                "measured_before_training": cand.get("measured_whole"),
-            }
-    ladder_time = sum(results[k]["train_info"]["train_time"] for k in results if k.startswith("rank-"))
-    selection = None
-    if "uniform-all" in results:
-        ua = results["uniform-all"]
-        selection = {
-            "adapted_modules": sum(1 for d in rec["modules"].values() if d["rank"] > 0),
-            "analysed_modules": len(rec["modules"]),
-            "uniform_all_rank": facts["uniform_all_rank"],
-            "uniform_all_params": ua["train_info"]["num_trainable_params"],
-            "uniform_all_loss": _loss(ua),
-            "advice_loss": adv_loss,
-            "advice_params": adv_params,
-            "advice_within_band": bool(adv_loss <= _loss(ua) + band + 1e-12),
-            "uniform_all_plateaued": _plateaued(ua),
+    first = results.get(f"advice-s{cfg.seeds[0]}")
+    none_run = results.get("format-none") if facts["format"] != "none" else first
+    out = {}
+    if none_run is None:
+        return out
+    for k, m in results.items():
+        f = m["run_info"]["train_config"]["quantization"]
+        if f == "none" or not (k.startswith("format-") or k == f"advice-s{cfg.seeds[0]}"):
+            continue
+        cand = rec["quantization"]["candidates"].get(f, {})
+        out[f] = {
+            "measured_after_training": _loss(m) - _loss(none_run),
+            "predicted_before_training": cand.get("predicted_targets"),
+            "measured_before_training": cand.get("measured_whole"),
         }
-        if not selection["advice_within_band"]:
-            why += (
-                f"; module selection: one rank-{facts['uniform_all_rank']} adapter on every one of the "
-                f"{len(rec['modules'])} analysed modules reached {_loss(ua):.4f}, better than the advice by more "
-                f"than the band — leaving modules without an adapter cost quality"
-            )
-    an_cost = rec["analysis"]["config"]
+    return out
+
+
+def _rows(runner: _Runner) -> list[dict[str, Any]]:
+    rows = []
+    for name, m in runner.results.items():
+        ti, tc = m["train_info"], m["run_info"]["train_config"]
+        rows.append(
+            {
+                "run": name,
+                "method": tc["method"],
+                "quantization": tc["quantization"],
+                "rank": tc["rank"],
+                "ranks": _rank_label(tc),
+                "seed": tc["seed"],
+                "eval_loss": _loss(m),
+                "accuracy": _acc(m),
+                "perplexity": ti["metrics"].get("perplexity"),
+                "trainable_params": ti["num_trainable_params"],
+                "steps": ti["steps"],
+                "best_step": ti["best_step"],
+                "plateaued": _plateaued(m),
+                "extended": runner.extended.get(name, 0),
+                "train_time": ti["train_time"],
+                "peak_memory_bytes": ti["peak_memory_bytes"],
+            }
+        )
+    return rows
+
+
+def summarise(
+    cfg: ValidateConfig, facts: dict[str, Any], runner: _Runner, rival: str | None, started: float
+) -> dict[str, Any]:
+    results = runner.results
+    advice = [results[k] for k in results if k.startswith("advice-")]
+    if not advice:
+        raise HessrankError("no advice run finished; see the errors in the run folders")
+    adv = _by_seed(advice)
+    adv_params = int(advice[0]["train_info"]["num_trainable_params"])
+    ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
+    rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
+    paired = paired_differences(_by_seed(rival_runs), adv) if rival else {"n": 0, "mean": None, "se": None}
+    v = _verdict(cfg, adv, adv_params, ladder, paired)
+    judged = {f"rank-{r}": m for r, m in ladder.items()} | {f"advice-s{_seed(m)}": m for m in advice}
+    judged |= {f"rival-s{_seed(m)}": m for m in rival_runs}
+    unsettled = sorted(k for k, m in judged.items() if not _plateaued(m))
+    verdict, provisional, why = v["verdict"], None, v["why"]
+    if unsettled:
+        provisional, verdict = verdict, "inconclusive"
+        why = (
+            f"{len(unsettled)} run(s) were still improving after {cfg.max_extensions} extension(s) "
+            f"({', '.join(unsettled)}); train longer before judging rank. Provisional: {provisional} — {why}"
+        )
+    s0 = cfg.seeds[0]
+    table = _competitor_table(results, adv, adv_params, v["band"], s0)
+    ladder_params = sorted(int(m["train_info"]["num_trainable_params"]) for m in ladder.values())
+    rec = facts["rec"]
     an_seconds = rec["analysis"].get("seconds_units")
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
         "recipe": {
-            "steps": cfg.steps,
-            "lr": cfg.lr,
+            "steps": facts["steps"],
+            "lr": runner.results[f"advice-s{s0}"]["run_info"].get("schedule", {}).get("lr", cfg.lr)
+            if f"advice-s{s0}" in results
+            else cfg.lr,
+            "lr_scheduler": "constant_with_warmup",
             "batch_size": cfg.batch_size,
             "alpha": "2r",
-            "scaling": "alpha/r (rsLoRA only in method-rslora)",
-            "early_stopping": "best held-out loss",
-            "eval_every": cfg.eval_every,
+            "early_stopping": f"best held-out loss, patience {cfg.patience} evaluations",
+            "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times",
             "seeds": list(cfg.seeds),
         },
         "advice": {
             "global_rank": facts["global_rank"],
             "trainable_params": adv_params,
             "format": facts["format"],
-            "eval_loss_mean": adv_loss,
-            "eval_loss_std": float(np.std(adv_losses, ddof=1)) if len(adv_losses) > 1 else None,
+            "eval_loss_mean": float(np.mean(list(adv.values()))),
+            "eval_loss_std": float(np.std(list(adv.values()), ddof=1)) if len(adv) > 1 else None,
             "accuracy": [_acc(m) for m in advice],
+            "at_most_median_ladder_params": bool(adv_params <= float(np.median(ladder_params)))
+            if ladder_params
+            else None,
         },
         "ladder": {
             str(r): {
@@ -482,90 +559,112 @@ def summarise(
             }
             for r, m in sorted(ladder.items())
         },
-        "best_rank_run_loss": best_loss,
-        "module_selection": selection,
-        "knee_rank": knee,
-        "knee_params": knee_params,
+        "best_rank_run_loss": min((_loss(m) for m in ladder.values()), default=None),
+        "knee_rank": v["knee"],
+        "knee_params": v["knee_params"],
         "verdict": verdict,
         "provisional_verdict": provisional,
-        "unsettled_runs": sorted(unsettled),
+        "unsettled_runs": unsettled,
         "why": why,
-        "accuracy_note": acc_note,
         "rival": rival,
-        "rival_losses": rival_losses,
         "paired": paired,
-        "seed_spread": noise,
-        "band": band,
-        "quantization_after_training": quant_cmp,
+        "band": v["band"],
+        "competitors": table,
+        "accuracy_note": _accuracy_note(ladder, advice),
+        "quantization_after_training": _quant_after_training(cfg, facts, results),
         "cost": {
             "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
-            "ladder_train_time": ladder_time,
+            "ladder_train_time": sum(m["train_info"]["train_time"] for m in ladder.values()),
             "analysis_seconds": an_seconds,
-            "analysis_settings": {k: an_cost.get(k) for k in ("top_k", "batch_size", "num_batches")},
+            "analysis_settings": {k: rec["analysis"]["config"].get(k) for k in ("top_k", "batch_size", "num_batches")},
         },
-        "runs": rows,
-        "errors": errors,
+        "runs": _rows(runner),
+        "errors": runner.errors,
         "seconds": time.time() - started,
     }
     return doc
 
 
+def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any]]) -> str | None:
+    accs = {f"rank-{r}": _acc(m) for r, m in ladder.items() if _acc(m) is not None}
+    if not accs or _acc(advice[0]) is None:
+        return None
+    best_acc = max(accs, key=lambda k: accs[k])
+    best_loss = f"rank-{min(ladder, key=lambda r: _loss(ladder[r]))}"
+    if best_acc == best_loss:
+        return None
+    return (
+        f"loss and accuracy disagree: best loss {best_loss}, best accuracy {best_acc} ({accs[best_acc]:.3f}); "
+        "the verdict uses loss"
+    )
+
+
 def table_markdown(doc: dict[str, Any]) -> str:
-    """The validation as a Markdown table plus the verdict."""
+    """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
+    rc = doc["recipe"]
     lines = [
         "# hessrank validation",
         "",
-        f"Recipe: {doc['recipe']['steps']} steps, lr {doc['recipe']['lr']}, batch {doc['recipe']['batch_size']}, "
-        f"alpha = {doc['recipe']['alpha']}, early stopping on the held-out loss (eval every "
-        f"{doc['recipe']['eval_every']} steps), seeds {doc['recipe']['seeds']}.",
+        f"Recipe: {rc['steps']} steps (doubled for a run still improving, at most "
+        f"{doc['config']['max_extensions']} times), lr {rc['lr']} ({rc['lr_scheduler']}), batch {rc['batch_size']}, "
+        f"alpha = {rc['alpha']}, early stopping on the held-out loss, seeds {rc['seeds']}.",
         "",
-        "| run | method | format | rank | seed | held-out loss | accuracy | trainable params | best step | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | method | format | rank | seed | held-out loss | accuracy | trainable params | steps | best step | "
+        "plateau | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in sorted(doc["runs"], key=lambda r: r["run"]):
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
-            f"| {r['run']} | {r['method']} | {r['quantization']} | {r.get('ranks', r['rank'])} | {r['seed']} | "
-            f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['best_step']} | "
-            f"{r['train_time']:.0f} |"
+            f"| {r['run']} | {r['method']} | {r['quantization']} | {r['ranks']} | {r['seed']} | "
+            f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['steps']} | {r['best_step']} | "
+            f"{'yes' if r['plateaued'] else 'no'} | {r['train_time']:.0f} |"
         )
-    lines += [
-        "",
-        f"**Verdict: {doc['verdict']}** — {doc['why']}.",
-        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['band']:.4f} of the best rank-run "
-        f"loss {doc['best_rank_run_loss']:.4f}; band = max of {doc['config']['tolerance']:.0%} and twice the seed "
-        f"spread {doc['seed_spread']:.4f}).",
-    ]
+    lines += ["", f"**Verdict: {doc['verdict']}** — {doc['why']}."]
+    p = doc.get("paired") or {}
+    if p.get("n"):
+        per = ", ".join(f"{d:+.4f} (seed {s})" for s, d in p["minus_advice"].items())
+        rel = "" if p["relative"] is None else f", {p['relative']:+.1%} of the advice's loss"
+        lines.append(f"Paired by seed, {doc['rival']} minus advice: {per}; mean {p['mean']:+.4f}{rel}.")
+    lines.append(
+        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['band']:.4f} of the best rung at "
+        "the first seed)."
+    )
     if doc.get("accuracy_note"):
         lines.append(doc["accuracy_note"] + ".")
+    if doc["competitors"]:
+        lines += [
+            "",
+            "Who wins at which budget (first seed, band as above; negative: better than the advice):",
+            "",
+            "| run | method | rank | trainable params | held-out loss | minus advice | winner |",
+            "|---|---|---|---:|---:|---:|---|",
+        ]
+        a = doc["advice"]
+        lines.append(
+            f"| advice | lora | - | {a['trainable_params']:,} | "
+            f"{next(r['eval_loss'] for r in doc['runs'] if r['run'] == 'advice-s' + str(rc['seeds'][0])):.4f} | - | - |"
+        )
+        for r in doc["competitors"]:
+            lines.append(
+                f"| {r['run']} | {r['method']} | {r['ranks']} | {r['trainable_params']:,} | {r['eval_loss']:.4f} | "
+                f"{r['minus_advice']:+.4f} | {r['winner']} |"
+            )
+        lines.append("")
     for f, q in doc["quantization_after_training"].items():
         mb = q["measured_before_training"]
         lines.append(
             f"Quantization {f}: held-out loss change after training {q['measured_after_training']:+.4f}; "
             f"before training measured {mb if mb is None else f'{mb:+.4f}'}."
         )
-    sel = doc.get("module_selection")
-    if sel:
-        lines.append(
-            f"Module selection: the advice adapts {sel['adapted_modules']} of {sel['analysed_modules']} analysed "
-            f"modules ({sel['advice_params']:,} trainable, loss {sel['advice_loss']:.4f}); rank "
-            f"{sel['uniform_all_rank']} on all of them ({sel['uniform_all_params']:,} trainable) reached "
-            f"{sel['uniform_all_loss']:.4f} — the advice is "
-            + ("within" if sel["advice_within_band"] else "outside")
-            + f" the band ({doc['band']:.4f}) of it."
-        )
-    for name, p in (doc.get("paired") or {}).items():
-        per = ", ".join(f"{d:+.4f} (seed {s})" for s, d in p["minus_advice"].items())
-        rel = "" if p["relative"] is None else f", {p['relative']:+.1%} of the advice's loss"
-        lines.append(f"Paired by seed, {name} minus advice: {per}; mean {p['mean']:+.4f}{rel}.")
     c = doc["cost"]
     an_s = c.get("analysis_seconds")
-    advice_cost = c["advice_train_time"] + (an_s or 0.0)
+    lt = c["ladder_train_time"]
     lines.append(
-        f"Cost: the advice {advice_cost:.0f} s ("
-        + (f"analysis {an_s:.0f} s + " if an_s is not None else "analysis time not recorded; ")
-        + f"one training run {c['advice_train_time']:.0f} s) vs the rank ladder {c['ladder_train_time']:.0f} s"
-        + (f" ({advice_cost / c['ladder_train_time']:.2f}x)." if c["ladder_train_time"] > 0 else ".")
+        f"Cost: analysis {an_s:.0f} s = {an_s / lt:.1%} of the rank ladder's training ({lt:.0f} s); one advice run "
+        f"{c['advice_train_time']:.0f} s."
+        if an_s is not None and lt > 0
+        else f"Cost: rank ladder {lt:.0f} s of training; analysis time not recorded."
     )
     if doc["errors"]:
         lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["errors"].items()))

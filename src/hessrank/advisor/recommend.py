@@ -1,18 +1,34 @@
 """From ``analysis.json`` to ``recommendation.json`` and the configs other tools accept.
 
-Reads only the analysis document (no model), so it is cheap and testable on synthetic spectra. The rank of each
-module is ``max(spectral, Newton-curve)`` (the Newton curve rank is the alignment-aware estimate; the spectral
-rank a parameter-counting floor), snapped to the grid; modules whose predicted gain and curvature are both below
-1% of the total get no adapter. Under a parameter or memory budget, ranks come from water-filling instead
-(:mod:`hessrank.advisor.rank`). The bit width follows :mod:`hessrank.advisor.quant`; the memory forecast
-:mod:`hessrank.advisor.memory`. Every choice is explained in plain language with its numbers.
+Reads only the analysis document (no model), so it is cheap and testable on synthetic spectra. Steps, each a
+function below: per-module estimates (:func:`kfac_estimates`, :func:`newton_estimates`), module selection
+(:func:`select_modules`), the rank allocation of the chosen estimator (:func:`allocate_ranks`), the bit width
+(:mod:`hessrank.advisor.quant`), compensation of the quantization cost, the memory forecast
+(:mod:`hessrank.advisor.memory`) and the document with its plain-language explanation.
+
+**Estimators** (``--estimator``; every one is computed and reported under ``estimators``, one sets the ranks):
+
+* ``kfac`` (default) — the whole-module K-FAC curves of :mod:`hessrank.kfac`: per module the cross-fitted
+  predicted decrease ΔL_m(r) = ½Σ_{l≤r} e_l of the best rank-r update, divided by the scale c fitted on the
+  scope's top-k Lanczos pairs (loss units). Chosen by measurement (``reports/validation.md``): the top-k
+  estimator's advice fell short of the best ladder rank in all four cases it was validated on.
+* ``newton-topk`` — the damped Newton step restricted to the top-k eigen-subspace (the previous default), with the
+  joint allocation of :func:`hessrank.advisor.rank.allocate` and a spectral (parameter-counting) floor.
+
+**Allocation.** The cheapest allocation, by predicted decrease per trainable parameter on each module's concave
+curve, whose decrease reaches ``share`` (default 90%) of Σ_m max_r ΔL_m(r); every kept module starts at rank 1.
+Under ``--param-budget`` / ``--memory-budget`` the budget is water-filled on the same curves. **Module selection**
+(``--min-gain-fraction f``, default 0: every analysed module keeps at least rank 1): a module is left without an
+adapter only when its predicted gain is below f × the best module's gain *and* that holds in both held-out halves
+of the K-FAC batches (:attr:`hessrank.kfac.RankCurve.gain_halves`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +37,7 @@ import numpy as np
 from .. import __version__
 from ..analysis import load_analysis
 from ..errors import HessrankError
-from ..io import write_json
+from ..io import atomic_write, write_json
 from ..quantization import FORMAT_INFO
 from . import quant as Q
 from .export import write_configs
@@ -32,18 +48,20 @@ from .rank import (
     ScopeModel,
     allocate,
     curve_rank,
+    gain_at,
     lora_params,
     module_curves_from_analysis,
     predicted_decrease,
-    share_allocation,
+    separable_allocation,
     snap_to_grid,
     spectral_rank,
-    water_fill,
+    uniform_curve,
 )
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "hessrank.recommendation/1"
+ESTIMATORS = ("kfac", "newton-topk")
 
 
 @dataclass(frozen=True)
@@ -53,8 +71,10 @@ class RecommendSettings:
     tolerance: float = Q.DEFAULT_TOLERANCE  #: allowed quantization loss increase, share of the held-out loss
     param_budget: int | None = None
     memory_budget: int | None = None
-    z: str = "0.01"  #: damping of the Newton step, relative to λ_max
-    share: float = 0.9  #: share of the predicted decrease a rank must reach (curve knee)
+    z: str = "0.01"  #: damping relative to the largest curvature (Newton step: λ_max; K-FAC: max λ(A⊗G))
+    share: float = 0.9  #: share of the predicted decrease the allocation must reach
+    estimator: str = "kfac"  #: which estimator sets the ranks (all are reported)
+    min_gain_fraction: float = 0.0  #: module selection threshold (0: every analysed module is adapted)
     batch_size: int | None = None  #: training batch for the memory forecast (default: the analysis batch)
     seq_len: int | None = None  #: training sequence length (default: the analysis max length)
     compute_dtype: str = "float32"
@@ -70,6 +90,51 @@ class RecommendSettings:
             raise HessrankError("give either --param-budget or --memory-budget, not both")
         if not 0 < self.share <= 1:
             raise HessrankError(f"share must be in (0, 1], got {self.share}")
+        if self.estimator not in ESTIMATORS:
+            raise HessrankError(f"estimator '{self.estimator}' is not one of {', '.join(ESTIMATORS)}")
+        if not 0 <= self.min_gain_fraction < 1:
+            raise HessrankError(f"min-gain-fraction must be in [0, 1), got {self.min_gain_fraction}")
+
+
+@dataclass
+class ModuleAdvice:
+    """One module's advice and the evidence behind it (one entry of ``recommendation.json`` ``modules``)."""
+
+    shape: tuple[int, int]
+    source_scope: str
+    estimators: dict[str, Any] = field(default_factory=dict)
+    predicted: dict[str, Any] | None = None  #: the K-FAC curve in loss units (None without K-FAC data)
+    predicted_decrease_full_rank: float = 0.0  #: the chosen estimator's largest predicted decrease
+    curvature_share: float | None = None
+    gain_share: float = 0.0
+    selected: bool = True
+    rank: int = 0
+    rank_rule: str = ""
+    alpha: int = 0
+    reasons: list[str] = field(default_factory=list)
+    compensation: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "shape": list(self.shape),
+            "source_scope": self.source_scope,
+            "estimators": self.estimators,
+            "predicted_decrease": self.predicted,
+            "predicted_decrease_full_rank": self.predicted_decrease_full_rank,
+            "curvature_share": self.curvature_share,
+            "gain_share": self.gain_share,
+            "selected": self.selected,
+            "rank": self.rank,
+            "rank_rule": self.rank_rule,
+            "alpha": self.alpha,
+            "reasons": self.reasons,
+        }
+        if self.compensation is not None:
+            d["compensation"] = self.compensation
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+        return d
 
 
 def _module_sources(doc: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -85,11 +150,15 @@ def _module_sources(doc: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict
     return out
 
 
-#: λ_k/λ_1 above which the advised ranks get ``confidence.level = "low"``. Chosen from the four real cases
-#: of reports/validation.md (λ_k/λ_1 0.025, 0.088, 0.169, 0.426 with paired shortfalls of the advice against its
-#: best rung of 1.0%, 2.2%, 6.0% and 10.8%): above 0.1 the advice fell short by well over the 2% tolerance.
-#: Four points; a provisional threshold, not a fitted law.
+#: λ_k/λ_1 above which the top-k estimator's ranks get ``confidence.level = "low"``. Chosen from the four real
+#: cases of reports/validation.md (λ_k/λ_1 0.025, 0.088, 0.169, 0.426 with paired shortfalls of the top-k advice
+#: against its best rung of 1.0%, 2.2%, 6.0% and 10.8%). Four points; a provisional threshold, not a fitted law.
 FLAT_TOP_K = 0.1
+
+#: Gain-weighted resolved share (:attr:`hessrank.kfac.RankCurve.resolved_share`) below which the K-FAC ranks get
+#: ``confidence.level = "low"``: most of the gradient signal then lies in directions the analysis batches cannot
+#: resolve one by one, so a larger sample (``--kfac-batches``) may find more rank. Provisional.
+LOW_RESOLVED_SHARE = 0.25
 
 
 def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict[str, Any]:
@@ -97,7 +166,7 @@ def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict
 
     The Newton-step rank and the joint allocation see only the top-k eigen-subspace. When λ_k is still a large
     fraction of λ_1 the spectrum has not flattened inside that subspace: directions beyond k carry curvature the
-    advice cannot see, and the advised ranks are then best read as lower bounds (measured: reports/validation.md).
+    top-k estimator cannot see, and its ranks are then best read as lower bounds (measured: reports/validation.md).
     """
     ratios: dict[str, float] = {}
     k = 0
@@ -113,13 +182,29 @@ def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict
     worst = max(ratios.values()) if ratios else None
     low = worst is not None and worst > threshold
     note = (
-        f"λ_k/λ_1 = {worst:.3g} > {threshold:g}: the top-{k} spectrum is still flat, so the advised ranks are "
+        f"λ_k/λ_1 = {worst:.3g} > {threshold:g}: the top-{k} spectrum is still flat, so the top-k ranks are "
         "likely lower bounds (both measured cases above this ratio fell short by 6–11%); analyze with a larger "
         "--top-k, or validate with more steps and a ladder beyond 4r"
         if low
         else (f"λ_k/λ_1 = {worst:.3g} ≤ {threshold:g}" if worst is not None else "no positive top eigenvalue")
     )
     return {"level": "low" if low else "normal", "top_k_ratio": ratios, "threshold": threshold, "note": note}
+
+
+def kfac_confidence(kf: dict[str, dict[str, Any]], threshold: float = LOW_RESOLVED_SHARE) -> dict[str, Any]:
+    """Gain-weighted share of each module's unbiased full-rank signal that the K-FAC curve resolves."""
+    tot = sum(max(v["total"], 0.0) for v in kf.values())
+    peak = sum(v["peak"] for v in kf.values())
+    share = peak / tot if tot > 0 else None
+    low = share is not None and share < threshold
+    note = (
+        f"the rank curves resolve {share:.0%} of the modules' unbiased full-rank gradient signal (< {threshold:.0%}): "
+        "most of it lies in directions the analysis batches cannot resolve one by one; analyze with more "
+        "--kfac-batches, or validate with a ladder beyond 4r"
+        if low
+        else (f"the rank curves resolve {share:.0%} of the unbiased full-rank signal" if share is not None else "")
+    )
+    return {"level": "low" if low else "normal", "resolved_share": share, "threshold": threshold, "note": note}
 
 
 def _module_n_eff(scope: dict[str, Any], rep: dict[str, Any], module: str, z_rel: float) -> dict[str, float | None]:
@@ -135,19 +220,417 @@ def _module_n_eff(scope: dict[str, Any], rep: dict[str, Any], module: str, z_rel
     return {"topk": float(np.sum(lam / (lam + z) * mass)), "slq": None}
 
 
-def _uniform_curve(curves: list[ModuleCurve], grid: list[int]) -> list[float]:
-    """Σ over modules of the predicted decrease when every module gets rank r (capped at its full rank)."""
-    total = []
-    for r in grid:
-        s = 0.0
-        for c in curves:
-            best = 0.0
-            for rr, d in zip(c.ranks, c.decrease):
-                if rr <= r:
-                    best = max(best, d)
-            s += best
-        total.append(s)
-    return total
+# ----------------------------------------------------------------------------------------------------------
+# estimates
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimates:
+    """Per-module curves of every estimator, with what the allocations need."""
+
+    advice: dict[str, ModuleAdvice]
+    newton: list[ModuleCurve]
+    joint: list[JointCurve]
+    scope_models: dict[str, ScopeModel]
+    kfac: list[ModuleCurve] | None  #: loss units (calibrated); None when the analysis has no K-FAC curves
+    kfac_info: dict[str, dict[str, Any]]
+    calibration: dict[str, Any]
+
+
+def newton_estimates(doc: dict[str, Any], st: RecommendSettings) -> Estimates:
+    """The top-k estimators of every module (Newton curve and energy rank, spectral floor) and their curves."""
+    zkey = st.z
+    if zkey not in {f"{c:g}" for c in doc["newton_z"]}:
+        raise HessrankError(f"z '{zkey}' was not analysed; analysed: {', '.join(f'{c:g}' for c in doc['newton_z'])}")
+    sources = _module_sources(doc)
+    advice: dict[str, ModuleAdvice] = {}
+    curves, jcurves, scope_models = [], [], {}
+    for m, info in doc["modules"].items():
+        scope, rep = sources[m]
+        o, i = (int(x) for x in info["shape"])
+        nd = rep["newton"][zkey]["per_module"].get(m)
+        if nd is None:
+            raise HessrankError(f"analysis has no Newton-step data for module '{m}'")
+        c = module_curves_from_analysis({"newton": {zkey: {"per_module": {m: nd}}}}, zkey, {m: (o, i)})[0]
+        curves.append(c)
+        if "coords" in nd["curve"]:
+            coords = tuple(tuple(x) for x in nd["curve"]["coords"])
+            jcurves.append(JointCurve(m, o, i, scope["name"], tuple(nd["curve"]["ranks"]), coords))
+            scope_models[scope["name"]] = ScopeModel(tuple(rep["eigenvalues"]), tuple(rep["grad_projections"]))
+        ne = _module_n_eff(scope, rep, m, float(zkey))
+        spec_topk = spectral_rank(ne["topk"] or 0.0, o, i)
+        spec_slq = spectral_rank(ne["slq"], o, i) if ne["slq"] is not None else None
+        advice[m] = ModuleAdvice(
+            shape=(o, i),
+            source_scope=scope["name"],
+            estimators={
+                "n_eff_topk": ne["topk"],
+                "n_eff_slq": ne["slq"],
+                "spectral": spec_slq if spec_slq is not None else spec_topk,
+                "spectral_topk": spec_topk,
+                "newton_curve": snap_to_grid(
+                    curve_rank(nd["curve"]["ranks"], nd["curve"]["predicted_change"], st.share), o, i
+                ),
+                "newton_energy": snap_to_grid(nd["energy_rank"]["0.9"], o, i),
+            },
+            curvature_share=rep["module_curvature_share"].get(m, 0.0) if scope["kind"] != "module" else None,
+        )
+    kfac, info, cal = kfac_estimates(doc, st, sources)
+    return Estimates(advice, curves, jcurves, scope_models, kfac, info, cal)
+
+
+def kfac_estimates(
+    doc: dict[str, Any], st: RecommendSettings, sources: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> tuple[list[ModuleCurve] | None, dict[str, dict[str, Any]], dict[str, Any]]:
+    """K-FAC curves in loss units: ΔL_m(r)/c with c the scale of the module's source scope (1 if uncalibrated)."""
+    kd = doc.get("kfac")
+    if not kd:
+        return None, {}, {}
+    if st.z not in kd["per_z"]:
+        raise HessrankError(f"z '{st.z}' has no K-FAC curves; analysed: {', '.join(kd['per_z'])}")
+    cal = kd.get("calibration") or {}
+    curves, info = [], {}
+    for m, d in kd["per_z"][st.z]["modules"].items():
+        scope = sources[m][0]["name"]
+        c = (cal.get(scope) or {}).get("scale") or 1.0
+        o, i = (int(x) for x in doc["modules"][m]["shape"])
+        dec = tuple(float(x) / c for x in d["decrease"])
+        curves.append(ModuleCurve(m, o, i, tuple(int(r) for r in d["ranks"]), dec))
+        info[m] = {
+            "ranks": list(d["ranks"]),
+            "decrease": list(dec),
+            "peak": float(d["peak"]) / c,
+            "total": float(d["total"]) / c,
+            "in_sample": float(d["in_sample"]) / c,
+            "gain_halves": [float(x) / c for x in d["gain_halves"]],
+            "resolved_share": d["resolved_share"],
+            "scale": c,
+            "calibrated": scope in cal and cal[scope].get("scale") is not None,
+        }
+    return curves, info, cal
+
+
+def select_modules(info: dict[str, dict[str, Any]], fraction: float) -> dict[str, str | None]:
+    """Module selection: {module: reason it gets no adapter, or None when kept}.
+
+    Dropped only when the module's gain is below ``fraction`` × the best module's gain in the full curve *and*
+    in each held-out half (:attr:`hessrank.kfac.RankCurve.gain_halves`), so one noisy batch set cannot drop it.
+    """
+    if fraction <= 0 or not info:
+        return {m: None for m in info}
+    best = max(v["peak"] for v in info.values())
+    best_h = [max(v["gain_halves"][h] for v in info.values()) for h in (0, 1)]
+    out: dict[str, str | None] = {}
+    for m, v in info.items():
+        low = v["peak"] < fraction * best and all(v["gain_halves"][h] < fraction * best_h[h] for h in (0, 1))
+        out[m] = (
+            f"no adapter: predicted gain {v['peak']:.3g} is below {fraction:g} x the best module's {best:.3g}, "
+            f"in both held-out halves too ({v['gain_halves'][0]:.3g}, {v['gain_halves'][1]:.3g})"
+            if low
+            else None
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# allocations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Ranks per module from one estimator, with the parameters they cost and the share of the decrease reached."""
+
+    estimator: str
+    ranks: dict[str, int]
+    params: int
+    share_reached: float
+    global_rank: int
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ranks": self.ranks,
+            "lora_parameters": self.params,
+            "share_reached": self.share_reached,
+            "global_rank": self.global_rank,
+            "note": self.note,
+        }
+
+
+def _global_rank(curves: list[ModuleCurve], share: float) -> tuple[int, list[int], list[float]]:
+    grid = sorted({r for c in curves for r in c.ranks})
+    uni = uniform_curve(curves, grid)
+    g = curve_rank(grid, [-u for u in uni], share) if uni and max(uni) > 0 else 1
+    return g, grid, uni
+
+
+def kfac_allocation(
+    est: Estimates, st: RecommendSettings, keep: dict[str, str | None], budget: int | None
+) -> Allocation:
+    """The K-FAC allocation: floors of rank 1 on kept modules, greedy by gain per parameter (separable curves)."""
+    assert est.kfac is not None
+    kept = [c for c in est.kfac if keep.get(c.name) is None]
+    if not kept:
+        raise HessrankError("module selection left no module to adapt; lower --min-gain-fraction")
+    floor = {c.name: 1 for c in kept}
+    if budget is None:
+        ranks, params, reached = separable_allocation(kept, share=st.share, floor=floor)
+    else:
+        ranks, params, reached = separable_allocation(kept, param_budget=budget, floor=floor)
+    ranks = {**{c.name: 0 for c in est.kfac}, **ranks}
+    g, _, _ = _global_rank(kept, st.share)
+    note = (
+        f"the cheapest allocation by predicted gain per parameter (whole-module K-FAC curves, separable) reaching "
+        f"{st.share:.0%} of the predicted decrease, every kept module starting at rank 1, reaches {reached:.1%} "
+        f"with {params:,} LoRA parameters"
+        if budget is None
+        else f"the K-FAC curves water-filled into {budget:,} trainable parameters reach {reached:.1%}"
+    )
+    return Allocation("kfac", ranks, params, reached, g, note)
+
+
+def newton_allocation(est: Estimates, st: RecommendSettings, budget: int | None) -> Allocation:
+    """The top-k allocation (joint quadratic model when eigen-coordinates exist), with the spectral floor."""
+    joint = len(est.joint) == len(est.newton)
+    if budget is None:
+        if joint:
+            ranks, params, reached = allocate(est.joint, est.scope_models, share=st.share)
+        else:
+            ranks, params, reached = separable_allocation(est.newton, share=st.share)
+        for m, r in ranks.items():
+            spec = est.advice[m].estimators["spectral"]
+            if 0 < r < spec:
+                ranks[m] = spec
+    elif joint:
+        ranks, params, reached = allocate(est.joint, est.scope_models, param_budget=budget)
+    else:
+        ranks, params, reached = separable_allocation(est.newton, param_budget=budget)
+    g, _, _ = _global_rank(est.newton, st.share)
+    note = (
+        f"the cheapest allocation by predicted gain per parameter in the top-k Newton model reaching {st.share:.0%} "
+        f"of the full-rank predicted decrease reaches {reached:.1%} with {params:,} LoRA parameters"
+        + (" (joint quadratic model, cross terms included)" if joint else " (modules treated as separable)")
+        + "; each adapted module keeps at least its spectral (parameter-counting) rank"
+    )
+    return Allocation("newton-topk", ranks, params, reached, g, note)
+
+
+def allocate_ranks(
+    est: Estimates, st: RecommendSettings, keep: dict[str, str | None], budget: int | None = None
+) -> dict[str, Allocation]:
+    """Every estimator's allocation (K-FAC only when the analysis has its curves)."""
+    out = {"newton-topk": newton_allocation(est, st, budget)}
+    if est.kfac is not None:
+        out["kfac"] = kfac_allocation(est, st, keep, budget)
+    if st.estimator not in out:
+        raise HessrankError(
+            f"estimator '{st.estimator}' needs data this analysis lacks (no K-FAC curves: it predates them); "
+            "rerun hessrank analyze, or pass --estimator newton-topk"
+        )
+    return out
+
+
+def decrease_of(est: Estimates, estimator: str, ranks: dict[str, int]) -> float:
+    """Predicted decrease of an allocation under an estimator's model."""
+    if estimator == "kfac" and est.kfac is not None:
+        return sum(gain_at(c, ranks.get(c.name, 0)) for c in est.kfac)
+    if len(est.joint) == len(est.newton):
+        return predicted_decrease(est.joint, est.scope_models, ranks)
+    return sum(gain_at(c, ranks.get(c.name, 0)) for c in est.newton)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bit width and memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What the memory forecast needs, read once from the analysis document and the settings."""
+
+    arch: Architecture
+    shapes: dict[str, tuple[int, int]]
+    heads: list[str]
+    batch: int
+    seq: int
+    head_params: int
+    st: RecommendSettings
+
+    @classmethod
+    def of(cls, doc: dict[str, Any], st: RecommendSettings) -> _Context:
+        return cls(
+            Architecture.from_dict(doc["architecture"]),
+            {m: (int(v["shape"][0]), int(v["shape"][1])) for m, v in doc["modules"].items()},
+            [doc["analysis_point"]["head"]] if doc["analysis_point"].get("head") else [],
+            st.batch_size or int(doc["config"]["batch_size"]),
+            st.seq_len or int(doc["config"]["max_length"]),
+            int(doc["architecture"].get("head_params", 0)),
+            st,
+        )
+
+    def forecast(self, fmt: str, ranks: dict[str, int], skip: list[str]) -> Any:
+        st = self.st
+        return forecast(
+            self.arch,
+            fmt,
+            ranks,
+            self.shapes,
+            self.batch,
+            self.seq,
+            st.compute_dtype,
+            self.heads + skip,
+            st.gradient_checkpointing,
+            st.device,
+            extra_trainable=self.head_params,
+        )
+
+
+def format_candidates(quant: dict[str, Any] | None, ctx: _Context, ranks: dict[str, int]) -> list[Q.FormatOption]:
+    """Every loadable format with its measured loss increase, skip list and forecast memory at ``ranks``."""
+
+    def mem(fmt: str, skip: list[str]) -> int:
+        return ctx.forecast(fmt, ranks, [s for s in skip if s not in ctx.heads]).total
+
+    if quant is not None:
+        return Q.format_options(quant, ctx.st.tolerance, mem, ctx.heads)
+    note = ["no quantization measured (run analyze with --quant-formats)"]
+    return [Q.FormatOption("none", [], 0.0, None, None, mem("none", []), True, note)]
+
+
+def fit_memory_budget(
+    est: Estimates, ctx: _Context, keep: dict[str, str | None], options: list[Q.FormatOption]
+) -> tuple[Q.FormatOption, dict[str, int], str]:
+    """Under a memory budget: per format, water-fill what memory is left after the base model (16 bytes per
+    trainable parameter: fp32 weight, gradient, two AdamW moments) and keep the (format, ranks) pair with the best
+    predicted decrease minus quantization increase."""
+    st = ctx.st
+    assert st.memory_budget is not None
+    zero = {m: 0 for m in ctx.shapes}
+    best = None
+    for opt in options:
+        left = st.memory_budget - ctx.forecast(opt.format, zero, opt.skip_modules).total
+        pb = int(left // 16)
+        if pb <= 0:
+            continue
+        rk = allocate_ranks(est, st, keep, budget=pb)[st.estimator].ranks
+        if not any(rk.values()):
+            continue
+        score = decrease_of(est, st.estimator, rk) - opt.loss_increase
+        if best is None or score > best[0]:
+            best = (score, opt, rk, pb)
+    if best is None:
+        smallest = min(ctx.forecast(o.format, zero, o.skip_modules).total for o in options)
+        raise HessrankError(
+            f"memory budget {fmt_bytes(st.memory_budget)} is below the forecast of the base "
+            f"model alone ({fmt_bytes(smallest)}) in every format"
+        )
+    _, chosen, rk, pb = best
+    for o in options:
+        o.memory = ctx.forecast(o.format, rk, o.skip_modules).total
+    note = (
+        f"memory budget {fmt_bytes(st.memory_budget)}: {chosen.format} leaves room for {pb:,} "
+        "trainable parameters, water-filled by predicted gain"
+    )
+    return chosen, rk, note
+
+
+def _check_param_budget(budget: int, shapes: dict[str, tuple[int, int]]) -> None:
+    smallest = min(lora_params(1, o, i) for o, i in shapes.values())
+    if budget < smallest:
+        raise HessrankError(
+            f"parameter budget {budget:,} is below the smallest rank-1 adapter ({smallest:,} parameters)"
+        )
+
+
+def _apply(est: Estimates, alloc: Allocation, keep: dict[str, str | None], rule: str, st: RecommendSettings) -> None:
+    """Write an allocation's ranks into the advice, with each module's rule and reasons."""
+    gains = {c.name: max([0.0, *c.decrease]) for c in (est.kfac if alloc.estimator == "kfac" else est.newton)}
+    total = sum(gains.values())
+    for m, adv in est.advice.items():
+        adv.predicted_decrease_full_rank = gains.get(m, 0.0)
+        adv.gain_share = gains.get(m, 0.0) / total if total > 0 else 0.0
+        adv.rank = int(alloc.ranks.get(m, 0))
+        adv.selected = keep.get(m) is None
+        if not adv.selected and alloc.estimator == "kfac":
+            adv.rank, adv.rank_rule = 0, "module selection"
+            adv.reasons.append(str(keep[m]))
+        elif adv.rank == 0:
+            adv.rank_rule = "no adapter"
+            adv.reasons.append(
+                f"no adapter: the allocation spends nothing here ({adv.gain_share:.1%} of the predicted gain)"
+            )
+        elif alloc.estimator == "newton-topk" and rule == "share allocation" and adv.estimators["spectral"] >= adv.rank:
+            adv.rank_rule = "spectral floor"
+        else:
+            adv.rank_rule = rule
+
+
+def _compensate(est: Estimates, quant: dict[str, Any] | None, chosen: Q.FormatOption, st: RecommendSettings) -> None:
+    """Raise a module's rank to win back the share of the chosen format's cost that exceeds the tolerance."""
+    comp = Q.compensation(quant, chosen.format, st.tolerance, chosen.loss_increase) if quant is not None else {}
+    unbudgeted = st.param_budget is None and st.memory_budget is None
+    for m, c in comp.items():
+        adv = est.advice[m]
+        adv.compensation = c
+        if c["share_needed"] > 0 and unbudgeted and 0 < adv.rank < c["rank_kfac"]:
+            adv.reasons.append(
+                f"rank raised {adv.rank} -> {c['rank_kfac']} to win back "
+                f"{c['share_needed']:.0%} of the {chosen.format} quantization cost"
+            )
+            adv.rank = c["rank_kfac"]
+            adv.rank_rule = "compensation"
+    keys = (
+        "predicted_loss_increase",
+        "measured_loss_increase",
+        "hawq_proxy",
+        "quadratic_exact",
+        "quadratic_signs",
+        "quadratic_kfac",
+        "delta_rel_norm",
+    )
+    for m, adv in est.advice.items():
+        adv.alpha = 2 * adv.rank
+        if quant is not None:
+            adv.quantization = {f: {k: quant["formats"][f]["modules"][m][k] for k in keys} for f in quant["formats"]}
+
+
+def _quantization_doc(
+    quant: dict[str, Any] | None, chosen: Q.FormatOption, options: list[Q.FormatOption], ctx: _Context
+) -> dict[str, Any]:
+    st = ctx.st
+    return {
+        "format": chosen.format,
+        "skip_modules": chosen.skip_modules,
+        "bnb_config": Q.bnb_kwargs(
+            chosen.format,
+            ctx.heads + chosen.skip_modules,
+            "bfloat16" if st.compute_dtype in ("bfloat16", "float32") else st.compute_dtype,
+        ),
+        "loss_increase": chosen.loss_increase,
+        "tolerance_loss": st.tolerance * float(quant["base_eval_loss"]) if quant else None,
+        "base_eval_loss": float(quant["base_eval_loss"]) if quant else None,
+        "candidates": {
+            o.format: {
+                "loss_increase": o.loss_increase,
+                "measured_whole": o.measured_whole,
+                "predicted_targets": o.predicted_targets,
+                "memory": o.memory,
+                "memory_human": fmt_bytes(o.memory),
+                "acceptable": o.acceptable,
+                "skip_modules": o.skip_modules,
+                "notes": o.notes,
+            }
+            for o in options
+        },
+        "spearman": {f: quant["formats"][f]["spearman"] for f in quant["formats"]} if quant else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the recommendation
+# ----------------------------------------------------------------------------------------------------------
 
 
 def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings | None = None) -> dict[str, Any]:
@@ -155,245 +638,37 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
     st = settings or RecommendSettings()
     st.check()
     doc = analysis if isinstance(analysis, dict) else load_analysis(analysis)
-    zkey = st.z
-    if zkey not in {f"{c:g}" for c in doc["newton_z"]}:
-        raise HessrankError(f"z '{zkey}' was not analysed; analysed: {', '.join(f'{c:g}' for c in doc['newton_z'])}")
-    shapes = {m: tuple(v["shape"]) for m, v in doc["modules"].items()}
-    sources = _module_sources(doc)
-    arch = Architecture.from_dict(doc["architecture"])
-    task = doc["model"]["task"]
-    heads = [doc["analysis_point"]["head"]] if doc["analysis_point"].get("head") else []
-    batch = st.batch_size or int(doc["config"]["batch_size"])
-    seq = st.seq_len or int(doc["config"]["max_length"])
-    head_params = int(doc["architecture"].get("head_params", 0))
-
-    # ---- per-module estimators
-    modules: dict[str, dict[str, Any]] = {}
-    curves: list[ModuleCurve] = []
-    jcurves: list[JointCurve] = []  # the same curves with their eigen-coordinates (joint model, cross terms)
-    scope_models: dict[str, ScopeModel] = {}
-    for m in doc["modules"]:
-        scope, rep = sources[m]
-        o, i = shapes[m]
-        nd = rep["newton"][zkey]["per_module"].get(m)
-        if nd is None:
-            raise HessrankError(f"analysis has no Newton-step data for module '{m}'")
-        c = module_curves_from_analysis({"newton": {zkey: {"per_module": {m: nd}}}}, zkey, {m: (o, i)})[0]
-        curves.append(c)
-        if "coords" in nd["curve"]:
-            jcurves.append(
-                JointCurve(
-                    m, o, i, scope["name"], tuple(nd["curve"]["ranks"]), tuple(tuple(x) for x in nd["curve"]["coords"])
-                )
-            )
-            scope_models[scope["name"]] = ScopeModel(tuple(rep["eigenvalues"]), tuple(rep["grad_projections"]))
-        ne = _module_n_eff(scope, rep, m, float(zkey))
-        spec_topk = spectral_rank(ne["topk"] or 0.0, o, i)
-        spec_slq = spectral_rank(ne["slq"], o, i) if ne["slq"] is not None else None
-        spec = spec_slq if spec_slq is not None else spec_topk
-        ncurve = snap_to_grid(curve_rank(nd["curve"]["ranks"], nd["curve"]["predicted_change"], st.share), o, i)
-        nenergy = snap_to_grid(nd["energy_rank"]["0.9"], o, i)
-        share = rep["module_curvature_share"].get(m, 0.0) if scope["kind"] != "module" else None
-        modules[m] = {
-            "shape": [o, i],
-            "source_scope": scope["name"],
-            "estimators": {
-                "n_eff_topk": ne["topk"],
-                "n_eff_slq": ne["slq"],
-                "spectral": spec,
-                "spectral_topk": spec_topk,
-                "newton_curve": ncurve,
-                "newton_energy": nenergy,
-            },
-            "predicted_decrease_full_rank": float(max(c.decrease) if c.decrease else 0.0),
-            "curvature_share": share,
-            "reasons": [],
-        }
-
-    total_gain = sum(d["predicted_decrease_full_rank"] for d in modules.values())
-    joint = len(jcurves) == len(curves)
-
-    def allocate_share(share: float) -> tuple[dict[str, int], int, float]:
-        return allocate(jcurves, scope_models, share=share) if joint else share_allocation(curves, share)
-
-    def allocate_budget(budget: int) -> dict[str, int]:
-        return allocate(jcurves, scope_models, param_budget=budget)[0] if joint else water_fill(curves, budget)
-
-    def decrease_of(ranks: dict[str, int]) -> float:
-        if joint:
-            return predicted_decrease(jcurves, scope_models, ranks)
-        return sum(_gain_at(c, ranks[c.name]) for c in curves)
-
-    alloc, alloc_params, alloc_share = allocate_share(st.share)
-    for m, d in modules.items():
-        est = d["estimators"]
-        d["gain_share"] = d["predicted_decrease_full_rank"] / total_gain if total_gain > 0 else 0.0
-        r = alloc[m]
-        if r == 0:
-            d["rank"] = 0
-            d["rank_rule"] = "no adapter"
-            d["reasons"].append(
-                f"no adapter: the cheapest allocation reaching {st.share:.0%} of the predicted gain "
-                f"spends nothing here ({d['gain_share']:.1%} of the full-rank gain)"
-            )
-        elif est["spectral"] > r:
-            d["rank"] = est["spectral"]
-            d["rank_rule"] = "spectral floor"
-        else:
-            d["rank"] = r
-            d["rank_rule"] = "share allocation"
-    allocation_note = (
-        f"the cheapest allocation by predicted gain per parameter reaching {st.share:.0%} of the "
-        f"full-rank predicted decrease reaches {alloc_share:.1%} with {alloc_params:,} LoRA parameters"
-        + (
-            " (joint quadratic model of the shared scope, cross terms included)"
-            if joint
-            else " (modules treated as separable: the analysis has no eigen-coordinates)"
-        )
-    )
-
-    # ---- quantization options, memory
+    est = newton_estimates(doc, st)
+    for m, info in est.kfac_info.items():
+        est.advice[m].predicted = info
+    keep = select_modules(est.kfac_info, st.min_gain_fraction)
+    ctx = _Context.of(doc, st)
     quant = doc.get("quantization")
-
-    def memory_of(fmt: str, skip: list[str], ranks: dict[str, int] | None = None) -> int:
-        rk = ranks if ranks is not None else {m: d["rank"] for m, d in modules.items()}
-        return forecast(
-            arch,
-            fmt,
-            rk,
-            shapes,
-            batch,
-            seq,
-            st.compute_dtype,
-            skip,
-            st.gradient_checkpointing,
-            st.device,
-            extra_trainable=head_params,
-        ).total
-
     budget_note = None
-    if (st.param_budget is not None or st.memory_budget is not None) and st.param_budget is not None:
-        smallest = min(lora_params(1, o, i) for o, i in shapes.values())
-        if st.param_budget < smallest:
-            raise HessrankError(
-                f"parameter budget {st.param_budget:,} is below the smallest rank-1 adapter ({smallest:,} parameters)"
-            )
-        ranks = allocate_budget(st.param_budget)
-        if not any(ranks.values()):
-            raise HessrankError(
-                f"parameter budget {st.param_budget:,} buys no rank step with a predicted gain; "
-                f"the cheapest adapter here needs {smallest:,} parameters"
-            )
-        for m, r in ranks.items():
-            modules[m]["rank"] = r
-            modules[m]["rank_rule"] = "budget"
+    if st.param_budget is not None:
+        _check_param_budget(st.param_budget, ctx.shapes)
+        allocs = allocate_ranks(est, st, keep, budget=st.param_budget)
+        if not any(allocs[st.estimator].ranks.values()):
+            raise HessrankError(f"parameter budget {st.param_budget:,} buys no rank step with a predicted gain")
         budget_note = f"ranks water-filled into a budget of {st.param_budget:,} trainable parameters"
-
-    options: list[Q.FormatOption]
-    if quant is not None:
-        options = Q.format_options(quant, st.tolerance, memory_of, heads)
     else:
-        options = [
-            Q.FormatOption(
-                "none",
-                [],
-                0.0,
-                None,
-                None,
-                memory_of("none", heads),
-                True,
-                ["no quantization measured (run analyze with --quant-formats)"],
-            )
-        ]
+        allocs = allocate_ranks(est, st, keep)
+    chosen_alloc = allocs[st.estimator]
+    _apply(est, chosen_alloc, keep, "budget" if budget_note else "share allocation", st)
+    options = format_candidates(quant, ctx, {m: a.rank for m, a in est.advice.items()})
     if st.memory_budget is not None:
-        # maximise predicted quality: for each format, water-fill what memory is left after the base model
-        best = None
-        for opt in options:
-            base = memory_of(opt.format, heads + opt.skip_modules, {m: 0 for m in modules})
-            left = st.memory_budget - base
-            per_param = 16  # fp32 adapter + gradient + two AdamW moments
-            pb = int(left // per_param)
-            if pb <= 0:
-                continue
-            rk = allocate_budget(pb)
-            if not any(rk.values()):
-                continue
-            gain = decrease_of(rk)
-            score = gain - opt.loss_increase
-            if best is None or score > best[0]:
-                best = (score, opt, rk, pb)
-        if best is None:
-            smallest = min(memory_of(o.format, heads + o.skip_modules, {m: 0 for m in modules}) for o in options)
-            raise HessrankError(
-                f"memory budget {fmt_bytes(st.memory_budget)} is below the forecast of the base "
-                f"model alone ({fmt_bytes(smallest)}) in every format"
-            )
-        _, chosen, rk, pb = best
-        for m, r in rk.items():
-            modules[m]["rank"] = r
-            modules[m]["rank_rule"] = "budget"
-        budget_note = (
-            f"memory budget {fmt_bytes(st.memory_budget)}: {chosen.format} leaves room for {pb:,} "
-            "trainable parameters, water-filled by predicted gain"
-        )
-        for o in options:
-            o.memory = memory_of(o.format, heads + o.skip_modules)
+        chosen, rk, budget_note = fit_memory_budget(est, ctx, keep, options)
+        _apply(est, dataclasses.replace(chosen_alloc, ranks=rk), keep, "budget", st)
     else:
         chosen = Q.choose(options, None)
-
-    # ---- compensation for the chosen format
-    comp = Q.compensation(quant, chosen.format, st.tolerance, chosen.loss_increase) if quant is not None else {}
-    for m, c in comp.items():
-        d = modules[m]
-        d["compensation"] = c
-        unbudgeted = st.param_budget is None and st.memory_budget is None
-        if c["share_needed"] > 0 and unbudgeted and 0 < d["rank"] < c["rank_kfac"]:
-            d["reasons"].append(
-                f"rank raised {d['rank']} -> {c['rank_kfac']} to win back "
-                f"{c['share_needed']:.0%} of the {chosen.format} quantization cost"
-            )
-            d["rank"] = c["rank_kfac"]
-            d["rank_rule"] = "compensation"
-    for m, d in modules.items():
-        d["alpha"] = 2 * d["rank"]
-        if quant is not None:
-            d["quantization"] = {
-                f: {
-                    k: quant["formats"][f]["modules"][m][k]
-                    for k in (
-                        "predicted_loss_increase",
-                        "measured_loss_increase",
-                        "hawq_proxy",
-                        "quadratic_exact",
-                        "quadratic_signs",
-                        "quadratic_kfac",
-                        "delta_rel_norm",
-                    )
-                }
-                for f in quant["formats"]
-            }
-
-    # ---- one global rank
-    grid = sorted({r for c in curves for r in c.ranks})
-    uni = _uniform_curve(curves, grid)
-    global_rank = curve_rank(grid, [-u for u in uni], st.share) if uni and max(uni) > 0 else 1
-    active = [d["rank"] for d in modules.values() if d["rank"] > 0]
-    if not active:
+    _compensate(est, quant, chosen, st)
+    ranks_now = {m: a.rank for m, a in est.advice.items()}
+    if not any(ranks_now.values()):
         raise HessrankError("every module was judged negligible; nothing to adapt (check the analysis)")
-    ranks_now = {m: d["rank"] for m, d in modules.items()}
-    mem = forecast(
-        arch,
-        chosen.format,
-        ranks_now,
-        shapes,
-        batch,
-        seq,
-        st.compute_dtype,
-        heads + chosen.skip_modules,
-        st.gradient_checkpointing,
-        st.device,
-        extra_trainable=head_params,
-    )
+    curves = est.kfac if st.estimator == "kfac" and est.kfac is not None else est.newton
+    kept_curves = [c for c in curves if ranks_now.get(c.name, 0) > 0 or st.estimator != "kfac"]
+    global_rank, grid, uni = _global_rank(kept_curves, st.share)
+    mem = ctx.forecast(chosen.format, ranks_now, chosen.skip_modules)
     rec: dict[str, Any] = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -406,55 +681,31 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
             "seconds_units": doc.get("cost", {}).get("seconds_units"),
         },
         "model": doc["model"]["name"],
-        "task": task,
-        "head_modules": heads,
-        "settings": {**st.__dict__, "batch_size": batch, "seq_len": seq},
+        "task": doc["model"]["task"],
+        "head_modules": ctx.heads,
+        "settings": {**st.__dict__, "batch_size": ctx.batch, "seq_len": ctx.seq},
+        "estimator": st.estimator,
+        "estimators": {k: a.to_dict() for k, a in allocs.items()},
+        "calibration": est.calibration or None,
         "global_rank": int(global_rank),
         "uniform_curve": {"ranks": grid, "predicted_decrease": uni},
-        "quantization": {
-            "format": chosen.format,
-            "skip_modules": chosen.skip_modules,
-            "bnb_config": Q.bnb_kwargs(
-                chosen.format,
-                heads + chosen.skip_modules,
-                "bfloat16" if st.compute_dtype in ("bfloat16", "float32") else st.compute_dtype,
-            ),
-            "loss_increase": chosen.loss_increase,
-            "tolerance_loss": st.tolerance * float(quant["base_eval_loss"]) if quant else None,
-            "base_eval_loss": float(quant["base_eval_loss"]) if quant else None,
-            "candidates": {
-                o.format: {
-                    "loss_increase": o.loss_increase,
-                    "measured_whole": o.measured_whole,
-                    "predicted_targets": o.predicted_targets,
-                    "memory": o.memory,
-                    "memory_human": fmt_bytes(o.memory),
-                    "acceptable": o.acceptable,
-                    "skip_modules": o.skip_modules,
-                    "notes": o.notes,
-                }
-                for o in options
-            },
-            "spearman": {f: quant["formats"][f]["spearman"] for f in quant["formats"]} if quant else None,
+        "quantization": _quantization_doc(quant, chosen, options, ctx),
+        "modules": {m: a.to_dict() for m, a in est.advice.items()},
+        "selection": {
+            "min_gain_fraction": st.min_gain_fraction,
+            "dropped": sorted(m for m, why in keep.items() if why is not None),
         },
-        "modules": modules,
         "trainable_parameters": mem.trainable_parameters,
         "memory": mem.to_dict(),
         "budget": budget_note,
-        "allocation": allocation_note if budget_note is None else None,
+        "allocation": chosen_alloc.note if budget_note is None else None,
     }
-    rec["confidence"] = top_k_confidence(doc)
+    rec["confidence"] = (
+        kfac_confidence(est.kfac_info) if st.estimator == "kfac" and est.kfac_info else top_k_confidence(doc)
+    )
     rec["rules_of_thumb"] = rules_of_thumb(rec, quant, st)
     rec["explanation"] = explain(rec, st)
     return rec
-
-
-def _gain_at(c: ModuleCurve, r: int) -> float:
-    best = 0.0
-    for rr, d in zip(c.ranks, c.decrease):
-        if rr <= r:
-            best = max(best, d)
-    return best
 
 
 def rules_of_thumb(rec: dict[str, Any], quant: dict[str, Any] | None, st: RecommendSettings) -> list[dict[str, Any]]:
@@ -496,13 +747,11 @@ def rules_of_thumb(rec: dict[str, Any], quant: dict[str, Any] | None, st: Recomm
         for f in ("nf4", "nf4-dq"):
             if f in quant["formats"]:
                 inc = quant["formats"][f]["whole_model"]["measured_loss_increase"]
-                comp = [d.get("compensation", {}).get("rank_kfac_90") for d in rec["modules"].values()]
                 comp_all = [
                     Q.rank_for_share(quant["formats"][f]["modules"][m]["compensation"], "kfac_share", 0.9)
                     for m in rec["modules"]
                 ]
                 med = int(np.median(comp_all)) if comp_all else None
-                del comp
                 out.append(
                     {
                         "rule": "NF4 needs a larger rank, 64-128",
@@ -523,69 +772,112 @@ def rules_of_thumb(rec: dict[str, Any], quant: dict[str, Any] | None, st: Recomm
     return out
 
 
+def _explain_bits(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
+    q = rec["quantization"]
+    if q["base_eval_loss"] is None:
+        return ["Bit width: none — the analysis has no quantization measurements (analyze --quant-formats)."]
+    cand = ", ".join(
+        f"{f}: {c['loss_increase']:+.4g}{' (ok)' if c['acceptable'] else ''} at {c['memory_human']}"
+        for f, c in q["candidates"].items()
+    )
+    desc = FORMAT_INFO[q["format"]].description if q["format"] in FORMAT_INFO else "no quantization"
+    lines = [
+        f"Bit width: {q['format']} — {desc}. "
+        f"The tolerance is {st.tolerance:.1%} of the held-out loss {q['base_eval_loss']:.4g} = "
+        f"{q['tolerance_loss']:.4g}; "
+        f"measured increases (whole model, dequantized weights on held-out batches) and forecast memory: {cand}. "
+        + ("The smallest-memory option within tolerance was chosen." if not rec.get("budget") else "")
+    ]
+    if q["skip_modules"]:
+        lines.append(f"Kept unquantized (llm_int8_skip_modules): {', '.join(q['skip_modules'])}.")
+    sp = q.get("spearman") or {}
+    if sp:
+        parts = [f"{f}: {v['predicted']:.2f}" if v.get("predicted") is not None else f"{f}: n/a" for f, v in sp.items()]
+        lines.append(
+            "Spearman correlation over modules of predicted (g·δ + ½δᵀHδ) vs measured loss increase: "
+            + ", ".join(parts)
+            + "."
+        )
+    return lines
+
+
+def _explain_calibration(rec: dict[str, Any]) -> list[str]:
+    lines = []
+    for scope, c in (rec.get("calibration") or {}).items():
+        if c.get("scale") is None:
+            continue
+        rat = [x for x in c["ratios"] if x is not None]
+        line = (
+            f"K-FAC calibration on scope {scope}: c = {c['scale']:.3g} (least squares of the top-{len(c['ratios'])} "
+            f"Lanczos eigenvalues on the K-FAC Rayleigh quotients; ratios λᵢ/ρᵢ {min(rat):.3g}–{max(rat):.3g})"
+        )
+        if c.get("trace_ratio") is not None:
+            line += f"; SLQ trace / calibrated K-FAC trace = {c['trace_ratio']:.3g}"
+        for chk in c.get("exact_check") or []:
+            if chk.get("scale_along_step") is not None:
+                line += (
+                    f"; along the rank-{chk['rank']} K-FAC step the exact curvature is {chk['scale_along_step']:.3g}×"
+                )
+        lines.append(line + ".")
+    return lines
+
+
+def _explain_module(m: str, d: dict[str, Any], estimator: str) -> str:
+    e = d["estimators"]
+    p = d.get("predicted_decrease")
+    if estimator == "kfac" and p:
+        at = gain_at(ModuleCurve(m, 0, 0, tuple(p["ranks"]), tuple(p["decrease"])), d["rank"])
+        head = (
+            f"{m}: rank {d['rank']} ({d['rank_rule']}); K-FAC predicted decrease {at:.3g} at this "
+            f"rank of {p['peak']:.3g} at best"
+            + (f" (resolves {p['resolved_share']:.0%} of the unbiased signal)" if p.get("resolved_share") else "")
+            + f"; top-k estimators: Newton-curve rank {e['newton_curve']}, spectral rank {e['spectral']}"
+        )
+    else:
+        head = (
+            f"{m}: rank {d['rank']} ({d['rank_rule']}); Newton-curve rank {e['newton_curve']}, energy rank "
+            f"{e['newton_energy']}, spectral rank {e['spectral']} (N_eff {e['n_eff_topk']:.2f} from the top-k"
+            + (f", {e['n_eff_slq']:.0f} from SLQ" if e.get("n_eff_slq") is not None else "")
+            + ")"
+        )
+    return (
+        head
+        + f"; {d['gain_share']:.1%} of the predicted gain."
+        + (" " + " ".join(d["reasons"]) if d["reasons"] else "")
+    )
+
+
 def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
     """A plain-language explanation of every choice, with its numbers."""
-    lines = []
-    q = rec["quantization"]
     mods = rec["modules"]
-    lines.append(f"Model {rec['model']} ({rec['task']}).")
+    est = rec.get("estimator", "newton-topk")
+    lines = [f"Model {rec['model']} ({rec['task']})."]
     if rec.get("budget"):
         lines.append(f"Budget: {rec['budget']}.")
     if rec.get("allocation"):
-        lines.append(
-            f"Ranks: {rec['allocation']}; each adapted module keeps at least its spectral (parameter-counting) rank."
-        )
-    if q["base_eval_loss"] is not None:
-        cand = ", ".join(
-            f"{f}: {c['loss_increase']:+.4g}{' (ok)' if c['acceptable'] else ''} at {c['memory_human']}"
-            for f, c in q["candidates"].items()
-        )
-        desc = FORMAT_INFO[q["format"]].description if q["format"] in FORMAT_INFO else "no quantization"
-        lines.append(
-            f"Bit width: {q['format']} — {desc}. "
-            f"The tolerance is {st.tolerance:.1%} of the held-out loss {q['base_eval_loss']:.4g} = "
-            f"{q['tolerance_loss']:.4g}; "
-            f"measured increases (whole model, dequantized weights on held-out batches) and forecast memory: {cand}. "
-            + ("The smallest-memory option within tolerance was chosen." if not rec.get("budget") else "")
-        )
-        if q["skip_modules"]:
-            lines.append(f"Kept unquantized (llm_int8_skip_modules): {', '.join(q['skip_modules'])}.")
-        sp = q.get("spearman") or {}
-        if sp:
-            parts = [
-                f"{f}: {v['predicted']:.2f}" if v.get("predicted") is not None else f"{f}: n/a" for f, v in sp.items()
-            ]
+        lines.append(f"Ranks ({est} estimator): {rec['allocation']}.")
+    for name, alt in (rec.get("estimators") or {}).items():
+        if name != est:
             lines.append(
-                "Spearman correlation over modules of predicted (g·δ + ½δᵀHδ) vs measured loss increase: "
-                + ", ".join(parts)
-                + "."
+                f"Alternative estimator {name}: {alt['lora_parameters']:,} LoRA parameters, global rank "
+                f"{alt['global_rank']} (reported, not used)."
             )
-    else:
-        lines.append("Bit width: none — the analysis has no quantization measurements (analyze --quant-formats).")
-    active = {m: d for m, d in mods.items() if d["rank"] > 0}
+    if est == "kfac":
+        lines += _explain_calibration(rec)
+    lines += _explain_bits(rec, st)
     lines.append(
         f"One global rank: {rec['global_rank']} (smallest uniform rank whose predicted decrease reaches "
-        f"{st.share:.0%} of the full-rank decrease under the quadratic model, damping z = {st.z}·λ_max)."
+        f"{st.share:.0%} of the largest, {est} estimator, damping z = {st.z})."
     )
     conf = rec.get("confidence")
     if conf and conf["level"] == "low":
         lines.append(f"Low confidence in the ranks: {conf['note']}.")
-    by_rule: dict[str, list[str]] = {}
-    for m, d in active.items():
-        by_rule.setdefault(d["rank_rule"], []).append(m)
-    for m, d in list(active.items())[:60]:
-        e = d["estimators"]
-        lines.append(
-            f"{m}: rank {d['rank']} ({d['rank_rule']}); Newton-curve rank {e['newton_curve']}, energy rank "
-            f"{e['newton_energy']}, spectral rank {e['spectral']} (N_eff {e['n_eff_topk']:.2f} from the top-k"
-            + (f", {e['n_eff_slq']:.0f} from SLQ" if e.get("n_eff_slq") is not None else "")
-            + f"); {d['gain_share']:.1%} of the predicted gain."
-            + (" " + " ".join(d["reasons"]) if d["reasons"] else "")
-        )
+    active = {m: d for m, d in mods.items() if d["rank"] > 0}
+    lines += [_explain_module(m, d, est) for m, d in list(active.items())[:60]]
     skipped = [m for m, d in mods.items() if d["rank"] == 0]
     if skipped:
         lines.append(
-            f"No adapter for {len(skipped)} module(s) where the allocation spends nothing: "
+            f"No adapter for {len(skipped)} module(s): "
             + ", ".join(skipped[:10])
             + ("..." if len(skipped) > 10 else "")
             + "."
@@ -599,8 +891,7 @@ def explain(rec: dict[str, Any], st: RecommendSettings) -> list[str]:
         f"{fmt_bytes(mem['optimizer'])} + activations {fmt_bytes(mem['activations'])}; "
         f"{rec['trainable_parameters']:,} trainable parameters."
     )
-    for r in rec["rules_of_thumb"]:
-        lines.append(f"Rule of thumb '{r['rule']}': {r['verdict']} — {r['measured']}.")
+    lines += [f"Rule of thumb '{r['rule']}': {r['verdict']} — {r['measured']}." for r in rec["rules_of_thumb"]]
     return lines
 
 
@@ -632,7 +923,5 @@ def write_recommendation(rec: dict[str, Any], out: str | Path, overwrite: bool =
     rec["files"] = {**files, "explanation": "explanation.md"}
     write_json(out / "recommendation.json", rec)
     text = "# hessrank recommendation\n\n" + "\n".join(f"- {line}" for line in rec["explanation"]) + "\n"
-    from ..io import atomic_write
-
     atomic_write(out / "explanation.md", lambda f: f.write(text))
     return rec["files"]
