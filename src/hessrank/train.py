@@ -235,7 +235,8 @@ def build_peft_model(
             use_dora=(m == "dora"),
             modules_to_save=head or None,
             init_lora_weights="eva" if m == "lora-eva" else True,
-            eva_config=EvaConfig(rho=2.0) if m == "lora-eva" else None,
+            # seq-cls labels are one per row, not a token mask: EVA then uses the attention mask alone
+            eva_config=EvaConfig(rho=2.0, use_label_mask=task != "seq-cls") if m == "lora-eva" else None,
         )
         pm = get_peft_model(model, conf)
         if m == "lora-eva":
@@ -522,6 +523,10 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
         if length_only and cfg.steps < old["steps"] and done:
             return read_json(out / "metrics.json", schema=SCHEMA)  # the run was extended beyond this length
         if length_only and cfg.steps > old["steps"]:
+            if cfg.method == "adalora":
+                raise HessrankError(
+                    f"{out}: an AdaLoRA run cannot be extended: its rank budget schedule is tied to its total steps"
+                )
             if cfg.lr_scheduler not in EXTENDABLE_SCHEDULERS:
                 raise HessrankError(
                     f"{out}: extending a run from {old['steps']} to {cfg.steps} steps needs a schedule that is "
@@ -655,7 +660,11 @@ def _fit(run: _Run, out: Path, resume: bool, progress: bool) -> tuple[Any, Any, 
         warnings.simplefilter("ignore", FutureWarning)  # transformers renames gradient_checkpointing in v6
         args = _training_args(TrainingArguments, run.cfg, run.schedule, ckpt, run.device, progress)
     last = None
-    if resume and ckpt.is_dir():
+    if resume and ckpt.is_dir() and run.cfg.method == "adalora":
+        # PEFT cannot load an AdaLoRA checkpoint whose ranks were already pruned: an interrupted run starts again
+        log.info("%s: AdaLoRA runs restart instead of resuming (pruned ranks cannot be reloaded)", out)
+        shutil.rmtree(ckpt)
+    elif resume and ckpt.is_dir():
         cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         last = str(cks[-1]) if cks else None
     # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run

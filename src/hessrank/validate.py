@@ -303,7 +303,15 @@ class _Runner:
             keys[name] = key
         for _ in range(self.cfg.max_extensions):
             self._share_aliases()
-            todo = [n for n in runs if n in self.results and n not in self.alias and not _plateaued(self.results[n])]
+            # AdaLoRA's rank budget schedule is tied to its total steps: it is judged as trained, never extended
+            todo = [
+                n
+                for n in runs
+                if n in self.results
+                and n not in self.alias
+                and self.configs[n].method != "adalora"
+                and not _plateaued(self.results[n])
+            ]
             if not todo:
                 break
             for n in todo:
