@@ -63,6 +63,28 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
     for s in mods:
         assert s["repeats"][0]["eigenvalues"][0] <= r0["eigenvalues"][0] * (1 + 1e-3)
     assert (out / "analysis.npz").is_file()
+    # the whole-module K-FAC curves: every target module, each damping, calibrated per scope on its Lanczos pairs
+    kf = doc["kfac"]
+    assert set(kf["per_z"]) == {"0.1", "0.01", "0.001"} and kf["groups"] == 4
+    curves = kf["per_z"]["0.01"]["modules"]
+    assert set(curves) == set(doc["modules"])
+    for c in curves.values():
+        assert c["ranks"][-1] == min(doc["modules"][next(iter(curves))]["shape"]) or c["ranks"][-1] <= 16
+        assert all(b >= a - 1e-15 for a, b in zip(c["decrease"], c["decrease"][1:]))  # running maximum
+        assert c["peak"] == pytest.approx(max(0.0, max(c["decrease"])))
+    cal = kf["calibration"]
+    assert {"joint", "group:q_proj", "model.layers.0.self_attn.q_proj"} <= set(cal)
+    assert cal["joint"]["scale"] > 0 and len(cal["joint"]["ratios"]) == 3
+    # the exact check along the K-FAC steps: one HVP per rank; K-FAC curvature is positive, the exact one need not
+    # be (a random tiny model's Hessian is indefinite), and the certified decrease exists only where it is
+    chk = cal["joint"]["exact_check"]
+    assert [c["rank"] for c in chk] == [1, 8] and all(c["dKd"] > 0 for c in chk)
+    for c in chk:
+        if c["dHd"] > 0 and c["g_dot_d"] < 0:
+            assert c["exact_decrease"] == pytest.approx(0.5 * c["g_dot_d"] ** 2 / c["dHd"])
+        else:
+            assert c["exact_decrease"] is None
+    assert doc["cost"]["seconds_units"] >= kf["seconds"]
     # summary statistics over the repeats
     assert joint["summary"]["eigenvalues_std"][0] >= 0
 
