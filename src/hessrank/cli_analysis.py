@@ -224,6 +224,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    res = write_report(args.dir, validation=args.validation, out=args.out)
+    print(f"wrote {res['html']} and {res['markdown']} ({len(res['figures'])} figures)")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the pipeline subcommands to the ``hessrank`` parser."""
     sp = sub.add_parser(
@@ -406,3 +414,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser(
+        "report",
+        help="the analysis, advice and validation as report.html (self-contained) and report.md",
+        description="Reads DIR/analysis.json (or DIR/analysis/analysis.json), the recommendation beside it and a "
+        "validation (DIR/validation or --validation); writes report.html, report.md and report_files/. "
+        "Example: hessrank report runs/demo",
+    )
+    sp.add_argument("dir", help="analysis folder, or a folder holding analysis/ and validation/")
+    sp.add_argument("--validation", default=None, help="validation folder (default: DIR/validation if present)")
+    sp.add_argument("--out", default=None, help="output folder (default: DIR)")
+    sp.set_defaults(func=cmd_report)

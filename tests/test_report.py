@@ -1,0 +1,144 @@
+"""``hessrank report``: the page is written from the documented files, self-contained, and renders in a browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+
+import pytest
+
+OPTS = {"label_names": ("negative", "positive"), "template": "Review: {text}\nSentiment:"}
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_llama_dir, tmp_path_factory):
+    """A tiny analysis, recommendation and one-seed validation, then the report (about 20 s)."""
+    from hessrank.advisor import recommend, write_recommendation
+    from hessrank.analysis import AnalysisConfig, analyze
+    from hessrank.report import write_report
+    from hessrank.validate import ValidateConfig, validate
+
+    d = tmp_path_factory.mktemp("rep")
+    rows = ["text\tlabel"] + [f"{'good great' if i % 2 else 'bad dull'} film {i}\t{i % 2}" for i in range(160)]
+    (d / "data.tsv").write_text("\n".join(rows) + "\n")
+    an = d / "analysis"
+    analyze(
+        AnalysisConfig(
+            model=str(tiny_llama_dir),
+            data=str(d / "data.tsv"),
+            modules="q_proj,v_proj",
+            top_k=3,
+            negative_k=0,
+            slq_probes=2,
+            slq_steps=6,
+            batch_size=8,
+            num_batches=1,
+            max_length=24,
+            kfac_batches=8,
+            quant_formats=("nf4",),
+            quant_sign_probes=1,
+            quant_eval_batches=1,
+            data_options=OPTS,
+        ),
+        an,
+        progress=False,
+    )
+    write_recommendation(recommend(an), an)
+    cfg = ValidateConfig(
+        recommendation=str(an / "recommendation.json"),
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        lr=1e-2,
+        seeds=(0,),
+        multipliers=(1.0, 2.0),
+        competitors=("folk",),
+        max_extensions=0,
+        max_train=80,
+        max_eval=24,
+    )
+    validate(cfg, d / "validation", progress=False)
+    return d, write_report(d)
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_complete(reported):
+    import matplotlib.image as mpimg
+
+    d, res = reported
+    page = (d / "report.html").read_text()
+    assert set(res["figures"]) >= {"eigenvalues", "density", "ranks", "rank_curve", "quantization", "memory", "ladder"}
+    # every figure is embedded as a PNG that decodes; nothing is fetched from anywhere
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(uris) == len(res["figures"])
+    for u in uris:
+        img = mpimg.imread(io.BytesIO(base64.b64decode(u)), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01  # not blank
+    assert not re.search(r"""(src|href)=["']https?:""", page)
+    for title in ("Summary", "Spectrum", "Recommendation", "Quantization", "Memory", "Validation"):
+        assert f"<h2>{title}</h2>" in page
+    md = (d / "report.md").read_text()
+    for key in res["figures"]:
+        assert f"(report_files/{key}.png)" in md and (d / "report_files" / f"{key}.png").is_file()
+    assert "Verdict:" in md and "| module | shape | rank |" in md
+
+
+def test_report_refuses_a_folder_without_an_analysis(tmp_path):
+    from hessrank.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium_with_every_image_loaded(reported, tmp_path):
+    """A real browser opens report.html from disk: every <img> decodes (naturalWidth > 0), and a screenshot of the
+    page is not blank. The probe script goes into a copy; the report itself has no script."""
+    import matplotlib.image as mpimg
+
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium is not installed (Debian packages chromium, chromium-driver; .ci/run installs them)")
+    d, res = reported
+    page = (d / "report.html").read_text()
+    assert "<script" not in page
+    probe = (
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.title='loaded '+i.filter(x=>x.complete&&x.naturalWidth>0).length+' of '+i.length;});</script>"
+    )
+    copy = tmp_path / "probe.html"
+    copy.write_text(page.replace("</body>", probe + "</body>"))
+    dom = subprocess.run(
+        [exe, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    n = len(res["figures"])
+    assert f"<title>loaded {n} of {n}</title>" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [exe, *CHROMIUM_FLAGS, f"--screenshot={shot}", "--window-size=1200,2400", (d / "report.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    img = mpimg.imread(shot)
+    assert img.shape[0] >= 1000 and img.std() > 0.02  # text, tables and figures, not an empty page
