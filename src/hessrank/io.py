@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ def ensure_new_or_resumable(out: str | Path, marker: str, resume: bool, overwrit
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HessrankError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         ours = (out / marker).exists()
         if not (ours and resume) and not overwrite:
             what = "an earlier hessrank run" if ours else "files hessrank did not write"
@@ -133,3 +133,40 @@ def ensure_new_or_resumable(out: str | Path, marker: str, resume: bool, overwrit
             )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+LOCK_FILE = ".hessrank.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(out: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive lock on output folder ``out`` while a stage writes it.
+
+    ``fcntl.flock`` on ``out/.hessrank.lock`` (released by the kernel when the process dies, so a killed run
+    leaves no stale lock); a second process that tries to write the same folder gets a clear error naming the pid
+    holding it. Where ``fcntl`` does not exist (Windows) the folder is not locked.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HessrankError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        yield out
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise HessrankError(
+                f"{out}: another hessrank process is writing this folder ({holder}); wait for it to finish or "
+                "choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, hessrank {what}".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import IGNORE_INDEX, Dataset, Encoder, load_dataset, split_dataset
 from .errors import HessrankError
-from .io import ensure_new_or_resumable, read_json, write_json
+from .io import ensure_new_or_resumable, folder_lock, read_json, write_json
 from .models import load_model, resolve_targets
 from .tasks import batch_to
 
@@ -735,6 +735,11 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume, extend, or return the finished result of) one training run into folder ``out``."""
     out = Path(out)
+    with folder_lock(out, "train"):
+        return _train(cfg, out, resume, overwrite, progress)
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
     done = _prepare_run(cfg, out, resume, overwrite)
     if done is not None:
         return done

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .errors import HessrankError
-from .io import atomic_write, ensure_new_or_resumable, read_json, write_json
+from .io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
 from .train import TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,13 @@ def validate(
     rec_path = Path(cfg.recommendation)
     if not rec_path.is_file():
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
+    with folder_lock(out, "validate"):
+        return _validate(cfg, out, rec_path, resume, overwrite, progress)
+
+
+def _validate(
+    cfg: ValidateConfig, out: Path, rec_path: Path, resume: bool, overwrite: bool, progress: bool
+) -> dict[str, Any]:
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     runs, facts = plan_runs(cfg)
     _check_folder(cfg, out, runs, overwrite)
