@@ -302,7 +302,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "module's in both held-out halves (default 0: every analysed module gets at least rank 1)",
     )
     sp.add_argument("--z", default="0.01", help="damping relative to the largest curvature (0.1, 0.01, 0.001)")
-    sp.add_argument("--share", type=float, default=0.9, help="share of the predicted decrease the ranks must reach")
+    sp.add_argument(
+        "--share",
+        type=float,
+        default=None,
+        help="share of the predicted decrease the ranks must reach (default: 1 - tolerance)",
+    )
     sp.add_argument("--batch-size", type=int, default=None, help="training batch for the memory forecast")
     sp.add_argument("--seq-len", type=int, default=None, help="training sequence length for the memory forecast")
     sp.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
