@@ -92,3 +92,13 @@ def test_too_large_when_within_the_band_at_more_than_twice_the_knee():
     ladder = {1: _metrics(1.0, 0, 100), 4: _metrics(0.999, 0, 400)}
     v = _verdict(ValidateConfig(recommendation="x"), adv, 1000, ladder, p)
     assert v["verdict"] == "too large" and v["knee"] == 1
+
+
+def test_a_smaller_rung_that_beats_the_advice_makes_it_beaten_not_too_small():
+    from hessrank.validate import ValidateConfig, _verdict, paired_differences
+
+    adv = {0: 1.0, 1: 1.0, 2: 1.0}
+    p = paired_differences({0: 0.9, 1: 0.91, 2: 0.89}, adv)
+    ladder = {1: _metrics(0.9, 0, 100), 8: _metrics(1.0, 0, 800)}
+    assert _verdict(ValidateConfig(recommendation="x"), adv, 400, ladder, p, rival_params=100)["verdict"] == "beaten"
+    assert _verdict(ValidateConfig(recommendation="x"), adv, 400, ladder, p, rival_params=800)["verdict"] == "too small"

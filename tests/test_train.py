@@ -299,9 +299,9 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     out = tmp_path / "val"
     doc = validate(cfg, out, progress=False)
     assert doc["schema"] == "hessrank.validation/1"
-    assert doc["verdict"] in ("right", "too small", "too large", "inconclusive") and doc["why"]
+    assert doc["verdict"] in ("right", "too small", "beaten", "too large", "inconclusive") and doc["why"]
     if doc["verdict"] == "inconclusive":
-        assert doc["provisional_verdict"] in ("right", "too small", "too large") and doc["unsettled_runs"]
+        assert doc["provisional_verdict"] in ("right", "too small", "beaten", "too large") and doc["unsettled_runs"]
     names = {r["run"] for r in doc["runs"]}
     assert {"advice-s0", "advice-s1", "advice-s2", "method-ia3", "folk-8", "folk-16", "eva", "adalora"} <= names
     assert any(n.startswith("rank-") for n in names) and {"rival-s1", "rival-s2"} <= names

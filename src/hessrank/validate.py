@@ -23,8 +23,9 @@ are doubled and it resumes from its last checkpoint, up to ``max_extensions`` ti
 **Paired verdict.** Seed-to-seed variation (data order, initialisation) is largely shared by runs with the same
 seed, so the advice is compared with its rival *seed by seed*: dₛ = L(rival, s) − L(advice, s), mean d̄ and
 standard error se = sd(d)/√n over n ≥ 3 seeds. The band is max(tolerance·L_best, 2·se). The advice is *too small*
-when d̄ < −band (the rival is better by more than the band); otherwise *right* when it trains at most twice the
-knee's parameters, else *too large*. The knee r* is the smallest ladder rank within the band of the best rung at
+when d̄ < −band (the rival is better by more than the band) and the rival trains more parameters, *beaten* when
+the better rival trains fewer; otherwise *right* when it trains at most twice the knee's parameters, else *too
+large*. The knee r* is the smallest ladder rank within the band of the best rung at
 the first seed. A run that is still improving after the extensions makes the verdict *inconclusive* (the would-be
 verdict is kept as provisional). Competitors are single-seed and compared with the advice at the same seed under
 the same band; the table says who wins at which budget. Loss decides; accuracy is reported beside it.
@@ -402,9 +403,16 @@ def _by_seed(runs: list[dict[str, Any]]) -> dict[int, float]:
 
 
 def _verdict(
-    cfg: ValidateConfig, adv: dict[int, float], adv_params: int, ladder: dict[int, dict[str, Any]], paired: dict
+    cfg: ValidateConfig,
+    adv: dict[int, float],
+    adv_params: int,
+    ladder: dict[int, dict[str, Any]],
+    paired: dict,
+    rival_params: int | None = None,
 ) -> dict[str, Any]:
-    """Band, knee and verdict from the paired differences (see the module docstring)."""
+    """Band, knee and verdict from the paired differences (see the module docstring). A rival better by more than
+    the band that trains *fewer* parameters than the advice does not make it "too small": the verdict is then
+    "beaten" (a smaller uniform rank does better than the advised allocation)."""
     s0 = cfg.seeds[0]
     adv_mean = float(np.mean(list(adv.values())))
     scale = min(adv_mean, adv_mean + paired["mean"]) if paired.get("mean") is not None else adv_mean
@@ -416,10 +424,12 @@ def _verdict(
     mean = paired.get("mean")
     basis = f"paired over {paired['n']} seeds" if paired.get("n", 0) >= 2 else "one seed: no paired spread"
     if mean is not None and mean < -band:
-        verdict = "too small"
+        smaller = rival_params is not None and rival_params < adv_params
+        verdict = "beaten" if smaller else "too small"
         why = (
             f"the best rung beats the advice by {-mean:.4f} on average seed by seed ({basis}), beyond the band "
             f"{band:.4f} (max of {cfg.tolerance:.0%} and 2x the paired standard error {se or 0:.4f})"
+            + (f", with fewer parameters ({rival_params:,} vs {adv_params:,})" if smaller else "")
         )
     elif knee_params is not None and adv_params > 2 * knee_params:
         verdict = "too large"
@@ -523,7 +533,8 @@ def summarise(
     ladder = {int(k.split("-")[1]): results[k] for k in results if k.startswith("rank-")}
     rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
     paired = paired_differences(_by_seed(rival_runs), adv) if rival else {"n": 0, "mean": None, "se": None}
-    v = _verdict(cfg, adv, adv_params, ladder, paired)
+    rival_params = int(results[rival]["train_info"]["num_trainable_params"]) if rival else None
+    v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params)
     judged = {f"rank-{r}": m for r, m in ladder.items()} | {f"advice-s{_seed(m)}": m for m in advice}
     judged |= {f"rival-s{_seed(m)}": m for m in rival_runs}
     unsettled = sorted(k for k, m in judged.items() if not _plateaued(m))
