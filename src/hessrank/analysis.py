@@ -40,8 +40,8 @@ import torch
 
 from . import __version__
 from .curvature import HessianOperator
-from .data import Encoder, analysis_batches, load_dataset, split_dataset
-from .errors import HessrankError
+from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
+from .errors import HessrankError, ScopeError
 from .io import ensure_new_or_resumable, folder_lock, read_json, read_npz, write_json, write_npz
 from .lanczos import lanczos, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
@@ -151,6 +151,14 @@ def resolve_device(device: str) -> torch.device:
         raise HessrankError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HessrankError(f"device '{device}' asked for but CUDA is not available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HessrankError(
+            f"device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s); use --device cuda:0"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        mod = getattr(torch.backends, dev.type, None)
+        if mod is None or not getattr(mod, "is_available", lambda: False)():
+            raise HessrankError(f"device '{device}' is not available in this torch build; use --device cpu or auto")
     return dev
 
 
@@ -446,6 +454,14 @@ def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: boo
     """Refuse a folder holding another analysis or changed data; clear it on ``overwrite``; write the config."""
     cfg_path = out / CONFIG_FILE
     old = read_json(cfg_path) if cfg_path.exists() and resume and not overwrite else None
+    units = out / "units"
+    if old is not None and old.get("config") != cfg.to_dict() and not any(units.glob("*.json")):
+        # an earlier run that stopped before finishing any unit (a bad input, say): nothing to lose, start afresh
+        log.info("%s: earlier analysis finished no unit; starting again with the new configuration", out)
+        for f in list(units.glob("*")) if units.is_dir() else []:
+            f.unlink()
+        (out / "probe_head.pt").unlink(missing_ok=True)
+        old = None
     if old is not None and old.get("config") != cfg.to_dict():
         diff = sorted(k for k in cfg.to_dict() if old.get("config", {}).get(k) != cfg.to_dict()[k])
         raise HessrankError(
@@ -568,12 +584,15 @@ def _setup(cfg: AnalysisConfig, out: Path) -> _Setup:
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    if task == "seq-cls":
+        check_labels(ds, num_labels)
     train, held_out = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
     lm = load_model(cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device)
     lm.model.eval()
     enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train)
+    check_loss_tokens(train, enc)
+    targets = resolve_targets(lm.model, cfg.modules)  # before the probe: a bad pattern fails at once
     point = _analysis_point(cfg, out, lm.model, train, enc, device)
-    targets = resolve_targets(lm.model, cfg.modules)
     return _Setup(cfg, out, ds, train, held_out, task, lm, enc, loss_fn_for(task), point, targets, device)
 
 
@@ -697,12 +716,26 @@ def _analyze(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool, prog
     }
     architecture = _architecture(su.lm.model, su.task, su.lm.info["num_parameters"])
     scopes = _scope_list(su.lm.model, su.targets, cfg.scopes)
+    _check_k(cfg, scopes, module_info)
     units_dir = out / "units"
     units_dir.mkdir(exist_ok=True)
     _run_kfac(su, units_dir, progress)
     _run_scopes(su, scopes, units_dir, progress)
     _run_quantization(su, units_dir, progress)
     return _aggregate(cfg, out, scopes, module_info, su.point, su.lm, su.ds, su.train, su.task, started, architecture)
+
+
+def _check_k(cfg: AnalysisConfig, scopes: list[tuple[str, str, list[str]]], module_info: dict) -> None:
+    """Refuse --top-k / --negative-k that are not below a scope's dimension (Lanczos would return every
+    eigenvalue, and the top-k subspace would be the whole space)."""
+    for sname, _, mods in scopes:
+        n = sum(module_info[m]["params"] for m in mods)
+        for opt, k in (("top-k", cfg.top_k), ("negative-k", cfg.negative_k)):
+            if k >= n:
+                raise ScopeError(
+                    f"--{opt} {k} is not below the dimension of scope '{sname}' ({n:,} parameters); "
+                    f"choose --{opt} below {n:,} or add modules to the scope"
+                )
 
 
 def _architecture(model: torch.nn.Module, task: str, num_parameters: int) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device",
         "gen_eval",
         "dropout",
+        "use_rslora",
     )
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "target_modules", None):
@@ -146,6 +147,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     over = {**_train_overrides(args), **getattr(args, "config_extra", {})}
     if args.recommendation:
         cfg = TrainConfig.from_recommendation(args.recommendation, data=args.data, **over)
+        for opt, given, made in (("model", args.model, cfg.model), ("task", args.task, cfg.task)):
+            if given and given != made:
+                raise HessrankError(
+                    f"{args.recommendation}: this recommendation was made for {opt} '{made}', not '{given}'; drop "
+                    f"--{opt}, or run hessrank analyze and recommend for '{given}' first"
+                )
     else:
         if not (args.model and args.data):
             raise HessrankError(
@@ -335,7 +342,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     o.add_argument("--target-modules", default=None)
     for name, typ in (
         ("rank", int),
-        ("alpha", int),
+        ("alpha", float),
         ("steps", int),
         ("epochs", float),
         ("lr", float),
@@ -352,6 +359,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ("dropout", float),
     ):
         o.add_argument(f"--{name}", type=typ, default=None)
+    o.add_argument(
+        "--use-rslora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scale LoRA by alpha/sqrt(r) (default with --recommendation, alpha 8; else alpha/r with alpha 2r)",
+    )
     o.add_argument("--lr-scheduler", default=None, help="linear (default), cosine, constant, constant_with_warmup")
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--device", default=None)

@@ -239,6 +239,8 @@ def read_records(spec: DataSpec) -> tuple[list[dict[str | int, Any]], list[str |
     fmt = spec.format if spec.format != "auto" else _detect_format(path)
     if fmt not in FORMATS:
         raise DataError(f"{path}: format '{fmt}' is not one of {', '.join(FORMATS[1:])}")
+    if spec.limit is not None and spec.limit < 1:
+        raise DataError(f"--limit must be at least 1 row, got {spec.limit}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     rows: list[dict[str | int, Any]] = []
@@ -402,6 +404,16 @@ def load_dataset(data: str | DataSpec, split: str = "train", **overrides: Any) -
 def _map_labels(raw: list[str], label_names: tuple[str, ...] | None, path: str) -> tuple[list[str], list[int]]:
     """Labels as class indices. Integer labels 0..K-1 stay; string labels map to ``label_names`` order."""
     uniq = sorted(set(raw))
+    for u in uniq:
+        try:
+            x = float(u)
+        except ValueError:
+            continue
+        if not x.is_integer() or not u.lstrip("-").isdigit():
+            raise DataError(
+                f"{path}: label {u!r} is not a class index; labels must be integers 0..K-1 or names "
+                "(give names in order with --label-names)"
+            )
     if all(u.lstrip("-").isdigit() for u in uniq):
         ints = [int(v) for v in raw]
         k = max(ints) + 1
@@ -419,6 +431,34 @@ def _map_labels(raw: list[str], label_names: tuple[str, ...] | None, path: str) 
         return list(label_names), [index[v] for v in raw]
     index = {n: i for i, n in enumerate(uniq)}
     return uniq, [index[v] for v in raw]
+
+
+def check_labels(ds: Dataset, num_labels: int) -> None:
+    """Refuse a classification dataset whose labels do not fit a head of ``num_labels`` classes."""
+    if ds.kind != "classification" or not ds.label_names or len(ds.label_names) <= num_labels:
+        return
+    bad = next(i for i, e in enumerate(ds.examples) if e.label is not None and e.label >= num_labels)
+    lab = ds.label_names[ds.examples[bad].label or 0]
+    raise DataError(
+        f"{ds.source}: {len(ds.label_names)} distinct labels ({', '.join(ds.label_names[:6])}) but --num-labels "
+        f"is {num_labels}; example {bad + 1} has label {lab!r} outside 0..{num_labels - 1}: raise --num-labels or "
+        "fix the labels"
+    )
+
+
+def check_loss_tokens(ds: Dataset, encoder: Encoder, sample: int = 256) -> None:
+    """Refuse causal-LM data where tokenization and truncation leave no token to predict in any example."""
+    if encoder.task != "causal-lm":
+        return
+    for ex in ds.examples[:sample]:
+        labels = encoder.encode(ex)["labels"]
+        if any(y != IGNORE_INDEX for y in labels[1:]):  # the loss predicts token t from tokens < t
+            return
+    raise DataError(
+        f"{ds.source}: no example has a token left to predict after tokenization and truncation to --max-length "
+        f"{encoder.max_length} (checked the first {min(sample, len(ds))}; a plain-text line needs at least two "
+        "tokens); use longer texts, an --answer-field, or a larger --max-length"
+    )
 
 
 def split_dataset(
@@ -463,7 +503,7 @@ class Encoder:
         if task not in ("seq-cls", "causal-lm"):
             raise DataError(f"task '{task}' is not one of seq-cls, causal-lm")
         if max_length < 4:
-            raise DataError(f"max_length must be at least 4, got {max_length}")
+            raise DataError(f"--max-length must be at least 4 tokens, got {max_length}")
         self.tok = tokenizer
         self.task = task
         self.max_length = max_length

@@ -126,10 +126,15 @@ def ensure_new_or_resumable(out: str | Path, marker: str, resume: bool, overwrit
     if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         ours = (out / marker).exists()
         if not (ours and resume) and not overwrite:
-            what = "an earlier hessrank run" if ours else "files hessrank did not write"
+            if ours:
+                raise HessrankError(
+                    f"{out}: folder holds an earlier hessrank run and --no-resume was given; rerun without "
+                    "--no-resume to continue it, pass --overwrite to replace it, or choose another --out"
+                )
+            theirs = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
             raise HessrankError(
-                f"{out}: folder holds {what}; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --out"
+                f"{out}: folder holds files hessrank did not write ({', '.join(theirs[:3])}"
+                f"{', ...' if len(theirs) > 3 else ''}); choose another --out, or pass --overwrite to write into it"
             )
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -199,12 +199,28 @@ def resolve_model(name: str | os.PathLike[str]) -> Path:
 
         return Path(snapshot_download(sname, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception:
+        import difflib
+
         bundled = ", ".join(BUNDLED_MODELS)
+        near = difflib.get_close_matches(sname, list(BUNDLED_MODELS), n=1, cutoff=0.7)
+        hint = f"did you mean '{near[0]}'? " if near else ""
         raise ModelError(
             f"model '{sname}' is not a bundled model ({bundled}), not a local folder, and not in the Hugging Face "
             f"cache; {'HF_HUB_OFFLINE is set' if offline else 'the hub could not be reached'}, so it cannot be "
-            "downloaded"
+            f"downloaded; {hint}see `hessrank models`, or pass a local model folder"
         ) from None
+
+
+def _check_safetensors(name: str, path: Path) -> None:
+    """Refuse a model folder without safetensors weights: hessrank never unpickles a checkpoint."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack"))
+    found = f" (found {', '.join(others[:3])})" if others else ""
+    raise ModelError(
+        f"model '{name}' ({path}): no .safetensors weights{found}; hessrank loads safetensors only, never a pickled "
+        "checkpoint: convert it once with transformers' save_pretrained(..., safe_serialization=True)"
+    )
 
 
 def load_tokenizer(name: str | os.PathLike[str]) -> Any:
@@ -212,7 +228,7 @@ def load_tokenizer(name: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -339,10 +355,12 @@ def load_model(
         task = BUNDLED_MODELS[sname].task if sname in BUNDLED_MODELS else "causal-lm"
     _check_options(task, quantization, dtype, num_labels)
     path = resolve_model(sname)
+    _check_safetensors(sname, path)
     torch_dtype = DTYPES[dtype]
     compute = torch.float32 if torch_dtype == torch.float64 else torch_dtype
     qconf = bnb_config(quantization, double_quant, compute, list(HEAD_NAMES) if task == "seq-cls" else None)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    # safetensors only (no pickle), and no code from the model folder
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": False}
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         if str(device) != "cpu":
