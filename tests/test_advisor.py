@@ -200,8 +200,9 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
     BitsAndBytesConfig(**json.loads((tmp_path / "bnb_config.json").read_text()))
     ax = yaml.safe_load((tmp_path / "axolotl.yaml").read_text())
     assert ax["lora_r"] == doc["global_rank"] and "lora_target_modules" in ax
+    assert lcfg.use_rslora and ax["peft_use_rslora"] is True and doc["lora"]["use_rslora"] is True
     lf = yaml.safe_load((tmp_path / "llamafactory.yaml").read_text())
-    assert lf["finetuning_type"] == "lora" and lf["lora_rank"] == doc["global_rank"]
+    assert lf["finetuning_type"] == "lora" and lf["lora_rank"] == doc["global_rank"] and lf["use_rslora"] is True
 
     # get_peft_model builds exactly the advised shapes
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -215,7 +216,9 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
         o, i = d["shape"]
         assert tuple(named[key].lora_A["default"].weight.shape) == (d["rank"], i)
         assert tuple(named[key].lora_B["default"].weight.shape) == (o, d["rank"])
-        assert named[key].scaling["default"] == pytest.approx(d["alpha"] / d["rank"])
+        # rank-stable scaling α/√r (rsLoRA), the same α on every module
+        assert named[key].scaling["default"] == pytest.approx(d["alpha"] / d["rank"] ** 0.5)
+        assert d["alpha"] == doc["lora"]["lora_alpha"]
 
 
 @pytest.mark.slow

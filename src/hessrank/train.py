@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .advisor.rank import RSLORA_ALPHA
 from .data import IGNORE_INDEX, Dataset, Encoder, load_dataset, split_dataset
 from .errors import HessrankError
 from .io import ensure_new_or_resumable, folder_lock, read_json, write_json
@@ -54,8 +55,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "hessrank.metrics/1"
 TIMING_FILE = "hessrank_time.json"  # train seconds and tokens up to a checkpoint (resume keeps the whole cost)
 METHODS = ("lora", "rslora", "dora", "lora-eva", "adalora", "ia3", "prefix", "prompt", "bitfit", "full")
-#: Default learning rates (AdamW) when ``lr`` is None: adapters and BitFit 1e-3 (with lora_alpha = 2r, the rate the
-#: validation cases of reports/validation.md train with), full fine-tuning 2e-5.
+#: Default learning rates (AdamW) when ``lr`` is None: adapters and BitFit 1e-3 (the rate the validation cases of
+#: reports/validation.md train with), full fine-tuning 2e-5.
 DEFAULT_LR: dict[str, float] = {m: 1e-3 for m in METHODS} | {"full": 2e-5}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 QUANT_FOR_LOAD = {"none": "none", "llm.int8": "int8", "int8": "int8", "nf4": "nf4", "nf4-dq": "nf4", "fp4": "fp4"}
@@ -71,10 +72,12 @@ class TrainConfig:
     method: str = "lora"
     quantization: str = "none"
     rank: int = 8
-    alpha: int | None = None  #: default 2·rank
+    alpha: float | None = None  #: default 2·rank, or :data:`RSLORA_ALPHA` with ``use_rslora``
     rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: list[str] | str = "q_proj,v_proj"
+    #: scale LoRA by α/√r instead of α/r (PEFT ``use_rslora``; method ``rslora`` implies it); the advice's recipe
+    use_rslora: bool = False
     dropout: float = 0.0
     num_virtual_tokens: int = 16
     steps: int | None = None  #: None: ``epochs`` passes over the training split (see :func:`resolve_schedule`)
@@ -123,6 +126,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @property
+    def rank_stable(self) -> bool:
+        """Whether LoRA is scaled by α/√r (``use_rslora`` or method ``rslora``)."""
+        return self.use_rslora or self.method == "rslora"
+
+    def alpha_for(self, rank: int) -> float:
+        """lora_alpha of a module of ``rank``: ``alpha`` if given, else :data:`RSLORA_ALPHA` (α/√r scaling) or 2r."""
+        if self.alpha is not None:
+            return self.alpha
+        return RSLORA_ALPHA if self.rank_stable else 2 * rank
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -143,16 +157,20 @@ class TrainConfig:
         an = rec["analysis"]["config"]
         mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
         r = int(rec["global_rank"])
+        lora = rec.get("lora") or {}  # recommendations before rank-stable scaling: α = 2r per module
+        rs = bool(lora.get("use_rslora", False))
+        alpha = float(lora["lora_alpha"]) if rs else 2 * r
         kw: dict[str, Any] = {
             "model": rec["model"],
             "data": data or an["data"],
             "task": rec["task"],
             "method": "lora",
+            "use_rslora": rs,
             "quantization": rec["quantization"]["format"],
             "rank": r,
-            "alpha": 2 * r,
+            "alpha": None if rs else alpha,
             "rank_pattern": {m: int(d["rank"]) for m, d in mods.items() if int(d["rank"]) != r},
-            "alpha_pattern": {m: int(d["alpha"]) for m, d in mods.items() if int(d["alpha"]) != 2 * r},
+            "alpha_pattern": {m: d["alpha"] for m, d in mods.items() if float(d["alpha"]) != alpha},
             "target_modules": sorted(mods),
             "max_length": int(an["max_length"]),
             "seed": int(an["seed"]),
@@ -172,9 +190,9 @@ def _task_type(task: str) -> str:
     return "SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"
 
 
-def _escape_pattern(d: dict[str, int]) -> dict[str, int]:
+def _escape_pattern(d: dict[str, Any]) -> dict[str, Any]:
     # full module names become exact regex keys (PEFT matches keys with re.match(rf"(.*\\.)?({key})$", name))
-    return {(k if any(c in k for c in "*+?[]()|\\") else re.escape(k)): int(v) for k, v in d.items()}
+    return {(k if any(c in k for c in "*+?[]()|\\") else re.escape(k)): v for k, v in d.items()}
 
 
 def build_peft_model(
@@ -221,7 +239,7 @@ def build_peft_model(
         if n == 0:
             raise HessrankError(f"BitFit trains bias terms only, and model '{cfg.model}' has none")
         return model
-    alpha = cfg.alpha if cfg.alpha is not None else 2 * cfg.rank
+    alpha = cfg.alpha_for(cfg.rank)
     if m in ("lora", "rslora", "dora", "lora-eva"):
         conf = LoraConfig(
             r=cfg.rank,
@@ -231,7 +249,7 @@ def build_peft_model(
             task_type=tt,
             rank_pattern=_escape_pattern(cfg.rank_pattern),
             alpha_pattern=_escape_pattern(cfg.alpha_pattern),
-            use_rslora=(m == "rslora"),
+            use_rslora=cfg.rank_stable,
             use_dora=(m == "dora"),
             modules_to_save=head or None,
             init_lora_weights="eva" if m == "lora-eva" else True,

@@ -47,7 +47,7 @@ import numpy as np
 
 from .errors import HessrankError
 from .io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
-from .train import TrainConfig, plateau_status, train
+from .train import RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,24 @@ def _training_key(tc: TrainConfig) -> str:
     if d.get("method") != "lora" or not isinstance(targets, list):
         return json.dumps(d, sort_keys=True, default=str)
     pat, apat = d.get("rank_pattern") or {}, d.get("alpha_pattern") or {}
-    per = {t: (int(pat.get(t, d["rank"])), float(apat.get(t, d["alpha"]))) for t in targets}
+    ranks = {t: int(pat.get(t, d["rank"])) for t in targets}
+    per = {t: (ranks[t], float(apat.get(t, tc.alpha_for(ranks[t])))) for t in targets}
     rest = {k: v for k, v in d.items() if k not in ("rank", "alpha", "rank_pattern", "alpha_pattern")}
     return json.dumps([per, rest], sort_keys=True, default=str)
+
+
+def _alpha(plain: TrainConfig, rank: int) -> float | None:
+    """lora_alpha of a uniform-rank run derived from the advice's config: the same scaling rule as the advice
+    (None: :data:`hessrank.train.RSLORA_ALPHA` under rank-stable scaling; 2r otherwise)."""
+    return None if plain.rank_stable else 2 * rank
+
+
+def _alpha_rule(metrics: dict[str, Any] | None) -> str:
+    """The LoRA scaling rule of the advice's runs, as written in the recipe."""
+    tc = (metrics or {}).get("run_info", {}).get("train_config", {})
+    if tc.get("use_rslora") or tc.get("method") == "rslora":
+        return f"{tc.get('alpha') or RSLORA_ALPHA:g}, scaled by α/√r (rank-stable, use_rslora)"
+    return "2r"
 
 
 def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
@@ -150,18 +165,19 @@ def _competitor_runs(
     mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
     if "folk" in cfg.competitors:
         for r in FOLK_RANKS:
-            runs[f"folk-{r}"] = dataclasses.replace(plain, rank=r, alpha=2 * r)
+            runs[f"folk-{r}"] = dataclasses.replace(plain, rank=r, alpha=_alpha(plain, r))
     if "eva" in cfg.competitors:
-        runs["eva"] = dataclasses.replace(plain, method="lora-eva", rank=ru, alpha=2 * ru)
+        runs["eva"] = dataclasses.replace(plain, method="lora-eva", rank=ru, alpha=_alpha(plain, ru))
     if "adalora" in cfg.competitors:
-        runs["adalora"] = dataclasses.replace(plain, method="adalora", rank=ru, alpha=2 * ru)
+        # AdaLoRA scales by α/r in its own layers (no rank-stable option): its published recipe, α = 2r
+        runs["adalora"] = dataclasses.replace(plain, method="adalora", rank=ru, alpha=2 * ru, use_rslora=False)
     if "uniform-budget" in cfg.competitors and ru not in ladder:
-        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=2 * ru)
+        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=_alpha(plain, ru))
     ru_all = None
     if "uniform-all" in cfg.competitors and len(rec["modules"]) > len(mods):
         ru_all = _uniform_rank_for_params(advice_params, [tuple(d["shape"]) for d in rec["modules"].values()])
         runs["uniform-all"] = dataclasses.replace(
-            plain, rank=ru_all, alpha=2 * ru_all, target_modules=sorted(rec["modules"])
+            plain, rank=ru_all, alpha=_alpha(plain, ru_all), target_modules=sorted(rec["modules"])
         )
     return runs, ru_all
 
@@ -191,7 +207,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     ladder = sorted({min(full, max(1, round(r * m))) for m in cfg.multipliers})
     plain = dataclasses.replace(base, rank_pattern={}, alpha_pattern={})
     for rr in ladder:
-        runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=2 * rr)
+        runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=_alpha(plain, rr))
     advice_params = sum(d["rank"] * (d["shape"][0] + d["shape"][1]) for d in mods.values())
     ru = _uniform_rank_for_params(advice_params, shapes)
     comp, ru_all = _competitor_runs(cfg, plain, rec, advice_params, ru, ladder)
@@ -561,7 +577,7 @@ def summarise(
             else cfg.lr,
             "lr_scheduler": "constant_with_warmup",
             "batch_size": cfg.batch_size,
-            "alpha": "2r",
+            "alpha": _alpha_rule(results.get(f"advice-s{s0}")),
             "early_stopping": f"best held-out loss, patience {cfg.patience} evaluations",
             "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times",
             "seeds": list(cfg.seeds),

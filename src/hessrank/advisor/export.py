@@ -4,12 +4,12 @@
   full module names, regex-escaped; PEFT matches keys with ``re.match(rf"(.*\\.)?({key})$", name)``).
 * ``bnb_config.json`` — ``transformers.BitsAndBytesConfig(**json.load(f))`` (``{}`` when no quantization).
 * ``axolotl.yaml`` — keys from axolotl's schema (``src/axolotl/utils/schemas/peft.py``): ``adapter``, ``lora_r``,
-  ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``, ``load_in_8bit``/``load_in_4bit``,
+  ``lora_alpha``, ``peft_use_rslora``, ``lora_dropout``, ``lora_target_modules``, ``load_in_8bit``/``load_in_4bit``,
   ``lora_modules_to_save``, ``bnb_config_kwargs`` (4-bit path only), and ``lora_rank_pattern`` /
   ``lora_alpha_pattern`` (recent axolotl versions only; older ones drop unknown keys).
 * ``llamafactory.yaml`` — keys from LLaMA-Factory's ``finetuning_args.py`` / ``model_args.py``:
-  ``finetuning_type: lora``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_target`` (comma-separated),
-  ``additional_target``, ``quantization_bit``, ``quantization_method: bnb``, ``quantization_type``,
+  ``finetuning_type: lora``, ``lora_rank``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``lora_target``
+  (comma-separated), ``additional_target``, ``quantization_bit``, ``quantization_method: bnb``, ``quantization_type``,
   ``double_quantization``. LLaMA-Factory has no per-module rank: the fragment carries the global rank.
 """
 
@@ -28,11 +28,15 @@ def lora_config_dict(rec: dict[str, Any], dropout: float = 0.05) -> dict[str, An
     """The ``peft.LoraConfig`` keyword arguments of a recommendation."""
     mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
     r = int(rec["global_rank"])
+    lora = rec.get("lora") or {}  # older recommendations: α = 2r per module, plain α/r scaling
+    rs = bool(lora.get("use_rslora", False))
+    alpha = lora["lora_alpha"] if rs else 2 * r
     rank_pattern = {re.escape(m): int(d["rank"]) for m, d in mods.items() if int(d["rank"]) != r}
-    alpha_pattern = {re.escape(m): int(d["alpha"]) for m, d in mods.items() if int(d["alpha"]) != 2 * r}
+    alpha_pattern = {re.escape(m): d["alpha"] for m, d in mods.items() if float(d["alpha"]) != float(alpha)}
     cfg: dict[str, Any] = {
         "r": r,
-        "lora_alpha": 2 * r,
+        "lora_alpha": alpha,
+        "use_rslora": rs,
         "lora_dropout": dropout,
         "target_modules": sorted(mods),
         "rank_pattern": rank_pattern,
@@ -61,6 +65,8 @@ def axolotl_dict(rec: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
         "lora_dropout": lora["lora_dropout"],
         "lora_target_modules": lora["target_modules"],
     }
+    if lora.get("use_rslora"):
+        d["peft_use_rslora"] = True
     if lora.get("rank_pattern"):
         d["lora_rank_pattern"] = lora["rank_pattern"]
     if lora.get("alpha_pattern"):
@@ -83,6 +89,8 @@ def llamafactory_dict(rec: dict[str, Any], lora: dict[str, Any]) -> dict[str, An
         "lora_dropout": lora["lora_dropout"],
         "lora_target": ",".join(_suffixes(lora["target_modules"])),
     }
+    if lora.get("use_rslora"):
+        d["use_rslora"] = True
     if lora.get("modules_to_save"):
         d["additional_target"] = ",".join(lora["modules_to_save"])
     if q != "none":

@@ -41,6 +41,15 @@ from typing import Any
 #: The rank grid advice is given on (the analysis measures its curves on the same grid, capped at full rank).
 RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+#: lora_alpha of rank-stabilised scaling (``use_rslora``): the adapter's output is scaled by α/√r (Kalajdzievski
+#: 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732). Under Adam every
+#: entry of B moves by about the learning rate per step, so the update ΔW = s·B·A grows like s·√r: with the common
+#: α = 2r (s = 2) a larger rank *learns faster* at the same learning rate, and a rank ladder measures learning speed
+#: as much as capacity. With s = α/√r the update's size no longer depends on r. α = 8 makes every rank move as fast
+#: as the folk recipe r = 16, α = 32 (2·√16 = 8; also PEFT's default lora_alpha): that recipe is unchanged at r = 16.
+#: The advice is trained and validated with this scaling, so its small ranks learn as fast as the ladder's large ones.
+RSLORA_ALPHA = 8
+
 
 def lora_params(rank: int, out_features: int, in_features: int) -> int:
     """Trainable parameters of a rank-r LoRA adapter on an (out × in) weight: A (r × in) and B (out × r)."""

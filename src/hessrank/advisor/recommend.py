@@ -43,6 +43,7 @@ from . import quant as Q
 from .export import write_configs
 from .memory import Architecture, fmt_bytes, forecast
 from .rank import (
+    RSLORA_ALPHA,
     JointCurve,
     ModuleCurve,
     ScopeModel,
@@ -124,7 +125,7 @@ class ModuleAdvice:
     selected: bool = True
     rank: int = 0
     rank_rule: str = ""
-    alpha: int = 0
+    alpha: float = 0  #: lora_alpha (every module: RSLORA_ALPHA, scaled by α/√r)
     reasons: list[str] = field(default_factory=list)
     compensation: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
@@ -607,7 +608,7 @@ def _compensate(est: Estimates, quant: dict[str, Any] | None, chosen: Q.FormatOp
         "delta_rel_norm",
     )
     for m, adv in est.advice.items():
-        adv.alpha = 2 * adv.rank
+        adv.alpha = RSLORA_ALPHA if adv.rank > 0 else 0
         if quant is not None:
             adv.quantization = {f: {k: quant["formats"][f]["modules"][m][k] for k in keys} for f in quant["formats"]}
 
@@ -704,6 +705,15 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "estimators": {k: a.to_dict() for k, a in allocs.items()},
         "calibration": est.calibration or None,
         "global_rank": int(global_rank),
+        "lora": {
+            "use_rslora": True,
+            "lora_alpha": RSLORA_ALPHA,
+            "why": (
+                f"rank-stable scaling α/√r with α = {RSLORA_ALPHA} (rsLoRA, Kalajdzievski 2023): the update's size "
+                "no longer grows with r under Adam, so a small advised rank learns as fast as a large one; at r = 16 "
+                "it is the folk recipe α = 32"
+            ),
+        },
         "uniform_curve": {"ranks": grid, "predicted_decrease": uni},
         "quantization": _quantization_doc(quant, chosen, options, ctx),
         "modules": {m: a.to_dict() for m, a in est.advice.items()},
