@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,6 +92,111 @@ def _weight_grad(mod: nn.Module) -> torch.Tensor:
     return g.T if type(mod).__name__ == "Conv1D" else g
 
 
+class _Recorder:
+    """Forward hooks that keep each module's input and the gradient at its output for the current batch."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.acts: dict[str, torch.Tensor] = {}
+        self.outgrads: dict[str, torch.Tensor] = {}
+        self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
+
+    def _hook(self, name: str) -> Any:
+        def fwd(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            self.acts[name] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g: self.outgrads.__setitem__(name, g.detach()))
+
+        return fwd
+
+    def clear(self) -> None:
+        self.acts.clear()
+        self.outgrads.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class _Sums:
+    """Running sums: x xᵀ and ĝ ĝᵀ per module, true-label gradients per (module, group), and their counts."""
+
+    groups: int
+    factors: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    grads: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    items: list[float] = field(default_factory=list)
+    positions: int = 0
+    fisher_items: int = 0
+
+    def __post_init__(self) -> None:
+        self.items = [0.0] * self.groups
+
+    def add_grad(self, name: str, k: int, g: torch.Tensor) -> None:
+        cur = self.grads.setdefault(name, [None] * self.groups)[k]
+        self.grads[name][k] = g if cur is None else cur + g
+
+    def add_factors(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        g = g.reshape(-1, g.shape[-1]).double()
+        xx, gg = (x.T @ x).cpu(), (g.T @ g).cpu()
+        if name not in self.factors:
+            self.factors[name] = [xx, gg]
+        else:
+            self.factors[name][0] += xx
+            self.factors[name][1] += gg
+
+    def result(self, names: Sequence[str]) -> dict[str, ModuleStats]:
+        if min(self.items) <= 0:
+            raise HessrankError("a K-FAC batch group has no loss items (raise --max-length)")
+        out = {}
+        for name in names:
+            A, G = self.factors[name]
+            grads = [gs / n for gs, n in zip(self.grads[name], self.items) if gs is not None]
+            out[name] = ModuleStats(A / self.positions, G / self.fisher_items, grads)
+        return out
+
+
+def _batch_statistics(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batch: dict[str, torch.Tensor],
+    b: int,
+    rec: _Recorder,
+    sums: _Sums,
+    gen: torch.Generator,
+) -> None:
+    """One batch: the true-label gradient into group b mod groups, then the sampled-label output gradients."""
+    k = b % sums.groups
+    rec.clear()
+    with torch.enable_grad():
+        logits, target = loss_logits(model, batch)
+        lg = _upcast(logits)
+        true_loss = nn.functional.cross_entropy(lg, target, reduction="sum")
+        if not torch.isfinite(true_loss):
+            raise NumericalError(
+                f"K-FAC statistics of {', '.join(list(modules)[:3])}{' ...' if len(modules) > 3 else ''}: "
+                f"the loss of batch {b} is {float(true_loss)}; check the data and the model's dtype"
+            )
+        true_loss.backward(retain_graph=True)
+        for name, mod in modules.items():
+            sums.add_grad(name, k, _weight_grad(mod))
+            mod.weight.grad = None
+        probs = torch.softmax(lg.detach(), -1)
+        y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(lg.device)
+        rec.outgrads.clear()
+        nn.functional.cross_entropy(lg, y, reduction="sum").backward()
+    sums.items[k] += int(target.shape[0])
+    sums.fisher_items += int(target.shape[0])
+    real = batch["attention_mask"].bool()
+    sums.positions += int(real.sum())
+    for name, mod in modules.items():
+        x, g = rec.acts[name], rec.outgrads[name]
+        if x.dim() == 3:
+            x, g = x[real], g[real]
+        sums.add_factors(name, x, g)
+        mod.weight.grad = None
+
+
 def collect(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -112,24 +217,9 @@ def collect(
     if len(batches) < groups:
         raise HessrankError(f"K-FAC needs at least {groups} batches (one per group), got {len(batches)}")
     device = next(iter(modules.values())).weight.device
-    acts: dict[str, torch.Tensor] = {}
-    outgrads: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in modules.items():
-
-        def fwd(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name) -> None:
-            acts[name] = args[0].detach()
-            if out.requires_grad:
-                out.register_hook(lambda g, name=name: outgrads.__setitem__(name, g.detach()))
-
-        handles.append(mod.register_forward_hook(fwd))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    sums: dict[str, list[torch.Tensor]] = {}
-    gsum: dict[str, list[torch.Tensor | None]] = {n: [None] * groups for n in modules}
-    items = [0.0] * groups
-    positions = 0
-    fisher_items = 0
+    sums = _Sums(groups)
     it: Any = enumerate(batches)
     if progress:
         from tqdm.auto import tqdm
@@ -137,6 +227,7 @@ def collect(
         it = tqdm(it, total=len(batches), desc="K-FAC statistics", leave=False)
     was_training = model.training
     model.eval()
+    rec = _Recorder(modules)
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -144,60 +235,15 @@ def collect(
             mod.weight.requires_grad_(True)
             mod.weight.grad = None
         for b, batch in it:
-            batch = batch_to(batch, device)
-            k = b % groups
-            acts.clear()
-            outgrads.clear()
-            with torch.enable_grad():
-                logits, target = loss_logits(model, batch)
-                lg = _upcast(logits)
-                true_loss = nn.functional.cross_entropy(lg, target, reduction="sum")
-                if not torch.isfinite(true_loss):
-                    raise NumericalError(f"K-FAC: the loss of batch {b} is {float(true_loss)}")
-                true_loss.backward(retain_graph=True)
-                for name, mod in modules.items():
-                    g = _weight_grad(mod)
-                    cur = gsum[name][k]
-                    gsum[name][k] = g if cur is None else cur + g
-                    mod.weight.grad = None
-                probs = torch.softmax(lg.detach(), -1)
-                y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(lg.device)
-                outgrads.clear()
-                nn.functional.cross_entropy(lg, y, reduction="sum").backward()
-            items[k] += int(target.shape[0])
-            fisher_items += int(target.shape[0])
-            real = batch["attention_mask"].bool()
-            positions += int(real.sum())
-            for name in modules:
-                x, g = acts[name], outgrads[name]
-                if x.dim() == 3:
-                    x, g = x[real], g[real]
-                x = x.reshape(-1, x.shape[-1]).double()
-                g = g.reshape(-1, g.shape[-1]).double()
-                xx, gg = (x.T @ x).cpu(), (g.T @ g).cpu()
-                if name not in sums:
-                    sums[name] = [xx, gg]
-                else:
-                    sums[name][0] += xx
-                    sums[name][1] += gg
-                mod = modules[name]
-                mod.weight.grad = None
+            _batch_statistics(model, modules, batch_to(batch, device), b, rec, sums, gen)
     finally:
-        for h in handles:
-            h.remove()
+        rec.remove()
         for mod in modules.values():
             mod.weight.grad = None
         for p, f in flags:
             p.requires_grad_(f)
         model.train(was_training)
-    if min(items) <= 0:
-        raise HessrankError("a K-FAC batch group has no loss items (raise --max-length)")
-    out = {}
-    for name in modules:
-        A, G = sums[name]
-        grads = [gs / n for gs, n in zip(gsum[name], items) if gs is not None]
-        out[name] = ModuleStats(A / positions, G / fisher_items, grads)
-    return out
+    return sums.result(list(modules))
 
 
 # ----------------------------------------------------------------------------------------------------------
