@@ -362,6 +362,13 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     (an / "recommendation.json").write_text(json.dumps(rec))
     with pytest.raises(HessrankError, match=r"recommendation\.json.*changed"):
         validate(cfg, out, progress=False)
+    # --overwrite validates the new advice: the advice runs are retrained, the unchanged ladder runs resume
+    ladder_stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("rank-*/metrics.json")}
+    redone = validate(cfg, out, overwrite=True, progress=False)
+    held = json.loads((out / "runs" / "advice-s0" / "train_config.json").read_text())["config"]
+    assert held["rank_pattern"].get(first, held["rank"]) == rec["modules"][first]["rank"]
+    assert redone["verdict"] in ("right", "too small", "beaten", "too large", "inconclusive")
+    assert ladder_stamp and all(p.stat().st_mtime_ns == t for p, t in ladder_stamp.items())
     # advice that drops a module is tested against one uniform rank on every analysed module
     from hessrank.validate import plan_runs
 
@@ -560,3 +567,17 @@ def test_rank_stable_scaling_makes_the_update_size_independent_of_rank():
     assert 0.6 < rs < 1.6, rs  # ≈ 1
     # at r = 16 the rank-stable recipe is the folk α = 32 recipe exactly
     assert _first_adam_step_norm(16, True, 0) == pytest.approx(_first_adam_step_norm(16, False, 0), rel=1e-6)
+
+
+def test_a_run_folder_written_before_a_new_config_field_still_resumes(tmp_path):
+    """A train_config.json without a field added later (use_rslora) compares at the field's default."""
+    from hessrank.io import write_json
+    from hessrank.train import _prepare_run
+
+    cfg = TrainConfig(model="m", data="d", rank=4, steps=10)
+    old = cfg.to_dict()
+    del old["use_rslora"]
+    write_json(tmp_path / "train_config.json", {"schema": "hessrank.train_config/1", "config": old})
+    assert _prepare_run(cfg, tmp_path, resume=True, overwrite=False) is None  # resumes, no refusal
+    with pytest.raises(HessrankError, match="differs in: use_rslora"):
+        _prepare_run(dataclasses.replace(cfg, use_rslora=True), tmp_path, resume=True, overwrite=False)

@@ -528,7 +528,8 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
     """
     cfg_file = out / "train_config.json"
     if cfg_file.exists() and not overwrite:
-        old = read_json(cfg_file).get("config") or {}
+        # through TrainConfig, so that a field added since the folder was written compares at its default
+        old = TrainConfig.from_dict(read_json(cfg_file).get("config") or {}).to_dict()
         new = cfg.to_dict()
         diff = sorted(k for k in new if old.get(k) != new[k])
         length_only = diff == ["steps"] and old.get("steps") is not None and cfg.steps is not None

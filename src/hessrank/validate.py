@@ -288,8 +288,9 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
 class _Runner:
     """Trains planned runs (reusing identical ones) and extends those still improving."""
 
-    def __init__(self, cfg: ValidateConfig, out: Path, progress: bool):
+    def __init__(self, cfg: ValidateConfig, out: Path, progress: bool, overwrite: bool = False):
         self.cfg, self.out, self.progress = cfg, out, progress
+        self.overwrite = overwrite  #: replace a run folder that trained something else (validate --overwrite)
         self.results: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
         self.configs: dict[str, TrainConfig] = {}
@@ -297,8 +298,17 @@ class _Runner:
         self.extended: dict[str, int] = {}
 
     def _one(self, name: str, tc: TrainConfig) -> None:
+        folder = self.out / "runs" / name
+        made = folder / "train_config.json"
+        # with --overwrite a run folder that trained another configuration is replaced; the same training (an
+        # extension differs in steps only) resumes
+        replace = (
+            self.overwrite
+            and made.exists()
+            and _training_key(TrainConfig.from_dict(read_json(made)["config"])) != _training_key(tc)
+        )
         try:
-            self.results[name] = train(tc, self.out / "runs" / name, resume=True, progress=self.progress)
+            self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
             self.configs[name] = tc
         except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
             self.errors[name] = str(e)
@@ -369,7 +379,7 @@ def _validate(
         {"schema": "hessrank.validate_config/2", "config": cfg.to_dict(), "recommendation_sha256": rec_hash},
     )
     started = time.time()
-    runner = _Runner(cfg, out, progress)
+    runner = _Runner(cfg, out, progress, overwrite=overwrite)
     runner.run_all(runs)
     first = f"advice-s{cfg.seeds[0]}"
     # the closest rival gets the other seeds too (a rung identical to the advice is the advice, not a rival)
