@@ -641,6 +641,18 @@ def _run_scopes(su: _Setup, scopes: list[tuple[str, str, list[str]]], units_dir:
             res.update({"scope": sname, "kind": kind, "repeat": rep, "modules": mods})
             write_npz(npath, arrays)
             write_json(jpath, res)  # written last: its presence marks the unit as done
+            if not res["converged"]:
+                log.warning(
+                    "%s (repeat %d): the top-%d eigenvalues did not all converge in %d HVPs (tol %g); residuals "
+                    "||Hv - lambda v|| %s, error bounds %s; raise --max-matvecs or loosen --tol",
+                    sname,
+                    rep,
+                    len(res["eigenvalues"]),
+                    res["lanczos_matvecs"],
+                    cfg.tol,
+                    ", ".join(f"{x:.3g}" for x in res["residuals"]),
+                    ", ".join(f"{x:.3g}" for x in res["error_bounds"]),
+                )
             log.info(
                 "%s (repeat %d): lambda_max %.4g, %d HVPs, %.1fs",
                 sname,

@@ -1,7 +1,8 @@
 """Command-line interface: a thin shell over the Python API.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming the file, field, module or value), 1 an
-unexpected internal error (with a traceback, which is a bug to report).
+Exit codes: 0 success, 2 bad input (one line on stderr naming the file, field, module or value), 130/143
+interrupted by SIGINT/SIGTERM (one line; rerunning resumes), 1 an unexpected internal error (with a traceback,
+which is a bug to report).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -159,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose)
+    previous = _catch_sigterm()
     try:
         _apply_config_and_check(parser, args, list(argv) if argv is not None else sys.argv[1:])
         rc: Any = args.func(args)
@@ -167,9 +170,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())  # one line, whatever the message held
         print(f"hessrank {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hessrank {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        name = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        print(
+            f"hessrank {args.command}: interrupted ({name}); finished work is kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so a killed run unwinds like Ctrl-C: locks released, temporary
+    files removed (every output is written atomically), one line on stderr."""
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` while a command runs; returns the previous handler (None when
+    signals cannot be set here, e.g. outside the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
 
 
 def _apply_config_and_check(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:

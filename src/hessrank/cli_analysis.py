@@ -58,6 +58,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         probe_examples=args.probe_examples,
         device=args.device,
+        dtype=args.dtype,
         keep_graph=args.keep_graph,
         quant_formats=tuple(f.strip() for f in args.quant_formats.split(",") if f.strip()),
         quant_sign_probes=args.quant_sign_probes,
@@ -251,6 +252,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--probe-examples", type=int, default=512, help="examples for the linear probe (seq-cls)")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="precision of the model and the HVPs (float64: slower, for checking float32 results)",
+    )
     sp.add_argument("--keep-graph", choices=["auto", "true", "false"], default="auto")
     sp.add_argument(
         "--quant-formats",

@@ -243,7 +243,14 @@ class HessianOperator:
         if loss.dim() != 0:
             raise ScopeError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} for batch {b}")
         if not torch.isfinite(loss):
-            raise NumericalError(f"loss is {loss.item()} on batch {b}; check the data and the model's dtype")
+            raise NumericalError(
+                f"loss is {loss.item()} on batch {b} (scope: {self._scope_name()}); check the data and the model's "
+                "dtype"
+            )
+
+    def _scope_name(self) -> str:
+        mods = self.modules
+        return ", ".join(mods[:3]) + (f" and {len(mods) - 3} more module(s)" if len(mods) > 3 else "")
 
     def _check_vec(self, out: torch.Tensor, what: str, b: int | None = None) -> None:
         if not torch.isfinite(out).all():
@@ -364,13 +371,12 @@ class HessianOperator:
             assert self._graphs is not None
             for b, (w, (_, grads)) in enumerate(zip(self.weights, self._graphs)):
                 hv = torch.autograd.grad(grads, self.params, grad_outputs=vs, retain_graph=True, allow_unused=True)
-                out += w * self.flatten(hv)
-                del b
+                out += w * self._checked(self.flatten(hv), b)
             return out
         for b, w in enumerate(self.weights):
             _, grads = self._batch_grad(b, create_graph=True)
             hv = torch.autograd.grad(grads, self.params, grad_outputs=vs, allow_unused=True)
-            out += w * self.flatten(hv)
+            out += w * self._checked(self.flatten(hv), b)
             del grads, hv
         return out
 
@@ -392,8 +398,13 @@ class HessianOperator:
             ctx = hvp_safe_attention() if self.hvp_safe else contextlib.nullcontext()
             with ctx:
                 _, hv = jvp(grad(loss_of, argnums=tuple(range(len(primals)))), primals, vs)
-            out += w * self.flatten(hv)
+            out += w * self._checked(self.flatten(hv), b)
         return out
+
+    def _checked(self, hv: torch.Tensor, b: int) -> torch.Tensor:
+        """One batch's HVP, refused with the batch and module(s) when it holds a NaN/Inf."""
+        self._check_vec(hv, "Hessian-vector product", b)
+        return hv
 
     # ------------------------------------------------------------------ helpers
     def to_dense(self) -> torch.Tensor:

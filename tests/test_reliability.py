@@ -1,0 +1,440 @@
+"""Interruptions, numerical trouble, determinism and safety (issue 14).
+
+The interruption tests run real ``hessrank analyze`` processes on a 2-layer random BERT: one is killed with
+SIGKILL after its first scope is on disk and rerun, which must skip the finished units and end with the same
+``analysis.json`` as an uninterrupted run; SIGINT and SIGTERM end a run with one line and keep finished work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hessrank.errors import NumericalError
+
+#: Fields that hold wall-clock times or dates, the only ones two runs may differ in.
+TIME_KEYS = {
+    "created",
+    "seconds",
+    "hvp_seconds",
+    "graph_seconds",
+    "statistics_seconds",
+    "hvp_seconds_mean",
+    "graph_seconds_mean",
+    "seconds_this_run",
+    "seconds_units",
+}
+
+
+def without_times(obj):
+    if isinstance(obj, dict):
+        return {k: without_times(v) for k, v in obj.items() if k not in TIME_KEYS}
+    if isinstance(obj, list):
+        return [without_times(v) for v in obj]
+    return obj
+
+
+def _rows(n: int) -> str:
+    return "text\tlabel\n" + "".join(f"a {'good' if i % 2 else 'bad'} movie number {i}\t{i % 2}\n" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("reliability") / "s.tsv"
+    f.write_text(_rows(120))
+    return f
+
+
+def analyze_argv(model: Path, data: Path, out: Path) -> list[str]:
+    # four module scopes and the joint one: five units after the K-FAC unit, each a few seconds
+    return [
+        "analyze",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--task",
+        "seq-cls",
+        "--modules",
+        "query,value",
+        "--scope",
+        "module,joint",
+        "--top-k",
+        "2",
+        "--negative-k",
+        "1",
+        "--slq-probes",
+        "1",
+        "--slq-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--num-batches",
+        "1",
+        "--max-length",
+        "16",
+        "--kfac-batches",
+        "4",
+        "--probe-examples",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hessrank", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "hessrank", *argv], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def all_json_parse(out: Path) -> list[str]:
+    """Every JSON file hessrank has put in place under ``out`` parses (temporary files start with a dot)."""
+    names = []
+    for f in sorted(out.rglob("*.json")):
+        if not f.name.startswith("."):
+            json.loads(f.read_text())
+            names.append(f.name)
+    return names
+
+
+def wait_for(proc: subprocess.Popen, ready, out: Path, timeout: float = 300) -> None:
+    """Poll until ``ready()``, checking at every poll that each JSON file on disk parses (atomic writes); fail if
+    the process ends first."""
+    t0 = time.time()
+    while not ready():
+        if out.is_dir():
+            all_json_parse(out)
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()[1]}"
+        assert time.time() - t0 < timeout, "timed out waiting for the first unit"
+        time.sleep(0.05)
+
+
+def scope_units(out: Path) -> list[Path]:
+    return sorted((out / "units").glob("r0__*.json")) if (out / "units").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_bert_dir, data_file) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted") / "an"
+    run(analyze_argv(tiny_bert_dir, data_file, out))
+    return json.loads((out / "analysis.json").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_bert_dir, data_file, uninterrupted):
+    out = tmp_path / "an"
+    argv = analyze_argv(tiny_bert_dir, data_file, out)
+    proc = start(argv)
+    try:
+        wait_for(proc, lambda: bool(scope_units(out)), out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    all_json_parse(out)  # nothing half-written, whatever the kill interrupted
+    assert not (out / "analysis.json").exists()
+    done = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in (out / "units").glob("*.json")}
+    assert "kfac.json" in done and any(n.startswith("r0__") for n in done)
+    assert len([n for n in done if n.startswith("r0__")]) < 5, "the kill came too late to test a resume"
+
+    r = run(argv)  # the same command again
+    for name, (mtime, content) in done.items():
+        f = out / "units" / name
+        assert f.stat().st_mtime_ns == mtime and f.read_bytes() == content, f"{name} was redone"
+    assert len(scope_units(out)) == 5
+    resumed = json.loads((out / "analysis.json").read_text())
+    _diff(resumed, uninterrupted)
+    assert "wrote" in r.stdout
+
+
+def _diff(a, b, path: str = "") -> bool:
+    """Fail with the first differing field (a readable message instead of two large dicts)."""
+    a, b = without_times(a), without_times(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert set(a) == set(b), f"{path}: keys differ: {set(a) ^ set(b)}"
+        for k in a:
+            _diff(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_sigint_sigterm_end_with_one_line_and_keep_finished_work(sig, code, tmp_path, tiny_bert_dir, data_file):
+    out = tmp_path / "an"
+    proc = start(analyze_argv(tiny_bert_dir, data_file, out))
+    try:
+        wait_for(proc, lambda: (out / "units" / "kfac.json").exists(), out)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hessrank analyze: interrupted (") and "rerun the same command to resume" in last, err
+    assert sum("interrupted" in line for line in err.splitlines()) == 1
+    all_json_parse(out)
+    assert (out / "units" / "kfac.json").exists()
+    assert not list(out.rglob(".*.tmp")), "a temporary file was left behind"
+    # the lock went with the process: the same folder can be written again at once
+    from hessrank.io import folder_lock
+
+    with folder_lock(out, "test"):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# determinism
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_same_inputs_and_seed_give_an_identical_analysis_on_cpu(tmp_path, tiny_bert_dir, data_file, uninterrupted):
+    out = tmp_path / "again"
+    run(analyze_argv(tiny_bert_dir, data_file, out))
+    again = json.loads((out / "analysis.json").read_text())
+    _diff(again, uninterrupted)
+    assert again["scopes"][0]["repeats"][0]["eigenvalues"] == uninterrupted["scopes"][0]["repeats"][0]["eigenvalues"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# numerics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_nan_loss_names_the_batch_and_scope():
+    """A NaN input on batch 1: the loss check names the batch and the scope's module."""
+    from fixtures import tiny_mlp
+    from hessrank import HessianOperator
+
+    model, batches, loss_fn = tiny_mlp()
+    batches[1] = {**batches[1], "x": batches[1]["x"].clone()}
+    batches[1]["x"][0, 0] = float("nan")
+    op = HessianOperator(model, loss_fn, batches, params=["fc1"], keep_graph=False)
+    with pytest.raises(NumericalError) as e:
+        op.gradient()
+    msg = str(e.value)
+    assert "batch 1" in msg and "scope: fc1" in msg, msg
+
+
+@pytest.mark.parametrize("keep_graph", [False, True])
+def test_nan_hvp_names_the_batch_and_module(keep_graph):
+    """A finite loss whose curvature is not: on batch 2 a term 0·d·sqrt(|d|) in fc2 (d = 0 at the point) has value
+    0 but a NaN derivative; the HVP check names that batch and fc2."""
+    from fixtures import tiny_mlp
+    from hessrank import HessianOperator
+
+    model, batches, loss_fn = tiny_mlp()
+    bad = batches[2]
+
+    def loss_with_bad_curvature(m, b):
+        loss = loss_fn(m, b)
+        if b["x"].data_ptr() == bad["x"].data_ptr():
+            d = m.fc2.weight[0, 0] - m.fc2.weight[0, 0].detach()
+            loss = loss + 0.0 * d * d.abs().sqrt()
+        return loss
+
+    op = HessianOperator(model, loss_with_bad_curvature, batches, params=["fc1", "fc2"], keep_graph=keep_graph)
+    assert torch.isfinite(torch.tensor(op.loss()))
+    with pytest.raises(NumericalError) as e:
+        op.matvec(torch.ones(op.n, dtype=torch.float64))
+    msg = str(e.value)
+    assert "Hessian-vector product" in msg and "on batch 2" in msg and "fc2" in msg, msg
+
+
+@pytest.mark.slow
+def test_nan_in_analyze_is_one_line_with_batch_and_scope(tmp_path, tiny_bert_dir, data_file, monkeypatch, capsys):
+    """Through the CLI: a NaN loss in the analysis is exit code 2 and one line naming the batch and the scope."""
+    from hessrank import tasks
+    from hessrank.cli import main
+
+    real = tasks.seq_cls_loss
+
+    def poisoned(model, batch):
+        loss = real(model, batch)
+        return loss + float("nan") if loss.requires_grad else loss
+
+    monkeypatch.setattr(tasks, "seq_cls_loss", poisoned)
+    argv = analyze_argv(tiny_bert_dir, data_file, tmp_path / "an")
+    argv[argv.index("module,joint")] = "joint"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss is nan on batch 0" in err[0], err
+    assert "scope: bert.encoder.layer.0.attention.self.query" in err[0], err
+
+
+@pytest.mark.slow
+def test_float64_mode(tmp_path, tiny_bert_dir, data_file, uninterrupted):
+    """``--dtype float64`` runs the whole analysis in double precision (the probe head included, so the analysis
+    point differs slightly: the head is fitted in float64 too); float32's top eigenvalue of every scope is within
+    10% of float64's (6% at most measured here: layer 1's value)."""
+    from hessrank.cli import main
+
+    argv = [*analyze_argv(tiny_bert_dir, data_file, tmp_path / "an64"), "--dtype", "float64"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "an64" / "analysis.json").read_text())
+    assert doc["config"]["dtype"] == "float64" and uninterrupted["config"]["dtype"] == "float32"
+    for s64, s32 in zip(doc["scopes"], uninterrupted["scopes"]):
+        assert s64["name"] == s32["name"]
+        assert s64["summary"]["converged"]
+        l64, l32 = s64["summary"]["lambda_max_mean"], s32["summary"]["lambda_max_mean"]
+        print(f"{s64['name']}: float32 {l32:.6g}, float64 {l64:.6g}, relative difference {abs(l32 / l64 - 1):.2g}")
+        assert abs(l32 - l64) <= 0.1 * abs(l64), (s64["name"], l32, l64)
+
+
+def test_lanczos_breakdown_on_a_low_rank_matrix():
+    """A rank-3 matrix (eigenvalues 5, 2, -1 and 37 zeros): the Krylov space is invariant after 4 steps (beta = 0).
+    Lanczos stops there with exact pairs, no NaN; asked for more than one copy of the repeated 0, the
+    multiplicity pass (a fresh start on the deflated operator) finds them."""
+    from hessrank.lanczos import DenseOperator, lanczos
+
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.zeros(n, dtype=torch.float64)
+    lam[:3] = torch.tensor([5.0, 2.0, -1.0], dtype=torch.float64)
+    A = (Q * lam) @ Q.T
+    res = lanczos(DenseOperator(A), k=3, which="LA", tol=1e-8, seed=0, return_eigenvectors=True)
+    assert res.converged and res.num_matvecs == 4 and np.isfinite(res.eigenvalues).all()
+    np.testing.assert_allclose(res.eigenvalues, [5.0, 2.0, 0.0], atol=1e-10)
+    V = res.eigenvectors
+    np.testing.assert_allclose((V.T @ V).numpy(), np.eye(3), atol=1e-10)
+    np.testing.assert_allclose((A @ V - V * torch.from_numpy(res.eigenvalues)).norm(dim=0).numpy(), 0, atol=1e-9)
+    neg = lanczos(DenseOperator(A), k=1, which="SA", tol=1e-8, seed=1)
+    np.testing.assert_allclose(neg.eigenvalues, [-1.0], atol=1e-10)
+    more = lanczos(DenseOperator(A), k=5, which="LA", tol=1e-8, seed=0, check_multiplicity=True)
+    assert more.converged
+    np.testing.assert_allclose(more.eigenvalues, [5.0, 2.0, 0.0, 0.0, 0.0], atol=1e-10)
+
+
+def test_unconverged_eigenvalues_are_flagged_with_residuals():
+    """Out of HVPs: converged is False and the residuals say by how much (they are what the warning prints)."""
+    from hessrank.lanczos import DenseOperator, lanczos
+
+    lam = np.linspace(1.0, 1.001, 200)  # a clustered top: needs many steps
+    A = torch.diag(torch.from_numpy(lam))
+    res = lanczos(DenseOperator(A), k=3, which="LA", tol=1e-10, max_matvecs=8, seed=0)
+    assert not res.converged and res.num_matvecs == 8
+    assert len(res.residuals) == 3 and (res.residuals > 1e-10 * res.eigenvalues).any()
+    assert (res.error_bounds >= 0).all()
+
+
+@pytest.mark.slow
+def test_unconverged_analysis_warns_with_residuals(tmp_path, tiny_bert_dir, data_file, caplog):
+    import logging
+
+    from hessrank.cli import main
+
+    argv = analyze_argv(tiny_bert_dir, data_file, tmp_path / "an")
+    argv[argv.index("module,joint")] = "joint"
+    argv += ["--max-matvecs", "3", "--tol", "1e-6"]
+    with caplog.at_level(logging.WARNING, logger="hessrank"):
+        assert main(argv) == 0
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "converge" in r.getMessage()]
+    assert len(warn) == 1 and "joint (repeat 0)" in warn[0] and "residuals" in warn[0], warn
+    doc = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    r0 = doc["scopes"][0]["repeats"][0]
+    assert r0["converged"] is False and len(r0["residuals"]) == 2
+    assert ", ".join(f"{x:.3g}" for x in r0["residuals"]) in warn[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safety
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_torch_load_in_the_source_is_weights_only():
+    """No pickle loading: each ``torch.load(`` call in src/ passes ``weights_only=True``."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "hessrank"
+    calls = []
+    for f in src.rglob("*.py"):
+        text = f.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, i = 1, m.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((f.name, text[m.start() : i]))
+    assert calls, "expected at least the probe head's torch.load"
+    bad = [c for c in calls if "weights_only=True" not in c[1]]
+    assert not bad, bad
+
+
+def test_model_code_in_a_folder_is_never_run(tmp_path, tiny_bert_dir):
+    """A model folder that asks for its own code (``auto_map``): refused with a ModelError, the code never runs."""
+    from hessrank.errors import ModelError
+    from hessrank.models import load_model
+
+    d = tmp_path / "remote_code"
+    d.mkdir()
+    for f in tiny_bert_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(
+        model_type="evil-bert",
+        auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"},
+    )
+    (d / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "code_ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (d / "configuration_evil.py").write_text(code)
+    (d / "modeling_evil.py").write_text(code)
+    with pytest.raises(ModelError):
+        load_model(str(d), "seq-cls")
+    assert not marker.exists()
+
+
+def test_offline_runs_never_open_a_socket(tmp_path, tiny_bert_dir, monkeypatch):
+    """With HF_HUB_OFFLINE=1 loading a local model and looking up an uncached hub id open no connection."""
+    import socket
+
+    from hessrank.errors import ModelError
+    from hessrank.models import load_model, resolve_model
+
+    tried: list = []
+
+    def refuse(self, address, *a, **k):
+        tried.append(address)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    lm = load_model(str(tiny_bert_dir), "seq-cls")
+    assert lm.model is not None
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
+        resolve_model("nobody/no-such-model-4711")
+    assert tried == []
