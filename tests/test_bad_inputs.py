@@ -65,6 +65,7 @@ def _write_inputs(d: Path) -> None:
     (d / "negative_labels.tsv").write_text(_rows([str(-(i % 2)) for i in range(60)]))
     (d / "named_labels.tsv").write_text(_rows([["pos", "neg"][i % 2] for i in range(60)]))
     (d / "one_word.txt").write_text("hello\n" * 60)
+    (d / "two_labels.yaml").write_text("task: seq-cls\ndevice: cpu\ntrain:\n  num_labels: 2\n")
     (d / "bad.yaml").write_text("analyze:\n  modules: [query, value\n")
     (d / "unknown_section_key.yaml").write_text("analyze:\n  topk: 3\n")
     (d / "unknown_key.yaml").write_text("model: m\ndata: d\nranks: 3\n")
@@ -75,6 +76,10 @@ def _write_inputs(d: Path) -> None:
     (d / "foreign").mkdir()
     (d / "foreign" / "notes.txt").write_text("mine\n")
     (d / "out_file").write_text("a file where a folder should be\n")
+    (d / "other_train").mkdir()
+    (d / "other_train" / "train_config.json").write_text(json.dumps({"config": {"model": "x", "data": "y"}}))
+    (d / "broken_train").mkdir()
+    (d / "broken_train" / "train_config.json").write_text(json.dumps({"config": {"rank": 3}}))
     (d / "not_analysis").mkdir()
     (d / "not_analysis" / "analysis.json").write_text(json.dumps({"schema": "something.else/1"}))
     (d / "truncated").mkdir()
@@ -145,6 +150,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "labels-beyond-num-labels",
         ["analyze", "--model", BERT, "--data", f"{D}/three_labels.tsv", "--num-labels", "2", *FAST, "--out", "o"],
         ["three_labels.tsv", "3 distinct labels", "outside 0..1", "--num-labels"],
+    ),
+    (
+        "train-labels-beyond-num-labels",
+        ["train", "--model", BERT, "--data", f"{D}/three_labels.tsv", "--config", f"{D}/two_labels.yaml", "--out", "o"],
+        ["three_labels.tsv", "3 distinct labels", "outside 0..1"],
+    ),
+    (
+        "train-labels-not-integers",
+        ["train", "--model", BERT, "--data", f"{D}/float_labels.tsv", "--task", "seq-cls", "--out", "o"],
+        ["float_labels.tsv", "'0.5' is not a class index"],
     ),
     (
         "labels-not-integers",
@@ -297,6 +312,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--no-resume was given", "--overwrite"],
     ),
     (
+        "train-out-holds-another-run",
+        ["train", "--model", BERT, "--data", f"{D}/good.tsv", "--task", "seq-cls", "--out", f"{D}/other_train"],
+        ["other_train", "holds a run with a different configuration (differs in: data, model", "--overwrite"],
+    ),
+    (
+        "train-config-file-incomplete",
+        ["train", "--model", BERT, "--data", f"{D}/good.tsv", "--task", "seq-cls", "--out", f"{D}/broken_train"],
+        ["broken_train/train_config.json", "not a complete hessrank training configuration", "'data'", "--overwrite"],
+    ),
+    (
         "out-is-a-file",
         ["analyze", "--model", BERT, "--data", f"{D}/good.tsv", "--out", f"{D}/out_file"],
         ["not a folder"],
@@ -347,6 +372,33 @@ def test_bad_input_one_line_exit_2(case_id, argv, needles, tmp_path, monkeypatch
     capsys.readouterr()
     rc = main(argv)
     _check_one_line(rc, capsys.readouterr().err, needles)
+
+
+@pytest.mark.parametrize("what", ["data", "config"])
+def test_unreadable_file(what, tmp_path, monkeypatch, capsys, tiny_bert_dir):
+    """A file that exists but cannot be read (permissions; simulated, since the tests may run as root)."""
+    monkeypatch.chdir(tmp_path)
+    _write_inputs(tmp_path)
+    locked = tmp_path / ("good.tsv" if what == "data" else "wrong_type.yaml")
+    real_open, real_read = Path.open, Path.read_text
+
+    def no_open(self, *a, **k):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *a, **k)
+
+    def no_read(self, *a, **k):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(Path, "open", no_open)
+    monkeypatch.setattr(Path, "read_text", no_read)
+    if what == "data":
+        argv = ["analyze", "--model", str(tiny_bert_dir), "--data", str(locked), *FAST, "--out", "o"]
+    else:
+        argv = ["analyze", "--config", str(locked), "--out", "o"]
+    _check_one_line(main(argv), capsys.readouterr().err, [locked.name, "Permission denied", "permissions"])
 
 
 def test_case_count():

@@ -438,3 +438,80 @@ def test_offline_runs_never_open_a_socket(tmp_path, tiny_bert_dir, monkeypatch):
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE"):
         resolve_model("nobody/no-such-model-4711")
     assert tried == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interrupting train
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_argv(model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--task",
+        "seq-cls",
+        "--target-modules",
+        "query,value",
+        "--steps",
+        "40",
+        "--eval-every",
+        "5",
+        "--patience",
+        "100",
+        "--lr-scheduler",
+        "constant",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--max-eval",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    d = out / "checkpoints"
+    return [c for c in d.glob("checkpoint-*") if (c / "trainer_state.json").is_file()] if d.is_dir() else []
+
+
+@pytest.mark.slow
+def test_sigkill_during_train_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_path, tiny_bert_dir, data_file):
+    ref = tmp_path / "ref"
+    run(train_argv(tiny_bert_dir, data_file, ref))
+    want = json.loads((ref / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    argv = train_argv(tiny_bert_dir, data_file, out)
+    proc = start(argv)
+    try:
+        wait_for(proc, lambda: bool(complete_checkpoints(out)), out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    all_json_parse(out)
+    assert not (out / "metrics.json").exists(), "the kill came too late to test a resume"
+    step = max(int(c.name.split("-")[1]) for c in complete_checkpoints(out))
+    # a checkpoint the kill cut short while saving (no trainer_state.json, transformers' last file) is skipped
+    partial = out / "checkpoints" / f"checkpoint-{step + 1}"
+    partial.mkdir(exist_ok=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"truncated")
+
+    run(argv)
+    got = json.loads((out / "metrics.json").read_text())
+    info, ref_info = got["train_info"], want["train_info"]
+    assert info["resumed_from_step"] == step and info["steps"] == ref_info["steps"] == 40
+    assert [e["step"] for e in info["eval_curve"]] == [e["step"] for e in ref_info["eval_curve"]]
+    for key in ("eval_loss", "accuracy"):
+        assert got["train_info"]["metrics"][key] == pytest.approx(ref_info["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert info["best_step"] == ref_info["best_step"]

@@ -56,6 +56,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise HessrankError(f"{p}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise HessrankError(f"{p}: cannot read the config file ({e.strerror or e}); check its permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -299,6 +299,8 @@ def read_records(spec: DataSpec) -> tuple[list[dict[str | int, Any]], list[str |
             keys = list(names) if names is not None else (list(range(len(rows[0]) - 1)) if rows else [])
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror or e}); check its permissions") from None
     if not rows:
         raise DataError(f"{path}: no data rows")
     return rows, keys

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .advisor.rank import RSLORA_ALPHA
-from .data import IGNORE_INDEX, Dataset, Encoder, load_dataset, split_dataset
+from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, split_dataset
 from .errors import HessrankError
 from .io import ensure_new_or_resumable, folder_lock, read_json, write_json
 from .models import load_model, resolve_targets
@@ -529,7 +529,13 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
     cfg_file = out / "train_config.json"
     if cfg_file.exists() and not overwrite:
         # through TrainConfig, so that a field added since the folder was written compares at its default
-        old = TrainConfig.from_dict(read_json(cfg_file).get("config") or {}).to_dict()
+        try:
+            old = TrainConfig.from_dict(read_json(cfg_file).get("config") or {}).to_dict()
+        except TypeError as e:
+            raise HessrankError(
+                f"{cfg_file}: not a complete hessrank training configuration ({e}); pass --overwrite to replace "
+                "the run, or choose another --out"
+            ) from None
         new = cfg.to_dict()
         diff = sorted(k for k in new if old.get(k) != new[k])
         length_only = diff == ["steps"] and old.get("steps") is not None and cfg.steps is not None
@@ -598,6 +604,8 @@ def _build(cfg: TrainConfig) -> _Run:
         ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
     )
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    if task == "seq-cls":
+        check_labels(ds, num_labels)
     lm = load_model(
         cfg.model,
         task,
@@ -684,7 +692,12 @@ def _fit(run: _Run, out: Path, resume: bool, progress: bool) -> tuple[Any, Any, 
         log.info("%s: AdaLoRA runs restart instead of resuming (pruned ranks cannot be reloaded)", out)
         shutil.rmtree(ckpt)
     elif resume and ckpt.is_dir():
-        cks = sorted(ckpt.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        # a checkpoint is complete once transformers has written trainer_state.json, its last file: a run killed
+        # while saving leaves a partial folder, which is skipped (the one before it is resumed)
+        cks = sorted(
+            (c for c in ckpt.glob("checkpoint-*") if (c / "trainer_state.json").is_file()),
+            key=lambda p: int(p.name.split("-")[1]),
+        )
         last = str(cks[-1]) if cks else None
     # training time and tokens before an interruption live beside the checkpoint they led to, so a resumed run
     # reports its whole cost (HF's TrainerState keeps no wall time); a checkpoint without that file (killed
