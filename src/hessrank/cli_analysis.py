@@ -222,6 +222,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the pipeline subcommands to the ``hessrank`` parser."""
+    _register_analyze(sub)
+    _register_recommend(sub)
+    _register_train(sub)
+    _register_validate(sub)
+    _register_report(sub)
+
+
+def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp = sub.add_parser(
         "analyze",
         help="measure the Hessian spectrum of the fine-tuning loss per scope",
@@ -286,6 +294,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_analyze)
 
+
+def _register_recommend(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp = sub.add_parser(
         "recommend",
         help="rank per module, bit width and configs from an analysis",
@@ -331,6 +341,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--overwrite", action="store_true", help="replace config files hessrank did not write")
     sp.set_defaults(func=cmd_recommend)
 
+
+def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp = sub.add_parser(
         "train",
         help="fine-tune with a recommendation (or any method) and evaluate",
@@ -381,6 +393,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_train)
 
+
+def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp = sub.add_parser(
         "validate",
         help="run the advice and its neighbours; knee, verdict and cost",
@@ -419,6 +433,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_validate)
 
+
+def _register_report(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sp = sub.add_parser(
         "report",
         help="the analysis, advice and validation as report.html (self-contained) and report.md",
