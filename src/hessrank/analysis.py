@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import distributed as _dist
 from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
@@ -509,6 +510,7 @@ class _Setup:
     device: torch.device
     batch_sets: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
     kfac_stats: dict[str, Any] | None = None
+    dist: _dist.DistContext | None = None  #: the torchrun process group (None: one process)
 
     def batches(self, rep: int) -> list[dict[str, torch.Tensor]]:
         """The fixed HVP batches of repeat ``rep`` (disjoint slices of one seeded permutation)."""
@@ -537,12 +539,27 @@ class _Setup:
         return self.kfac_stats
 
 
-def _analysis_point(cfg: AnalysisConfig, out: Path, model: torch.nn.Module, train: Any, enc: Encoder, device: Any):
-    """Where the Hessian is taken: the pretrained model, or for seq-cls the body with a fitted (cached) head."""
+def _analysis_point(
+    cfg: AnalysisConfig,
+    out: Path,
+    model: torch.nn.Module,
+    train: Any,
+    enc: Encoder,
+    device: Any,
+    ctx: _dist.DistContext | None = None,
+):
+    """Where the Hessian is taken: the pretrained model, or for seq-cls the body with a fitted (cached) head.
+
+    Under torchrun rank 0 fits (or loads) the head and broadcasts it, so every rank holds the same weights."""
     point: dict[str, Any] = {"kind": "pretrained", "reason": "a causal LM on prompt->answer data needs no new head"}
     if enc.task != "seq-cls":
         return point
     from .probe import find_head, fit_head
+
+    if ctx is not None and not ctx.is_main:
+        head_name, head = find_head(model)
+        ctx.broadcast_tensors_(list(head.state_dict().values()))
+        return {"kind": "pretrained body + fitted head", "head": head_name}
 
     probe_path = out / "probe_head.pt"
     if probe_path.exists():
@@ -567,6 +584,8 @@ def _analysis_point(cfg: AnalysisConfig, out: Path, model: torch.nn.Module, trai
         tmp = probe_path.with_suffix(".tmp")
         torch.save({"head": head.state_dict(), "probe": probe}, tmp)
         tmp.replace(probe_path)
+    if ctx is not None:
+        ctx.broadcast_tensors_(list(head.state_dict().values()))
     return {
         "kind": "pretrained body + fitted head",
         "reason": "a new classification head is fitted first (linear probe) so the Hessian reflects "
@@ -576,11 +595,11 @@ def _analysis_point(cfg: AnalysisConfig, out: Path, model: torch.nn.Module, trai
     }
 
 
-def _setup(cfg: AnalysisConfig, out: Path) -> _Setup:
+def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None) -> _Setup:
     """Data, split, model, encoder, analysis point and target modules."""
     from .models import BUNDLED_MODELS
 
-    device = resolve_device(cfg.device)
+    device = _dist.rank_device(resolve_device(cfg.device), ctx)
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
     num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
@@ -592,8 +611,8 @@ def _setup(cfg: AnalysisConfig, out: Path) -> _Setup:
     enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train)
     check_loss_tokens(train, enc)
     targets = resolve_targets(lm.model, cfg.modules)  # before the probe: a bad pattern fails at once
-    point = _analysis_point(cfg, out, lm.model, train, enc, device)
-    return _Setup(cfg, out, ds, train, held_out, task, lm, enc, loss_fn_for(task), point, targets, device)
+    point = _analysis_point(cfg, out, lm.model, train, enc, device, ctx)
+    return _Setup(cfg, out, ds, train, held_out, task, lm, enc, loss_fn_for(task), point, targets, device, dist=ctx)
 
 
 def _run_kfac(su: _Setup, units_dir: Path, progress: bool) -> None:
@@ -622,23 +641,34 @@ def _run_kfac(su: _Setup, units_dir: Path, progress: bool) -> None:
 def _run_scopes(su: _Setup, scopes: list[tuple[str, str, list[str]]], units_dir: Path, progress: bool) -> None:
     """One unit file per (repeat, scope) as it finishes, so an interrupted run resumes where it stopped."""
     cfg = su.cfg
+    ctx = su.dist
     todo = [(r, s) for r in range(cfg.repeats) for s in scopes]
+    stems = [f"r{rep}__{_safe(sname)}" for rep, (sname, _, _) in todo]
+    done = [(units_dir / f"{t}.json").exists() and (units_dir / f"{t}.npz").exists() for t in stems]
+    if ctx is not None:
+        done = ctx.broadcast_object(done)  # rank 0's files decide, on every rank
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="analysis", unit="scope")
-    for rep, (sname, kind, mods) in todo:
-        stem = f"r{rep}__{_safe(sname)}"
+    for (rep, (sname, kind, mods)), stem, finished in zip(todo, stems, done):
         jpath, npath = units_dir / f"{stem}.json", units_dir / f"{stem}.npz"
-        if not (jpath.exists() and npath.exists()):
+        if not finished:
             if bar is not None:
                 bar.set_postfix_str(f"repeat {rep} {sname}")
             keep = True if cfg.keep_graph == "true" else False if cfg.keep_graph == "false" else "auto"
-            op = HessianOperator(su.lm.model, su.loss_fn, su.batches(rep), params=mods, keep_graph=keep)
+            op = HessianOperator(su.lm.model, su.loss_fn, su.batches(rep), params=mods, keep_graph=keep, dist=ctx)
             res, arrays = measure_scope(op, cfg, seed=cfg.seed + 1000 * rep, progress=False, kfac_stats=su.stats())
             op.release()
+            _dist.check_replicated(ctx, f"{sname} (repeat {rep})", [res["eigenvalues"], res["matvecs"]])
             res.update({"scope": sname, "kind": kind, "repeat": rep, "modules": mods})
+            if ctx is not None:  # the batches each rank's operator actually held
+                res["batches_by_rank"] = {str(r): ids for r, ids in enumerate(ctx.all_gather_object(op.batch_ids))}
+            if ctx is not None and not ctx.is_main:
+                if bar is not None:
+                    bar.update(1)
+                continue
             write_npz(npath, arrays)
             write_json(jpath, res)  # written last: its presence marks the unit as done
             if not res["converged"]:
@@ -709,14 +739,33 @@ def analyze(
     the Lanczos/SLQ measurements of each scope and repeat, quantization sensitivity; then ``analysis.json``.
     """
     out = Path(out)
-    with folder_lock(out, "analyze"):
-        return _analyze(cfg, out, resume, overwrite, progress)
+    if _dist.env_world_size() <= 1:
+        with folder_lock(out, "analyze"):
+            return _analyze(cfg, out, resume, overwrite, progress)
+    # under torchrun: every rank evaluates its share of the batches (hessrank.distributed); rank 0 writes
+    ctx = _dist.from_env(resolve_device(cfg.device))
+    assert ctx is not None
+    if ctx.is_main:
+        with folder_lock(out, "analyze"):
+            return _analyze(cfg, out, resume, overwrite, progress, ctx)
+    return _analyze(cfg, out, resume, overwrite, False, ctx)
 
 
-def _analyze(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
-    _prepare_folder(cfg, out, resume, overwrite)
+def _analyze(
+    cfg: AnalysisConfig,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    ctx: _dist.DistContext | None = None,
+) -> dict[str, Any]:
+    main = ctx is None or ctx.is_main
+    if main:
+        _prepare_folder(cfg, out, resume, overwrite)
+    if ctx is not None:
+        ctx.barrier()  # the folder is prepared (or rank 0 failed, and torchrun stops the group)
     started = time.time()
-    su = _setup(cfg, out)
+    su = _setup(cfg, out, ctx)
     lin = linear_modules(su.lm.model)
     module_info = {
         t: {
@@ -730,11 +779,35 @@ def _analyze(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool, prog
     scopes = _scope_list(su.lm.model, su.targets, cfg.scopes)
     _check_k(cfg, scopes, module_info)
     units_dir = out / "units"
-    units_dir.mkdir(exist_ok=True)
-    _run_kfac(su, units_dir, progress)
+    if main:
+        units_dir.mkdir(exist_ok=True)
+        _run_kfac(su, units_dir, progress)
     _run_scopes(su, scopes, units_dir, progress)
-    _run_quantization(su, units_dir, progress)
-    return _aggregate(cfg, out, scopes, module_info, su.point, su.lm, su.ds, su.train, su.task, started, architecture)
+    if ctx is not None:
+        # quantization runs on rank 0 alone, on the full (unsharded) batches: its in-sample losses are means over
+        # all of them; the other ranks wait here
+        if main:
+            _run_quantization(dataclasses.replace(su, dist=None), units_dir, progress)
+        ctx.barrier()
+    else:
+        _run_quantization(su, units_dir, progress)
+    layout = _distribution(ctx, len(su.batches(0)))
+    doc = None
+    if main:
+        doc = _aggregate(
+            cfg, out, scopes, module_info, su.point, su.lm, su.ds, su.train, su.task, started, architecture, layout
+        )
+    return doc if ctx is None else ctx.broadcast_object(doc)
+
+
+def _distribution(ctx: _dist.DistContext | None, num_batches: int) -> dict[str, Any]:
+    """``analysis.json``'s ``distributed``: the process group and which analysis batches each rank evaluated."""
+    world = 1 if ctx is None else ctx.world_size
+    return {
+        "world_size": world,
+        "backend": None if ctx is None else ctx.backend,
+        "batches_by_rank": _dist.assignment(num_batches, world),
+    }
 
 
 def _check_k(cfg: AnalysisConfig, scopes: list[tuple[str, str, list[str]]], module_info: dict) -> None:
@@ -792,6 +865,7 @@ def _aggregate(
     task: str,
     started: float,
     architecture: dict[str, Any],
+    distribution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     units_dir = out / "units"
     scope_docs = []
@@ -880,6 +954,7 @@ def _aggregate(
             + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0),
         },
         "arrays": "analysis.npz",
+        "distributed": distribution,
     }
     write_npz(out / "analysis.npz", arrays)
     write_json(out / "analysis.json", doc)

@@ -69,8 +69,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         data_options=data_options(args),
     )
     doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
-    print("\n".join(summary_lines(doc)))
-    print(f"\nwrote {args.out}/analysis.json and {args.out}/analysis.npz")
+    from .distributed import is_main_process, shutdown
+
+    if is_main_process():  # under torchrun only rank 0 reports (and wrote the files)
+        print("\n".join(summary_lines(doc)))
+        print(f"\nwrote {args.out}/analysis.json and {args.out}/analysis.npz")
+    shutdown()
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import DistContext, shard
 from .errors import NumericalError, ScopeError
 from .models import hvp_safe_attention, linear_modules, resolve_targets
 from .tasks import batch_to, loss_weight
@@ -130,6 +131,10 @@ class HessianOperator:
         memory times the number of batches fits in half of the free memory.
     method : ``"double-backward"`` or ``"forward-over-reverse"`` (``torch.func``).
     progress : show a progress bar while building graphs.
+    dist : a :class:`hessrank.distributed.DistContext` (torchrun): this process keeps only its rank's share of
+        ``batches`` (:func:`hessrank.distributed.shard`), weights them by n_b / N with N the items of *all*
+        batches, and all-reduces every HVP, the gradient and the loss, so each rank sees the one-process
+        operator. ``None`` (default) or a group of one: the one-process operator.
 
     ``op.matvec(v)`` / ``op @ v`` take flat vectors (or ``n × b`` matrices) on ``op.device``; ``op.shape`` is
     ``(n, n)``; ``op.num_matvecs`` counts HVPs (a matrix of ``b`` columns counts ``b``).
@@ -148,6 +153,7 @@ class HessianOperator:
         method: str = "double-backward",
         hvp_safe: bool = True,
         progress: bool = False,
+        dist: DistContext | None = None,
     ) -> None:
         if method not in ("double-backward", "forward-over-reverse"):
             raise ValueError(f"method must be 'double-backward' or 'forward-over-reverse', got {method!r}")
@@ -177,10 +183,19 @@ class HessianOperator:
             off += p.numel()
         self.slices: list[ParamSlice] = slices
         self.n = off
-        self.batches = [batch_to(b, self.device) for b in batches]
-        w = [float(x) for x in (weights if weights is not None else [loss_weight(b) for b in self.batches])]
-        if len(w) != len(self.batches):
-            raise ScopeError(f"expected one weight per batch ({len(self.batches)}), got {len(w)}")
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
+        #: indices (into ``batches``) of the batches this process evaluates: all of them, or its rank's share
+        self.batch_ids = list(range(len(batches)))
+        if self.dist is None:
+            self.batches = [batch_to(b, self.device) for b in batches]
+            counted: Sequence[Batch] = self.batches
+        else:
+            self.batch_ids = shard(len(batches), self.dist.world_size, self.dist.rank)
+            self.batches = [batch_to(batches[i], self.device) for i in self.batch_ids]
+            counted = batches
+        w = [float(x) for x in (weights if weights is not None else [loss_weight(b) for b in counted])]
+        if len(w) != len(counted):
+            raise ScopeError(f"expected one weight per batch ({len(counted)}), got {len(w)}")
         empty = [i for i, x in enumerate(w) if x <= 0]
         if empty:
             raise ScopeError(
@@ -188,7 +203,8 @@ class HessianOperator:
                 "truncation; raise --max-length)"
             )
         total = sum(w)
-        self.weights = [x / total for x in w]
+        # n_b / N with the global N: under torch.distributed each rank's partial sums add up to the full mean
+        self.weights = [w[i] / total for i in self.batch_ids]
         self.num_matvecs = 0
         self._graphs: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]] | None = None
         self._grad: torch.Tensor | None = None
@@ -261,7 +277,7 @@ class HessianOperator:
     def _batch_grad(self, b: int, create_graph: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         with self._scope():
             loss = self.loss_fn(self.model, self.batches[b])
-            self._check_loss(loss, b)
+            self._check_loss(loss, self.batch_ids[b])
             grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
         grads = tuple(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params))
         return loss, grads
@@ -317,8 +333,20 @@ class HessianOperator:
     def _set_grad_from(self, graphs: Sequence[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]) -> None:
         if self._grad is None:
             g = sum(w * self.flatten([x.detach() for x in gr]) for w, (_, gr) in zip(self.weights, graphs))
-            self._grad = g  # type: ignore[assignment]
-            self._loss = float(sum(w * lo.detach() for w, (lo, _) in zip(self.weights, graphs)))
+            loss = sum(w * lo.detach() for w, (lo, _) in zip(self.weights, graphs))
+            self._grad, self._loss = self._reduce_grad_loss(g, loss)  # type: ignore[arg-type]
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over ranks of a partial sum (the identity in one process)."""
+        return t if self.dist is None else self.dist.all_reduce_sum_(t)
+
+    def _reduce_grad_loss(self, g: torch.Tensor, loss: torch.Tensor | float) -> tuple[torch.Tensor, float]:
+        """The gradient and the loss summed over ranks in one all-reduce (one process: as given)."""
+        if self.dist is None:
+            return g, float(loss)
+        packed = torch.cat([g.reshape(-1), torch.as_tensor(loss, dtype=g.dtype, device=g.device).reshape(1)])
+        self.dist.all_reduce_sum_(packed)
+        return packed[:-1].clone(), float(packed[-1])
 
     # ------------------------------------------------------------------ gradient and loss
     def gradient(self) -> torch.Tensor:
@@ -333,7 +361,7 @@ class HessianOperator:
                     loss, grads = self._batch_grad(b, create_graph=False)
                     g += w * self.flatten(grads)
                     total += w * float(loss)
-                self._grad, self._loss = g, total
+                self._grad, self._loss = self._reduce_grad_loss(g, total)
         assert self._grad is not None
         return self._grad
 
@@ -372,13 +400,13 @@ class HessianOperator:
             for b, (w, (_, grads)) in enumerate(zip(self.weights, self._graphs)):
                 hv = torch.autograd.grad(grads, self.params, grad_outputs=vs, retain_graph=True, allow_unused=True)
                 out += w * self._checked(self.flatten(hv), b)
-            return out
+            return self._reduce(out)
         for b, w in enumerate(self.weights):
             _, grads = self._batch_grad(b, create_graph=True)
             hv = torch.autograd.grad(grads, self.params, grad_outputs=vs, allow_unused=True)
             out += w * self._checked(self.flatten(hv), b)
             del grads, hv
-        return out
+        return self._reduce(out)
 
     def _hvp_forward_over_reverse(self, v: torch.Tensor) -> torch.Tensor:
         from torch.func import grad, jvp
@@ -399,11 +427,11 @@ class HessianOperator:
             with ctx:
                 _, hv = jvp(grad(loss_of, argnums=tuple(range(len(primals)))), primals, vs)
             out += w * self._checked(self.flatten(hv), b)
-        return out
+        return self._reduce(out)
 
     def _checked(self, hv: torch.Tensor, b: int) -> torch.Tensor:
         """One batch's HVP, refused with the batch and module(s) when it holds a NaN/Inf."""
-        self._check_vec(hv, "Hessian-vector product", b)
+        self._check_vec(hv, "Hessian-vector product", self.batch_ids[b])
         return hv
 
     # ------------------------------------------------------------------ helpers
