@@ -44,7 +44,7 @@ from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
 from .io import ensure_new_or_resumable, folder_lock, read_json, read_npz, write_json, write_npz
-from .lanczos import lanczos, slq
+from .lanczos import default_ncv, lanczos, plan_basis, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
 from .spectrum import effective_dimensions
 from .tasks import loss_fn_for
@@ -86,6 +86,7 @@ class AnalysisConfig:
     device: str = "auto"
     dtype: str = "float32"
     keep_graph: str = "auto"
+    krylov_storage: str = "auto"  #: Krylov basis storage (hessrank.lanczos.STORAGES); auto: from the memory estimate
     quant_formats: tuple[str, ...] = ()
     quant_sign_probes: int = 4
     quant_exact: str = "no"
@@ -115,6 +116,10 @@ class AnalysisConfig:
         bad_q = [f for f in self.quant_formats if f not in FORMATS]
         if bad_q:
             raise HessrankError(f"quantization format {bad_q[0]!r} is not one of {', '.join(FORMATS)}")
+        from .lanczos import STORAGES
+
+        if self.krylov_storage not in STORAGES:
+            raise HessrankError(f"krylov-storage must be one of {', '.join(STORAGES)}, got {self.krylov_storage!r}")
         if self.quant_exact not in ("auto", "yes", "no"):
             raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
         if self.kfac_groups < 4 or self.kfac_groups % 2:
@@ -320,6 +325,14 @@ def measure_scope(
     grad_seconds = time.perf_counter() - tg
     loss = op.loss()
     k = min(cfg.top_k, op.n)
+    basis = plan_basis(
+        op.n,
+        min(op.n, default_ncv(op.n, k)) + 1,
+        op.device,
+        cfg.krylov_storage,
+        itemsize=8 if op.dtype == torch.float64 else 4,
+    )
+    log.info("%s", basis.describe())  # before the run: what the basis will take and where it lives
     top = lanczos(
         timed,
         k=k,
@@ -329,6 +342,7 @@ def measure_scope(
         seed=seed,
         return_eigenvectors=True,
         progress=progress,
+        storage=basis.storage,
     )
     assert top.eigenvectors is not None
     V = top.eigenvectors.T  # k × n (rows contiguous)
@@ -344,8 +358,13 @@ def measure_scope(
             max_matvecs=min(cfg.max_matvecs, 60),
             seed=seed + 1,
             progress=progress,
+            storage=basis.storage,
         )
-    dens = slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2) if cfg.slq_probes else None
+    dens = (
+        slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2, storage=basis.storage)
+        if cfg.slq_probes
+        else None
+    )
     tr = hutchpp(timed, cfg.trace_matvecs, seed=seed + 3) if cfg.trace_matvecs else None
     eff = effective_dimensions(top.eigenvalues, dens)
 
@@ -394,6 +413,7 @@ def measure_scope(
         "module_curvature_share": curvature_share,
         "newton": newton,
         **kfac_part,
+        "krylov_basis": {"storage": basis.storage, "vectors": basis.vectors, "bytes": basis.bytes},
         "matvecs": timed.count,
         "hvp_seconds": timed.seconds / max(timed.count, 1),
         "graph_seconds": grad_seconds,
@@ -455,6 +475,10 @@ def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: boo
     """Refuse a folder holding another analysis or changed data; clear it on ``overwrite``; write the config."""
     cfg_path = out / CONFIG_FILE
     old = read_json(cfg_path) if cfg_path.exists() and resume and not overwrite else None
+    if old is not None:
+        # a folder written before a new config field compares at that field's default
+        with contextlib.suppress(HessrankError, TypeError):
+            old["config"] = AnalysisConfig.from_dict(old.get("config") or {}).to_dict()
     units = out / "units"
     if old is not None and old.get("config") != cfg.to_dict() and not any(units.glob("*.json")):
         # an earlier run that stopped before finishing any unit (a bad input, say): nothing to lose, start afresh

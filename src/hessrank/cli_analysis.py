@@ -60,6 +60,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         keep_graph=args.keep_graph,
+        krylov_storage=args.krylov_storage,
         quant_formats=tuple(f.strip() for f in args.quant_formats.split(",") if f.strip()),
         quant_sign_probes=args.quant_sign_probes,
         quant_exact=args.quant_exact,
@@ -271,6 +272,12 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="precision of the model and the HVPs (float64: slower, for checking float32 results)",
     )
     sp.add_argument("--keep-graph", choices=["auto", "true", "false"], default="auto")
+    sp.add_argument(
+        "--krylov-storage",
+        choices=["auto", "device-fp32", "device-bf16", "cpu"],
+        default="auto",
+        help="where the Lanczos basis lives: auto chooses from its memory estimate (printed before each scope)",
+    )
     sp.add_argument(
         "--quant-formats",
         default="",

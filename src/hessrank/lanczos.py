@@ -204,6 +204,7 @@ def lanczos(
     check_multiplicity: bool = False,
     v0: torch.Tensor | None = None,
     progress: bool = False,
+    storage: str = "device-fp32",
 ) -> LanczosResult:
     """The ``k`` extreme eigenvalues of the symmetric operator ``op`` by thick-restart Lanczos.
 
@@ -216,6 +217,10 @@ def lanczos(
     ``check_multiplicity``: after convergence, run again on the Hotelling-deflated operator
     A − Σᵢ (θᵢ − c) yᵢyᵢᵀ (found pairs moved to the unwanted end c) and merge, so repeated eigenvalues that one
     Krylov space cannot see are found; costs a second run.
+    ``storage``: where the (ncv + 1) × n basis lives (:data:`STORAGES`; ``"auto"`` asks :func:`plan_basis`).
+    ``device-fp32`` (default) is the plain path; ``cpu`` offload gives the same eigenvalues up to rounding;
+    ``device-bf16`` rounds each stored basis vector to bfloat16 (relative error 2⁻⁸), which limits the attainable
+    eigenvalue accuracy to about 1e-3 relative (measured in ``tests/test_lanczos.py``).
     """
     n = int(op.shape[0])
     if not 1 <= k <= n:
@@ -238,6 +243,7 @@ def lanczos(
         return_eigenvectors or check_multiplicity,
         v0,
         progress,
+        storage,
     )
     if not (check_multiplicity and first.converged and first.num_matvecs < budget and k < n):
         if first.eigenvectors is not None and not return_eigenvectors:
@@ -257,6 +263,7 @@ def lanczos(
         return_eigenvectors,
         None,
         progress,
+        storage,
     )
     vals = np.concatenate([first.eigenvalues, second.eigenvalues])
     order = _order(vals, which)[:k]
@@ -314,6 +321,168 @@ def default_ncv(n: int, k: int, dtype: torch.dtype = torch.float32, max_bytes: i
     return min(n, max(2 * k + 1, min(k + 30, fit)))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Where the Krylov basis lives
+# ----------------------------------------------------------------------------------------------------------
+
+#: Krylov basis storage: the operator's device in the solver dtype (fp32; fp64 for a float64 operator), the
+#: device in bfloat16 (half the memory), or host memory in the solver dtype ("cpu" offload). "auto" chooses.
+STORAGES = ("auto", "device-fp32", "device-bf16", "cpu")
+
+#: Share of the free memory the basis may take when the storage is chosen automatically.
+BASIS_HEADROOM = 0.5
+
+
+@dataclass(frozen=True)
+class BasisPlan:
+    """The Krylov basis of a Lanczos/SLQ run: ``vectors`` rows of length ``n``, where, and why.
+
+    Memory: ``vectors · n · itemsize`` bytes (4 for fp32, 2 for bf16); ``bytes`` is that of the chosen storage,
+    ``fp32_bytes`` of a full-precision basis.
+    """
+
+    n: int
+    vectors: int
+    storage: str
+    bytes: int
+    fp32_bytes: int
+    free_device: int | None
+    free_host: int | None
+    reason: str
+
+    def describe(self) -> str:
+        mib = lambda b: f"{b / 2**20:,.1f} MiB" if b < 2**30 else f"{b / 2**30:,.2f} GiB"
+        return (
+            f"Krylov basis {self.vectors} vectors x {self.n:,} = {mib(self.fp32_bytes)} in full precision; storage "
+            f"{self.storage} ({mib(self.bytes)}; {self.reason})"
+        )
+
+
+def free_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: ``cudaMemGetInfo`` on CUDA, available host memory otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def plan_basis(
+    n: int,
+    vectors: int,
+    device: torch.device | str = "cpu",
+    storage: str = "auto",
+    free_device: int | None = None,
+    free_host: int | None = None,
+    headroom: float = BASIS_HEADROOM,
+    itemsize: int = 4,
+) -> BasisPlan:
+    """Choose the basis storage from its memory estimate E = vectors · n · itemsize bytes (4: fp32; 8 for a
+    float64 operator; bf16 storage always takes 2 bytes a value).
+
+    ``auto``: ``device-fp32`` when E ≤ headroom · free device memory; else ``device-bf16`` when E/2 fits there;
+    else (GPU only) ``cpu`` offload when E ≤ headroom · free host memory; else an error naming the sizes. On a
+    CPU device the "device" is host memory, so offloading gains nothing and is not chosen. ``free_device`` /
+    ``free_host`` override the measured free memory (tests, forecasts). A forced storage is taken as given.
+    """
+    from .errors import HessrankError
+
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    device = torch.device(device)
+    fp32 = int(vectors) * int(n) * int(itemsize)
+    half = int(vectors) * int(n) * 2
+    sizes = {"device-fp32": fp32, "device-bf16": half, "cpu": fp32}
+    fd = free_device if free_device is not None else (free_memory(device) if storage == "auto" else None)
+    on_gpu = device.type != "cpu"
+    fh = free_host if free_host is not None else None
+    if storage != "auto":
+        return BasisPlan(n, vectors, storage, sizes[storage], fp32, fd, fh, "forced")
+    assert fd is not None
+    if fp32 <= headroom * fd:
+        why = f"fits in {headroom:.0%} of the free {fd / 2**30:.1f} GiB"
+        return BasisPlan(n, vectors, "device-fp32", fp32, fp32, fd, fh, why)
+    if half <= headroom * fd:
+        why = f"full precision exceeds {headroom:.0%} of the free {fd / 2**30:.1f} GiB; bf16 fits"
+        return BasisPlan(n, vectors, "device-bf16", half, fp32, fd, fh, why)
+    if on_gpu:
+        fh = fh if fh is not None else free_memory(torch.device("cpu"))
+        if fp32 <= headroom * fh:
+            why = f"too large for the device ({fd / 2**30:.1f} GiB free); host has {fh / 2**30:.1f} GiB free"
+            return BasisPlan(n, vectors, "cpu", fp32, fp32, fd, fh, why)
+    raise HessrankError(
+        f"the Krylov basis ({vectors} vectors x {n:,} parameters = {fp32 / 2**30:.1f} GiB in full precision, "
+        f"{half / 2**30:.1f} GiB in bf16) does not fit in {headroom:.0%} of the free memory "
+        f"({fd / 2**30:.1f} GiB on {device}"
+        + (f", {fh / 2**30:.1f} GiB on the host" if fh is not None else "")
+        + "); use a smaller scope (--scope module or group) or fewer --top-k"
+    )
+
+
+class _Basis:
+    """The rows of a Krylov basis, stored as ``storage`` says; arithmetic in the solver dtype on the device.
+
+    With ``device-fp32`` the rows are one tensor on the device and every operation is the plain one. With bf16
+    or host storage, CGS2 and the restart rotation go through blocks of rows (or columns) converted to the
+    solver dtype on the device, so no full-precision copy of the basis is ever made: classical Gram–Schmidt
+    needs h = Bw and w − Bᵀh, both sums over rows, so one pass over the blocks does each round.
+    """
+
+    def __init__(self, rows: int, n: int, device: torch.device, dtype: torch.dtype, storage: str = "device-fp32"):
+        if storage not in STORAGES or storage == "auto":
+            raise ValueError(f"resolve the storage first (plan_basis); got {storage!r}")
+        self.device, self.dtype, self.storage = device, dtype, storage
+        where = torch.device("cpu") if storage == "cpu" else device
+        kind = torch.bfloat16 if storage == "device-bf16" else dtype
+        self.plain = where == device and kind == dtype
+        self.V = torch.zeros((rows, n), dtype=kind, device=where)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.block = max(1, (256 * 2**20) // max(n * itemsize, 1))  # rows per block: ≤ 256 MiB converted
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        r = self.V[i]
+        return r if self.plain else r.to(device=self.device, dtype=self.dtype)
+
+    def __setitem__(self, i: int, v: torch.Tensor) -> None:
+        self.V[i] = v if self.plain else v.to(device=self.V.device, dtype=self.V.dtype)
+
+    def zero_from(self, i: int) -> None:
+        self.V[i:] = 0.0
+
+    def orthogonalize(self, j: int, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """``w`` without its components along rows ``[:j]``, twice (CGS2), and the summed coefficients."""
+        if self.plain:
+            return _orthogonalize(self.V, j, w)
+        if j == 0:
+            return w, np.zeros(0)
+        coeffs = []
+        for _ in range(2):
+            hs, corr = [], torch.zeros_like(w)
+            for a in range(0, j, self.block):
+                B = self.V[a : min(j, a + self.block)].to(device=self.device, dtype=self.dtype)
+                h = B @ w
+                corr += B.T @ h
+                hs.append(h)
+            w = w - corr
+            coeffs.append(torch.cat(hs))
+        return w, (coeffs[0] + coeffs[1]).double().cpu().numpy()
+
+    def rotate(self, s: int, Yk: torch.Tensor, chunk: int = 1 << 20) -> None:
+        """Rows ``[:q]`` ← Yk @ rows ``[:s]`` (see :func:`_rotate_rows`)."""
+        if self.plain:
+            _rotate_rows(self.V, s, Yk, chunk)
+            return
+        n, q = self.V.shape[1], Yk.shape[0]
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            block = self.V[:s, a:b].to(device=self.device, dtype=self.dtype)
+            self.V[:q, a:b] = (Yk @ block).to(device=self.V.device, dtype=self.V.dtype)
+
+    def rows(self, q: int) -> torch.Tensor:
+        """Rows ``[:q]`` as a new tensor in the solver dtype on the device."""
+        return self.V[:q].clone() if self.plain else self.V[:q].to(device=self.device, dtype=self.dtype)
+
+
 def _rotate_rows(V: torch.Tensor, s: int, Yk: torch.Tensor, chunk: int = 1 << 20) -> None:
     """V[:q] ← Yk @ V[:s] in place (q = Yk.shape[0] ≤ s), column block by column block.
 
@@ -339,6 +508,7 @@ def _lanczos_run(
     want_vectors: bool,
     v0: torch.Tensor | None,
     progress: bool,
+    storage: str = "device-fp32",
 ) -> LanczosResult:
     n = int(op.shape[0])
     device, dtype = _op_device_dtype(op)
@@ -348,7 +518,11 @@ def _lanczos_run(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     eps = float(torch.finfo(dtype).eps)
 
-    V = torch.zeros((m + 1, n), dtype=dtype, device=device)
+    if storage == "auto":
+        plan = plan_basis(n, m + 1, device, itemsize=torch.empty(0, dtype=dtype).element_size())
+        log.info("%s", plan.describe())
+        storage = plan.storage
+    V = _Basis(m + 1, n, device, dtype, storage)
     T = np.zeros((m, m))
     v = v0.to(device=device, dtype=dtype).clone() if v0 is not None else _random_vector(n, gen, device, dtype)
     V[0] = v / torch.linalg.vector_norm(v)
@@ -393,7 +567,7 @@ def _lanczos_run(
             used += 1
             if bar is not None:
                 bar.update(1)
-            w, h = _orthogonalize(V, s + 1, w)
+            w, h = V.orthogonalize(s + 1, w)
             # T = Vᵀ A V from the orthogonalization coefficients (tridiagonal, or arrowhead after a restart)
             T[: s + 1, s] = h
             T[s, : s + 1] = h
@@ -408,8 +582,8 @@ def _lanczos_run(
             if beta <= 100 * eps * max(scale, 1e-30) * math.sqrt(n):
                 # invariant subspace: go on from a random direction orthogonal to the basis (coupling 0)
                 w = _random_vector(n, gen, device, dtype)
-                w, _ = _orthogonalize(V, s, w)
-                w, _ = _orthogonalize(V, s, w)
+                w, _ = V.orthogonalize(s, w)
+                w, _ = V.orthogonalize(s, w)
                 V[s] = w / torch.linalg.vector_norm(w)
             else:
                 V[s] = w / beta
@@ -419,9 +593,9 @@ def _lanczos_run(
         keep = min(max(k + (m - k) // 2, k + 1), s - 1)
         Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :keep].T)).to(device=device, dtype=dtype)
         resid = V[s].clone()
-        _rotate_rows(V, s, Yk)
+        V.rotate(s, Yk)
         V[keep] = resid
-        V[keep + 1 :] = 0.0
+        V.zero_from(keep + 1)
         T[:] = 0.0
         T[np.arange(keep), np.arange(keep)] = theta[:keep]
         s = keep
@@ -432,8 +606,8 @@ def _lanczos_run(
     vecs = None
     if want_vectors:
         Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk].T)).to(device=device, dtype=dtype)
-        _rotate_rows(V, s, Yk)
-        vecs = V[:kk].clone().T  # n × k; the clone lets the (ncv + 1) × n basis be freed after the return
+        V.rotate(s, Yk)
+        vecs = V.rows(kk).T  # n × k, a copy: the (ncv + 1) × n basis is freed after the return
         del V
     return LanczosResult(
         eigenvalues=theta[:kk].copy(),
@@ -499,12 +673,18 @@ class SpectralDensity:
 
 
 def slq(
-    op: Operator, num_probes: int = 8, num_steps: int = 30, seed: int = 0, progress: bool = False
+    op: Operator,
+    num_probes: int = 8,
+    num_steps: int = 30,
+    seed: int = 0,
+    progress: bool = False,
+    storage: str = "device-fp32",
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature with Rademacher probes and full reorthogonalization.
 
     Costs ``num_probes · min(num_steps, n)`` matvecs. Nodes/weights per probe come from the eigen-
     decomposition of the Lanczos tridiagonal: nodes are its eigenvalues, weights the squared first components.
+    ``storage``: where each probe's (steps + 1) × n basis lives (as for :func:`lanczos`).
     """
     n = int(op.shape[0])
     if num_probes < 1 or num_steps < 1:
@@ -520,8 +700,10 @@ def slq(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="slq probes", leave=False)
+    if storage == "auto":
+        storage = plan_basis(n, m + 1, device, itemsize=torch.empty(0, dtype=dtype).element_size()).storage
     for p in it:
-        V = torch.zeros((m + 1, n), dtype=dtype, device=device)
+        V = _Basis(m + 1, n, device, dtype, storage)
         v = _random_vector(n, gen, device, dtype, rademacher=True)
         V[0] = v / torch.linalg.vector_norm(v)
         T = np.zeros((m, m))
@@ -529,7 +711,7 @@ def slq(
         for j in range(m):
             w = op.matvec(V[j]).to(dtype)
             used += 1
-            w, h = _orthogonalize(V, j + 1, w)
+            w, h = V.orthogonalize(j + 1, w)
             T[j, j] = h[j]
             beta = float(torch.linalg.vector_norm(w))
             if j + 1 == m:
