@@ -170,6 +170,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             {"model": args.model, "data": args.data, "task": args.task, "data_options": opts, **over}
         )
     doc = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    from .distributed import is_main_process, shutdown
+
+    shutdown()  # under torchrun: every rank is done
+    if not is_main_process():
+        return 0
     ti = doc["train_info"]
     mt = ti["metrics"]
     print(

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .advisor.rank import RSLORA_ALPHA
 from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, split_dataset
 from .errors import HessrankError
@@ -481,6 +482,15 @@ def plateau_status(eval_curve: list[dict[str, Any]], steps: int, best_step: int 
     return False
 
 
+def _per_process(batch_size: int) -> int:
+    """Under torchrun the configured batch is the global one, split over the processes, so the recipe (steps,
+    examples per step, learning rate) is that of one process."""
+    world = _dist.env_world_size()
+    if batch_size % world:
+        raise HessrankError(f"batch size {batch_size} does not split over {world} processes; use a multiple of {world}")
+    return batch_size // world
+
+
 def _training_args(cls: Any, cfg: TrainConfig, sch: Schedule, ckpt: Path, device: torch.device, progress: bool) -> Any:
     return cls(
         output_dir=str(ckpt),
@@ -489,8 +499,8 @@ def _training_args(cls: Any, cfg: TrainConfig, sch: Schedule, ckpt: Path, device
         warmup_steps=sch.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=_per_process(cfg.batch_size),
+        per_device_eval_batch_size=_per_process(cfg.batch_size),
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         eval_strategy="steps",
@@ -597,6 +607,8 @@ def _build(cfg: TrainConfig) -> _Run:
     from .analysis import resolve_device
 
     device = resolve_device(cfg.device)
+    if _dist.env_world_size() > 1:
+        device = _dist.rank_device(device, _dist.from_env(device))
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = _resolve_task(cfg)
@@ -664,7 +676,7 @@ def _callbacks(run: _Run, ckpt: Path, prior: dict[str, Any], totals_complete: bo
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             d = ckpt / f"checkpoint-{state.global_step}"
-            if d.is_dir() and totals_complete:
+            if d.is_dir() and totals_complete and state.is_world_process_zero:
                 write_json(
                     d / TIMING_FILE,
                     {
@@ -767,12 +779,31 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume, extend, or return the finished result of) one training run into folder ``out``."""
     out = Path(out)
-    with folder_lock(out, "train"):
-        return _train(cfg, out, resume, overwrite, progress)
+    if _dist.env_world_size() <= 1:
+        with folder_lock(out, "train"):
+            return _train(cfg, out, resume, overwrite, progress)
+    # under torchrun (transformers' Trainer runs DDP): rank 0 prepares the folder and writes every file
+    from .analysis import resolve_device
+
+    ctx = _dist.from_env(resolve_device(cfg.device))
+    assert ctx is not None
+    if ctx.is_main:
+        with folder_lock(out, "train"):
+            return _train(cfg, out, resume, overwrite, progress, ctx)
+    return _train(cfg, out, resume, overwrite, False, ctx)
 
 
-def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, progress: bool) -> dict[str, Any]:
-    done = _prepare_run(cfg, out, resume, overwrite)
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    ctx: _dist.DistContext | None = None,
+) -> dict[str, Any]:
+    done = _prepare_run(cfg, out, resume, overwrite) if ctx is None or ctx.is_main else None
+    if ctx is not None:
+        done = ctx.broadcast_object(done)  # the folder is ready (or finished) once rank 0 says so
     if done is not None:
         return done
     started = time.time()
@@ -781,6 +812,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, progress:
     if trainable == 0:
         raise HessrankError(f"method '{cfg.method}' left no trainable parameters")
     trainer, result, timing = _fit(run, out, resume, progress)
+    if ctx is not None and not ctx.is_main:
+        return ctx.broadcast_object(None)  # rank 0 evaluates, saves the adapter and writes metrics.json
     history = trainer.state.log_history
     loss_curve = [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h]
     eval_curve = [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h]
@@ -853,11 +886,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, progress:
                 "device": str(run.device),
                 "cpu_count": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
+                "world_size": _dist.env_world_size(),  # torchrun processes (DDP); 1 for a plain run
             },
         },
     }
     write_json(out / "metrics.json", doc)
-    return doc
+    return doc if ctx is None else ctx.broadcast_object(doc)
 
 
 def _resolve_task(cfg: TrainConfig) -> str:
