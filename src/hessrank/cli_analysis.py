@@ -216,7 +216,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         device=args.device,
     )
-    doc = validate(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    backend = None
+    if getattr(args, "backend", "local") != "local":
+        from .backends import make_backend
+
+        backend = make_backend(
+            args.backend, address=args.ray_address, num_cpus=args.ray_cpus_per_run, num_gpus=args.ray_gpus_per_run
+        )
+    doc = validate(
+        cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet, backend=backend
+    )
     print(table_markdown(doc))
     print(f"wrote {args.out}/validation.json and {args.out}/validation.md")
     return 0
@@ -443,6 +452,17 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
     )
     sp.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance for the knee")
     sp.add_argument("--device", default="auto")
+    g = sp.add_argument_group("execution (the result does not depend on it)")
+    g.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local: the runs one after another in this process; ray: independent runs as parallel Ray tasks "
+        "(pip install 'hessrank[ray]')",
+    )
+    g.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS, else a local cluster)")
+    g.add_argument("--ray-cpus-per-run", type=float, default=1.0, help="CPUs one Ray task (run) asks for")
+    g.add_argument("--ray-gpus-per-run", type=float, default=0.0, help="GPUs one Ray task (run) asks for")
     sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--no-resume", action="store_true")

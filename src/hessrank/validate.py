@@ -288,8 +288,9 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
 class _Runner:
     """Trains planned runs (reusing identical ones) and extends those still improving."""
 
-    def __init__(self, cfg: ValidateConfig, out: Path, progress: bool, overwrite: bool = False):
+    def __init__(self, cfg: ValidateConfig, out: Path, progress: bool, overwrite: bool = False, backend: Any = None):
         self.cfg, self.out, self.progress = cfg, out, progress
+        self.backend = backend  #: hessrank.backends: trains a batch of runs ahead (Ray); None: all in process
         self.overwrite = overwrite  #: replace a run folder that trained something else (validate --overwrite)
         self.results: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
@@ -299,14 +300,7 @@ class _Runner:
 
     def _one(self, name: str, tc: TrainConfig) -> None:
         folder = self.out / "runs" / name
-        made = folder / "train_config.json"
-        # with --overwrite a run folder that trained another configuration is replaced; the same training (an
-        # extension differs in steps only) resumes
-        replace = (
-            self.overwrite
-            and made.exists()
-            and _training_key(TrainConfig.from_dict(read_json(made)["config"])) != _training_key(tc)
-        )
+        replace = self._replaces(folder, tc)
         try:
             self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
             self.configs[name] = tc
@@ -314,9 +308,39 @@ class _Runner:
             self.errors[name] = str(e)
             log.warning("run %s skipped: %s", name, e)
 
+    def _replaces(self, folder: Path, tc: TrainConfig) -> bool:
+        """With --overwrite a run folder that trained another configuration is replaced; the same training (an
+        extension differs in steps only) resumes."""
+        made = folder / "train_config.json"
+        return (
+            self.overwrite
+            and made.exists()
+            and _training_key(TrainConfig.from_dict(read_json(made)["config"])) != _training_key(tc)
+        )
+
+    def _prefetch(self, jobs: list[tuple[str, TrainConfig]]) -> None:
+        """Let the backend train ``jobs`` ahead, in parallel; the logic below then finds them finished (train's
+        resume rules) and treats them as it would in process. No backend: nothing ahead."""
+        if self.backend is None or not jobs:
+            return
+        folder = lambda n: self.out / "runs" / n
+        self.backend.prefetch([(n, tc, folder(n), self._replaces(folder(n), tc)) for n, tc in jobs])
+
+    def _distinct(self, runs: dict[str, TrainConfig]) -> list[tuple[str, TrainConfig]]:
+        """The runs of ``runs`` that :meth:`run_all` trains rather than aliases (first of each training)."""
+        seen = {_training_key(tc) for k, tc in self.configs.items() if k in self.results}
+        out = []
+        for name, tc in runs.items():
+            key = _training_key(tc)
+            if key not in seen or (self.out / "runs" / name / "metrics.json").exists():
+                out.append((name, tc))
+            seen.add(key)
+        return out
+
     def run_all(self, runs: dict[str, TrainConfig]) -> None:
         """Train ``runs``; a run that trains what an earlier run trains (and has no folder of its own) reuses it;
         then extend every run still improving, doubling its steps, up to ``max_extensions`` times."""
+        self._prefetch(self._distinct(runs) if self.backend is not None else [])
         keys = {k: _training_key(tc) for k, tc in self.configs.items()}
         for i, (name, tc) in enumerate(runs.items()):
             key = _training_key(tc)
@@ -341,6 +365,9 @@ class _Runner:
             ]
             if not todo:
                 break
+            self._prefetch(
+                [(n, dataclasses.replace(self.configs[n], steps=2 * int(self.configs[n].steps or 0))) for n in todo]
+            )
             for n in todo:
                 longer = dataclasses.replace(self.configs[n], steps=2 * int(self.configs[n].steps or 0))
                 log.info("extending %s to %d steps (still improving at its last evaluation)", n, longer.steps)
@@ -356,19 +383,33 @@ class _Runner:
 
 
 def validate(
-    cfg: ValidateConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
+    cfg: ValidateConfig,
+    out: str | Path,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    backend: Any = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a validation into ``out``; returns the ``validation.json`` document."""
+    """Run (or resume) a validation into ``out``; returns the ``validation.json`` document.
+
+    ``backend`` (:mod:`hessrank.backends`, e.g. ``make_backend("ray")``) trains independent runs ahead in
+    parallel; ``None`` trains every run in this process. The result does not depend on it."""
     out = Path(out)
     rec_path = Path(cfg.recommendation)
     if not rec_path.is_file():
         raise HessrankError(f"{rec_path}: recommendation file not found (run hessrank recommend first)")
     with folder_lock(out, "validate"):
-        return _validate(cfg, out, rec_path, resume, overwrite, progress)
+        return _validate(cfg, out, rec_path, resume, overwrite, progress, backend)
 
 
 def _validate(
-    cfg: ValidateConfig, out: Path, rec_path: Path, resume: bool, overwrite: bool, progress: bool
+    cfg: ValidateConfig,
+    out: Path,
+    rec_path: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    backend: Any = None,
 ) -> dict[str, Any]:
     rec_hash = hashlib.sha256(rec_path.read_bytes()).hexdigest()[:16]
     runs, facts = plan_runs(cfg)
@@ -379,7 +420,7 @@ def _validate(
         {"schema": "hessrank.validate_config/2", "config": cfg.to_dict(), "recommendation_sha256": rec_hash},
     )
     started = time.time()
-    runner = _Runner(cfg, out, progress, overwrite=overwrite)
+    runner = _Runner(cfg, out, progress, overwrite=overwrite, backend=backend)
     runner.run_all(runs)
     first = f"advice-s{cfg.seeds[0]}"
     # the closest rival gets the other seeds too (a rung identical to the advice is the advice, not a rival)
