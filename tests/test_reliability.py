@@ -513,3 +513,16 @@ def test_sigkill_during_train_then_rerun_resumes_from_the_last_complete_checkpoi
     for key in ("eval_loss", "accuracy"):
         assert got["train_info"]["metrics"][key] == pytest.approx(ref_info["metrics"][key], rel=1e-5, abs=1e-6), key
     assert info["best_step"] == ref_info["best_step"]
+
+
+def test_atomic_write_gives_the_mode_open_would_and_leaves_no_temporary(tmp_path):
+    """mkstemp's 0600 is not kept: a written report is readable by whoever may read the folder (umask applies)."""
+    from hessrank.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write(tmp_path / "report.md", lambda fh: fh.write("x"))
+    finally:
+        os.umask(old)
+    assert f.read_text() == "x" and (f.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
