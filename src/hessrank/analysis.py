@@ -43,7 +43,7 @@ from . import distributed as _dist
 from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
-from .io import ensure_new_or_resumable, folder_lock, read_json, read_npz, write_json, write_npz
+from .io import ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
 from .lanczos import default_ncv, lanczos, plan_basis, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
 from .spectrum import effective_dimensions
@@ -763,16 +763,14 @@ def analyze(
     the Lanczos/SLQ measurements of each scope and repeat, quantization sensitivity; then ``analysis.json``.
     """
     out = Path(out)
-    if _dist.env_world_size() <= 1:
-        with folder_lock(out, "analyze"):
-            return _analyze(cfg, out, resume, overwrite, progress)
-    # under torchrun: every rank evaluates its share of the batches (hessrank.distributed); rank 0 writes
-    ctx = _dist.from_env(resolve_device(cfg.device))
-    assert ctx is not None
-    if ctx.is_main:
-        with folder_lock(out, "analyze"):
-            return _analyze(cfg, out, resume, overwrite, progress, ctx)
-    return _analyze(cfg, out, resume, overwrite, False, ctx)
+    # under torchrun every rank evaluates its share of the batches (hessrank.distributed); rank 0 writes
+    return _dist.run_stage(
+        out,
+        "analyze",
+        resolve_device(cfg.device),
+        progress,
+        lambda prog, ctx: _analyze(cfg, out, resume, overwrite, prog, ctx),
+    )
 
 
 def _analyze(

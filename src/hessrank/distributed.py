@@ -23,8 +23,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -133,6 +135,30 @@ def from_env(device: torch.device) -> DistContext | None:
 
 
 _OWNED = False  #: whether hessrank initialised the process group (and so may destroy it)
+
+
+_T = TypeVar("_T")
+
+
+def run_stage(
+    out: Path, what: str, device: torch.device, progress: bool, stage: Callable[[bool, DistContext | None], _T]
+) -> _T:
+    """Run one pipeline stage writing folder ``out``: ``stage(progress, ctx)`` under the folder's lock.
+
+    One process: ``ctx`` is None. Under torchrun every rank runs the stage with its :class:`DistContext`; rank 0
+    alone holds the lock (it alone writes) and shows progress.
+    """
+    from .io import folder_lock
+
+    if env_world_size() <= 1:
+        with folder_lock(out, what):
+            return stage(progress, None)
+    ctx = from_env(device)
+    assert ctx is not None
+    if ctx.is_main:
+        with folder_lock(out, what):
+            return stage(progress, ctx)
+    return stage(False, ctx)
 
 
 def shutdown() -> None:

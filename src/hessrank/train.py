@@ -47,7 +47,7 @@ from . import distributed as _dist
 from .advisor.rank import RSLORA_ALPHA
 from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, split_dataset
 from .errors import HessrankError
-from .io import ensure_new_or_resumable, folder_lock, read_json, write_json
+from .io import ensure_new_or_resumable, read_json, write_json
 from .models import load_model, resolve_targets
 from .tasks import batch_to
 
@@ -779,18 +779,16 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume, extend, or return the finished result of) one training run into folder ``out``."""
     out = Path(out)
-    if _dist.env_world_size() <= 1:
-        with folder_lock(out, "train"):
-            return _train(cfg, out, resume, overwrite, progress)
     # under torchrun (transformers' Trainer runs DDP): rank 0 prepares the folder and writes every file
     from .analysis import resolve_device
 
-    ctx = _dist.from_env(resolve_device(cfg.device))
-    assert ctx is not None
-    if ctx.is_main:
-        with folder_lock(out, "train"):
-            return _train(cfg, out, resume, overwrite, progress, ctx)
-    return _train(cfg, out, resume, overwrite, False, ctx)
+    return _dist.run_stage(
+        out,
+        "train",
+        resolve_device(cfg.device),
+        progress,
+        lambda prog, ctx: _train(cfg, out, resume, overwrite, prog, ctx),
+    )
 
 
 def _train(
