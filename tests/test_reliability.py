@@ -526,3 +526,35 @@ def test_atomic_write_gives_the_mode_open_would_and_leaves_no_temporary(tmp_path
         os.umask(old)
     assert f.read_text() == "x" and (f.stat().st_mode & 0o777) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+@pytest.mark.parametrize("when", ["while the temporary is created", "while it is written"])
+def test_a_signal_during_an_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, when):
+    """CI once found `.unit.npz.XXXX.tmp` left after Ctrl-C: SIGINT arrived inside mkstemp, after the file was
+    made and before its name was returned. The signal is raised for real (``signal.raise_signal``) at that
+    point and inside the writer; either way the old file stays and nothing else is left."""
+    import tempfile
+
+    from hessrank.io import atomic_write
+
+    target = tmp_path / "unit.json"
+    target.write_text("old")
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_sigint(*a, **k):
+        made = real_mkstemp(*a, **k)
+        signal.raise_signal(signal.SIGINT)
+        return made
+
+    def writer(fh):
+        if when == "while it is written":
+            fh.write("half")
+            signal.raise_signal(signal.SIGINT)
+        fh.write("new")
+
+    if when == "while the temporary is created":
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, writer)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["unit.json"]

@@ -43,7 +43,7 @@ from . import distributed as _dist
 from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
-from .io import ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
+from .io import atomic_write, ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
 from .lanczos import default_ncv, lanczos, plan_basis, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
 from .spectrum import effective_dimensions
@@ -605,9 +605,8 @@ def _analysis_point(
         )
         probe = dataclasses.asdict(fit_head(model, pb))
         head_name, head = find_head(model)
-        tmp = probe_path.with_suffix(".tmp")
-        torch.save({"head": head.state_dict(), "probe": probe}, tmp)
-        tmp.replace(probe_path)
+        state = {"head": head.state_dict(), "probe": probe}
+        atomic_write(probe_path, lambda f: torch.save(state, f), mode="wb")
     if ctx is not None:
         ctx.broadcast_tensors_(list(head.state_dict().values()))
     return {

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,21 +41,56 @@ def _umask() -> int:
     return mask
 
 
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for the block; a signal that arrives meanwhile is delivered when it ends.
+
+    ``tempfile.mkstemp`` creates the file before it returns its name: a Ctrl-C in between would leave a
+    temporary file nobody knows about. Blocking the two signals (POSIX ``pthread_sigmask``) around that call
+    closes the window; elsewhere, where the mask cannot be set, the block runs unprotected.
+    """
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def atomic_write(path: str | Path, writer: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write ``path`` atomically: ``writer(fileobj)`` fills a temporary sibling that then replaces ``path``."""
+    """Write ``path`` atomically: ``writer(fileobj)`` fills a temporary sibling that then replaces ``path``.
+
+    An exception or signal at any point (also between creating the temporary and learning its name) removes
+    the temporary and leaves the old ``path`` as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
+    fd: int | None = None
     try:
+        with _signals_deferred():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets the mode open() would give
-        with os.fdopen(fd, mode) as f:
+        f = os.fdopen(fd, mode)
+        fd = None  # the file object owns it now
+        with f:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
     return path
