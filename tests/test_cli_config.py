@@ -82,7 +82,7 @@ def test_shared_keys_and_sections_fill_options_and_flags_win(cfg):
             ["analyze", "--model", "m", "--data", "d", "--out", "X"],
             "key 'analyze.top_k' must be int",
         ),
-        ("recommend:\n  estimator: magic\n", ["recommend", "DIR"], "allowed: kfac, newton-topk"),
+        ("recommend:\n  estimator: magic\n", ["recommend", "DIR"], "allowed: auto, pilot, kfac, newton-topk"),
         ("train:\n  gradient_checkpointing: 3\n", ["train", "--out", "R"], "must be true or false"),
         ("analyze: [1, 2]\n", ["analyze", "--model", "m", "--data", "d", "--out", "X"], "must be a mapping"),
         ("- a\n- b\n", ["analyze", "--out", "X"], "expected a mapping"),

@@ -25,6 +25,7 @@ from hessrank.errors import NumericalError
 TIME_KEYS = {
     "created",
     "seconds",
+    "train_seconds",
     "hvp_seconds",
     "graph_seconds",
     "statistics_seconds",

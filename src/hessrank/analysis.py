@@ -93,6 +93,12 @@ class AnalysisConfig:
     quant_eval_batches: int = 8
     kfac_batches: int = 16
     kfac_groups: int = 4
+    #: the pilot LoRA run (:mod:`hessrank.pilot`): steps (0: none), rank, learning rate, batch, held-out batches
+    pilot_steps: int = 100
+    pilot_rank: int = 64
+    pilot_lr: float = 1e-3
+    pilot_batch_size: int | None = None  #: None: ``batch_size`` (a batch the user already knows fits)
+    pilot_eval_batches: int = 8
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,8 +130,24 @@ class AnalysisConfig:
             raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
         if self.kfac_groups < 4 or self.kfac_groups % 2:
             raise HessrankError(f"kfac-groups must be an even number >= 4, got {self.kfac_groups}")
+        if self.pilot_steps < 0:
+            raise HessrankError(f"pilot-steps must be >= 0 (0: no pilot run), got {self.pilot_steps}")
+        if self.pilot_steps:
+            self.pilot_settings().check()
         if self.kfac_batches < self.kfac_groups:
             raise HessrankError(f"kfac-batches ({self.kfac_batches}) must be at least kfac-groups ({self.kfac_groups})")
+
+    def pilot_settings(self) -> Any:
+        from .pilot import PilotSettings
+
+        return PilotSettings(
+            steps=max(1, self.pilot_steps),
+            rank=self.pilot_rank,
+            lr=self.pilot_lr,
+            batch_size=self.pilot_batch_size or self.batch_size,
+            eval_batches=self.pilot_eval_batches,
+            seed=self.seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-normalised (tuples become lists), so a config read back from disk compares equal."""
@@ -753,6 +775,44 @@ def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
     write_json(units_dir / "quant.json", qdoc)
 
 
+def _run_pilot(su: _Setup, units_dir: Path, progress: bool) -> None:
+    """The pilot LoRA run and its measured truncations (``units/pilot.json``; :mod:`hessrank.pilot`)."""
+    from . import pilot
+
+    cfg = su.cfg
+    path = units_dir / "pilot.json"
+    if not cfg.pilot_steps or path.exists():
+        return
+    ps = cfg.pilot_settings()
+    n_eval = min(ps.eval_batches, max(1, len(su.held_out) // ps.batch_size))
+    eval_b = analysis_batches(su.held_out, su.enc, n_eval, min(ps.batch_size, len(su.held_out)), seed=cfg.seed + 1)
+    head = []
+    if su.task == "seq-cls":
+        from .probe import find_head
+
+        head = [find_head(su.lm.model)[0]]
+    lin = linear_modules(su.lm.model)
+    shapes = {t: linear_shape(lin[t]) for t in su.targets}
+    items = [su.enc.encode(e) for e in su.train.examples]
+    doc = pilot.run(
+        su.lm.model,
+        su.targets,
+        head,
+        su.task,
+        su.loss_fn,
+        items,
+        su.enc.collate,
+        eval_b,
+        su.stats(),
+        shapes,
+        ps,
+        1e-2,  # damping relative to the largest K-FAC curvature: the advisor's default z
+        RANK_GRID,
+        progress,
+    )
+    write_json(path, doc)
+
+
 def analyze(
     cfg: AnalysisConfig, out: str | Path, resume: bool = True, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -812,6 +872,10 @@ def _analyze(
         ctx.barrier()
     else:
         _run_quantization(su, units_dir, progress)
+    if main:
+        _run_pilot(su, units_dir, progress)  # rank 0 alone (a short training run; the others wait below)
+    if ctx is not None:
+        ctx.barrier()
     layout = _distribution(ctx, len(su.batches(0)))
     doc = None
     if main:
@@ -932,6 +996,7 @@ def _aggregate(
         scope_docs.append({"name": sname, "kind": kind, "modules": mods, "summary": summary, "repeats": reps})
     quant_doc = read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None
     kfac_doc = read_json(units_dir / "kfac.json") if (units_dir / "kfac.json").exists() else None
+    pilot_doc = read_json(units_dir / "pilot.json") if (units_dir / "pilot.json").exists() else None
     if kfac_doc is not None:
         kfac_doc["calibration"] = _kfac_calibration(scope_docs, kfac_doc)
     doc = {
@@ -962,6 +1027,7 @@ def _aggregate(
         "rank_grid": list(RANK_GRID),
         "scopes": scope_docs,
         "kfac": kfac_doc,
+        "pilot": pilot_doc,
         "quantization": quant_doc,
         "cost": {
             "hvp_total": total_hvp,
@@ -972,7 +1038,8 @@ def _aggregate(
             # and the first gradient graph are not in it
             "seconds_units": unit_seconds
             + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0)
-            + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0),
+            + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0)
+            + float(pilot_doc.get("seconds", 0.0) if pilot_doc else 0.0),
         },
         "arrays": "analysis.npz",
         "distributed": distribution,

@@ -67,6 +67,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         quant_eval_batches=args.quant_eval_batches,
         kfac_batches=args.kfac_batches,
         kfac_groups=args.kfac_groups,
+        pilot_steps=args.pilot_steps,
+        pilot_rank=args.pilot_rank,
+        pilot_lr=args.pilot_lr,
+        pilot_batch_size=args.pilot_batch_size,
+        pilot_eval_batches=args.pilot_eval_batches,
         data_options=data_options(args),
     )
     doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -313,6 +318,17 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="batches for the whole-module K-FAC rank curves (gradients and factors; no HVPs)",
     )
     sp.add_argument("--kfac-groups", type=int, default=4, help="groups the K-FAC batches are cross-fitted over")
+    sp.add_argument(
+        "--pilot-steps",
+        type=int,
+        default=100,
+        help="steps of the pilot LoRA run whose measured truncations set the default advice (0: no pilot; "
+        "the advice then comes from the curvature at the start)",
+    )
+    sp.add_argument("--pilot-rank", type=int, default=64, help="rank of the pilot LoRA (the largest it advises)")
+    sp.add_argument("--pilot-lr", type=float, default=1e-3, help="learning rate of the pilot run (AdamW)")
+    sp.add_argument("--pilot-batch-size", type=int, default=None, help="pilot batch (default: --batch-size)")
+    sp.add_argument("--pilot-eval-batches", type=int, default=8, help="held-out batches for the truncations")
     sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
     sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
@@ -339,9 +355,11 @@ def _register_recommend(sub: argparse._SubParsersAction) -> None:  # type: ignor
     )
     sp.add_argument(
         "--estimator",
-        choices=["kfac", "newton-topk"],
-        default="kfac",
-        help="which estimator sets the ranks (all are reported): whole-module K-FAC curves, or the top-k Newton step",
+        choices=["auto", "pilot", "kfac", "newton-topk"],
+        default="auto",
+        help="which estimator sets the ranks (all are reported): the measured truncations of the pilot run, "
+        "whole-module K-FAC curves at the start, or the top-k Newton step; auto: the pilot when the analysis ran one "
+        "that lowered the held-out loss, else kfac",
     )
     sp.add_argument(
         "--min-gain-fraction",
