@@ -279,10 +279,14 @@ def measure(
     from .advisor.rank import ModuleCurve, separable_allocation
 
     tr = Truncation(pm, targets)
+    seen: dict[tuple[int, ...], float] = {}
 
     def loss_at(ranks: dict[str, int]) -> float:
-        tr.set({m: whitened[m].truncated_factors(r) for m, r in ranks.items()})
-        return float(loss_of(pm))
+        key = tuple(ranks[m] for m in targets)
+        if key not in seen:  # allocations at neighbouring shares often coincide: measured once
+            tr.set({m: whitened[m].truncated_factors(r) for m, r in ranks.items()})
+            seen[key] = float(loss_of(pm))
+        return seen[key]
 
     try:
         full = float(loss_of(pm))
