@@ -40,6 +40,7 @@ import torch
 
 from . import __version__
 from . import distributed as _dist
+from .advisor.rank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
 from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "hessrank.analysis/1"
 SCOPES = ("module", "group", "joint")
 NEWTON_Z: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
-RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIG_FILE = "analysis_config.json"
 
 

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..analysis import load_analysis
 from ..errors import HessrankError
 from ..io import atomic_write, write_json
 from ..quantization import FORMAT_INFO
@@ -777,7 +776,12 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
     """Build the recommendation document from an analysis (folder, file or parsed document)."""
     st = settings or RecommendSettings()
     st.check()
-    doc = analysis if isinstance(analysis, dict) else load_analysis(analysis)
+    if isinstance(analysis, dict):
+        doc = analysis
+    else:
+        from ..analysis import load_analysis  # here, not at the top: the analysis imports this package's grid
+
+        doc = load_analysis(analysis)
     name, estimator_note = resolve_estimator(doc, st.estimator)
     st = dataclasses.replace(st, estimator=name)
     if estimator_note:
