@@ -16,12 +16,10 @@ echo "== 1/5 inspect: SmolLM2-135M and its LoRA target modules"
 $HR inspect --model smollm2-135m | tee "$OUT/inspect.txt"
 
 echo
-echo "== 2/5 analyze: K-FAC rank curves of q_proj,v_proj, the joint scope's top eigenpairs (calibration), NF4 cost,"
-echo "   and a 40-step pilot LoRA whose measured truncations set the ranks"
+echo "== 2/5 analyze: K-FAC rank curves of q_proj,v_proj, the joint scope's top eigenpairs (calibration), NF4 cost"
 $HR analyze --model smollm2-135m --data movie-reviews --modules q_proj,v_proj --scope joint \
   --top-k 4 --tol 1e-2 --negative-k 0 --slq-probes 1 --slq-steps 8 --batch-size 4 --num-batches 1 \
   --max-length 64 --kfac-batches 8 --quant-formats nf4 --quant-sign-probes 1 --quant-eval-batches 1 \
-  --pilot-steps 40 --pilot-batch-size 8 --pilot-lr 2e-3 --pilot-eval-batches 4 \
   --out "$OUT/analysis" --quiet
 
 echo

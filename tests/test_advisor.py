@@ -181,13 +181,12 @@ def test_recommend_writes_configs_peft_and_transformers_accept(tiny_analysis, ti
             assert {"predicted_loss_increase", "measured_loss_increase"} <= set(q)
     assert doc["quantization"]["format"] in ("none", "llm.int8", "nf4", "nf4-dq", "fp4")
     assert doc["explanation"] and doc["rules_of_thumb"]
-    # the default (auto) takes the pilot run's measured truncations; the others are reported beside it
-    assert doc["estimator"] == "pilot" and set(doc["estimators"]) == {"pilot", "kfac", "newton-topk"}
-    assert doc["confidence"]["level"] in ("low", "normal") and "pilot" in doc["confidence"]["note"]
-    assert (doc["confidence"]["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
-    kf = recommend(tiny_analysis, RecommendSettings(estimator="kfac"))
-    conf = kf["confidence"]
-    assert kf["estimator"] == "kfac" and conf["level"] in ("low", "normal") and 0 < conf["resolved_share"] <= 1.5
+    # no pilot run (opt-in): the default (auto) takes the K-FAC curves; the top-k estimator is reported beside it
+    assert doc["estimator"] == "kfac" and set(doc["estimators"]) == {"kfac", "newton-topk"}
+    assert doc["estimator_note"] is None
+    conf = doc["confidence"]
+    assert conf["level"] in ("low", "normal") and 0 < conf["resolved_share"] <= 1.5
+    assert (conf["level"] == "low") == any(x.startswith("Low confidence") for x in doc["explanation"])
     # every analysed module keeps at least rank 1 by default (no module selection)
     assert all(d["rank"] >= 1 for d in doc["modules"].values()) and doc["selection"]["dropped"] == []
     # the top-k estimator is still available, with its own confidence

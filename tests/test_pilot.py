@@ -152,8 +152,10 @@ def test_pilot_advice_end_to_end_on_minilm(sentiment_tsv, tmp_path):
     assert rec["confidence"]["level"] in ("low", "normal") and "pilot" in rec["confidence"]["note"]
     assert any("pilot" in line for line in rec["explanation"])
 
-    # no pilot: the advice falls back to the K-FAC curves, and asking for the pilot says why it cannot
-    doc0 = analyze(AnalysisConfig(**{**common, "pilot_steps": 0}), tmp_path / "an0", progress=False)
+    # no pilot (the default): the advice comes from the K-FAC curves, and asking for the pilot says why it cannot
+    doc0 = analyze(
+        AnalysisConfig(**{k: v for k, v in common.items() if k != "pilot_steps"}), tmp_path / "an0", progress=False
+    )
     assert doc0["pilot"] is None
     assert recommend(doc0, RecommendSettings())["estimator"] == "kfac"
     from hessrank.errors import HessrankError

@@ -93,8 +93,8 @@ class AnalysisConfig:
     quant_eval_batches: int = 8
     kfac_batches: int = 16
     kfac_groups: int = 4
-    #: the pilot LoRA run (:mod:`hessrank.pilot`): steps (0: none), rank, learning rate, batch, held-out batches
-    pilot_steps: int = 100
+    #: the pilot LoRA run (:mod:`hessrank.pilot`, opt-in): steps (0: none), rank, learning rate, batch, held-out batches
+    pilot_steps: int = 0
     pilot_rank: int = 64
     pilot_lr: float = 1e-3
     pilot_batch_size: int | None = None  #: None: ``batch_size`` (a batch the user already knows fits)

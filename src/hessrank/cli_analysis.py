@@ -321,9 +321,9 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     sp.add_argument(
         "--pilot-steps",
         type=int,
-        default=100,
-        help="steps of the pilot LoRA run whose measured truncations set the default advice (0: no pilot; "
-        "the advice then comes from the curvature at the start)",
+        default=0,
+        help="opt-in: steps of a pilot LoRA run whose measured truncations become the advice (e.g. 100; default 0: "
+        "no pilot, the advice comes from the K-FAC curves)",
     )
     sp.add_argument("--pilot-rank", type=int, default=64, help="rank of the pilot LoRA (the largest it advises)")
     sp.add_argument("--pilot-lr", type=float, default=1e-3, help="learning rate of the pilot run (AdamW)")

@@ -9,12 +9,13 @@ function below: per-module estimates (:func:`kfac_estimates`, :func:`newton_esti
 **Estimators** (``--estimator``; every one is computed and reported under ``estimators``, one sets the ranks;
 ``auto``, the default, is the first of ``pilot``, ``kfac``, ``newton-topk`` the analysis has data for):
 
-* ``pilot`` — measured along a short training run (:mod:`hessrank.pilot`): a rank-R pilot LoRA is trained for a
-  few steps, its update truncated in K-FAC-whitened coordinates to each uniform rank and to allocations keeping a
-  share p of the whitened update energy, and each truncation's held-out loss measured. The advice is the cheapest
-  measured candidate that keeps ``target_share`` of the pilot's held-out decrease. Default where present: the
-  curvature at θ₀ alone (``kfac``) advised ranks that fell short of the ladder's best on AG News by 2.8% paired
-  (its curves saturate at rank 1–2 while training keeps using rank 8–32; ``reports/validation.md``).
+* ``pilot`` (opt-in: ``analyze --pilot-steps N``) — measured along a short training run (:mod:`hessrank.pilot`): a
+  rank-R pilot LoRA is trained for a few steps, its update truncated in K-FAC-whitened coordinates to each uniform
+  rank and to allocations keeping a share p of the whitened update energy, and each truncation's held-out loss
+  measured. The advice is the cheapest measured candidate that keeps ``target_share`` of the pilot's held-out
+  decrease. ``auto`` takes it when the analysis has one. Not the default, by measurement (``reports/validation.md``,
+  AG News): its advice (63,748 parameters) was as far from the ladder's best as the K-FAC advice (23,812; 2.7% vs
+  2.8% paired) and the 100-step pilot doubled the analysis (85 → 183 s, 12.7% of the ladder).
 * ``kfac`` (default) — the whole-module K-FAC curves of :mod:`hessrank.kfac`: per module the cross-fitted
   predicted decrease ΔL_m(r) = ½Σ_{l≤r} e_l of the best rank-r update, divided by the scale c fitted on the
   scope's top-k Lanczos pairs (loss units). Chosen by measurement (``reports/validation.md``): the top-k
