@@ -162,3 +162,24 @@ def test_pilot_advice_end_to_end_on_minilm(sentiment_tsv, tmp_path):
 
     with pytest.raises(HessrankError, match="no pilot run"):
         recommend(doc0, RecommendSettings(estimator="pilot"))
+
+
+def test_the_report_draws_the_pilot_truncations_and_marks_the_advice():
+    from hessrank.report import plots
+
+    assert plots.pilot({"pilot": None}) is None
+    uni = [{"rank": r, "params": 100 * r, "eval_loss": 0.4 - 0.01 * r} for r in (1, 2, 4)]
+    doc = {
+        "pilot": {
+            "settings": {"rank": 4, "steps": 10},
+            "uniform": uni,
+            "allocations": [{"share": 0.9, "params": 250, "eval_loss": 0.37}],
+            "eval_loss": {"rank0": 0.7, "pilot": 0.36},
+        }
+    }
+    rec = {"estimator": "pilot", "estimators": {"pilot": {"lora_parameters": 250}}}
+    fig = plots.pilot(doc, rec)
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_xdata()) == [100, 200, 400]
+    assert any("advice (250 parameters)" in t.get_text() for t in ax.get_legend().get_texts())
+    assert plots.png(fig)[:4] == b"\x89PNG"

@@ -129,6 +129,13 @@ def _figures(src: Sources) -> list[Figure]:
             "Sum over modules of the predicted decrease at a uniform rank, and the largest modules' own curves.",
         )
     add(
+        "pilot",
+        "Pilot run",
+        lambda: plots.pilot(an, rec),
+        "Opt-in (analyze --pilot-steps): the pilot's update truncated in K-FAC-whitened coordinates to each uniform "
+        "rank and to allocations keeping a share of its whitened energy, each truncation's held-out loss measured.",
+    )
+    add(
         "quantization",
         "Quantization sensitivity",
         lambda: plots.quantization(an),

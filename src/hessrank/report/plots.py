@@ -190,6 +190,44 @@ def rank_curves(rec: dict[str, Any], max_modules: int = 12) -> Figure | None:
     return fig
 
 
+def pilot(analysis: dict[str, Any], rec: dict[str, Any] | None = None) -> Figure | None:
+    """The pilot's measured truncations (``analysis.json`` ``pilot``): held-out loss against LoRA parameters."""
+    pd = analysis.get("pilot")
+    if not pd:
+        return None
+    fig, ax = _fig(
+        f"Pilot run (rank {pd['settings']['rank']}, {pd['settings']['steps']} steps): measured truncations",
+        "LoRA parameters (log scale)",
+        "held-out loss",
+    )
+    uni = pd["uniform"]
+    ax.plot([u["params"] for u in uni], [u["eval_loss"] for u in uni], color=LADDER, marker="o", label="uniform rank")
+    for u in uni:
+        ax.annotate(
+            str(u["rank"]), (u["params"], u["eval_loss"]), textcoords="offset points", xytext=(3, 4), fontsize=7
+        )
+    al = pd["allocations"]
+    ax.scatter(
+        [a["params"] for a in al],
+        [a["eval_loss"] for a in al],
+        color=OTHER,
+        marker="s",
+        s=18,
+        zorder=3,
+        label="allocations keeping a share of the whitened update",
+    )
+    el = pd["eval_loss"]
+    # rank 0 is far above the truncations: named in the legend, not drawn (it would flatten the curve)
+    ax.plot([], [], " ", label=f"rank 0 (trained head, no update): {el['rank0']:.4f}")
+    ax.axhline(el["pilot"], color=KNEE, ls="--", lw=1, label=f"whole pilot {el['pilot']:.4f}")
+    if rec is not None and rec.get("estimator") == "pilot":
+        p = rec["estimators"]["pilot"]["lora_parameters"]
+        ax.axvline(p, color=ADVICE, lw=1.5, label=f"advice ({p:,} parameters)")
+    ax.set_xscale("log")
+    ax.legend(loc="upper right")
+    return fig
+
+
 def quantization(analysis: dict[str, Any]) -> Figure | None:
     """Predicted (gᵀδ + ½δᵀHδ) vs measured held-out loss increase per module, one colour per format."""
     q = analysis.get("quantization")
