@@ -73,6 +73,11 @@ CASES: dict[str, dict[str, list[str]]] = {
         "recommend": _args("--batch-size 32 --seq-len 64"),
         "validate": _args(f"{_MINILM_VALIDATE} --max-train 2000"),
     },
+    "minilm-sst2-pilot": {
+        "analyze": _args(f"{_MINILM_ANALYZE} --data sst2 --modules query,value --pilot-steps 100"),
+        "recommend": _args("--batch-size 32 --seq-len 64"),
+        "validate": _args(f"{_MINILM_VALIDATE} --max-train 3000"),
+    },
     # the fifth case: another model scope on movie-reviews, every linear layer of MiniLM (36 modules)
     "minilm-movie-all": {
         "analyze": _args(f"{_MINILM_ANALYZE} --data movie-reviews --modules all-linear"),
