@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .advisor.rank import ModuleCurve, lora_params, separable_allocation
 from .errors import HessrankError, NumericalError
 from .kfac import Eig, ModuleStats, damping_split
 from .tasks import batch_to
@@ -261,10 +262,6 @@ class Truncation:
             la.lora_B["default"].weight.copy_(B)
 
 
-def lora_params(rank: int, shape: tuple[int, int]) -> int:
-    return rank * (shape[0] + shape[1])
-
-
 def measure(
     pm: nn.Module,
     targets: Sequence[str],
@@ -276,8 +273,6 @@ def measure(
     shares: Sequence[float] = ALLOCATION_SHARES,
 ) -> dict[str, Any]:
     """Held-out losses of rank 0, the whole pilot, every uniform rank and every share allocation."""
-    from .advisor.rank import ModuleCurve, separable_allocation
-
     tr = Truncation(pm, targets)
     seen: dict[tuple[int, ...], float] = {}
 
@@ -291,10 +286,10 @@ def measure(
     try:
         full = float(loss_of(pm))
         l0 = loss_at({m: 0 for m in targets})
-        grid = sorted({min(r, pilot_rank) for r in rank_grid if r <= pilot_rank} | {pilot_rank})
+        grid = sorted({r for r in rank_grid if r <= pilot_rank} | {pilot_rank})
         uniform = []
         for r in grid:
-            rk = {m: min(r, pilot_rank) for m in targets}
+            rk = {m: r for m in targets}
             uniform.append({"rank": r, "ranks": rk, "params": _params(rk, shapes), "eval_loss": loss_at(rk)})
         curves = [
             ModuleCurve(
@@ -316,7 +311,7 @@ def measure(
 
 
 def _params(ranks: dict[str, int], shapes: dict[str, tuple[int, int]]) -> int:
-    return sum(lora_params(r, shapes[m]) for m, r in ranks.items())
+    return sum(lora_params(r, *shapes[m]) for m, r in ranks.items())
 
 
 def _kept(l0: float, full: float, loss: float) -> float | None:
