@@ -496,7 +496,38 @@ def _rotate_rows(V: torch.Tensor, s: int, Yk: torch.Tensor, chunk: int = 1 << 20
         V[:q, a:b] = Yk @ V[:s, a:b]
 
 
-def _lanczos_run(
+@dataclass
+class _Run:
+    """One thick-restart Lanczos run: its settings, the basis V, T = VᵀAV and the current Ritz pairs."""
+
+    k: int
+    which: str
+    tol: float
+    criterion: str
+    budget: int
+    seed: int
+    n: int
+    m: int  # basis size before a restart
+    device: torch.device
+    dtype: torch.dtype
+    eps: float
+    gen: torch.Generator
+    V: _Basis
+    T: np.ndarray
+    min_basis: int  # a few steps past k before the gap estimate from Ritz values is trusted
+    used: int = 0
+    restarts: int = 0
+    s: int = 0  # vectors of V whose matvec is done; V[s] is the next one
+    scale: float = 0.0
+    beta: float = 0.0
+    theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    res: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    bound: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    Y: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    prev_theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _start_run(
     op: Operator,
     k: int,
     which: str,
@@ -505,11 +536,10 @@ def _lanczos_run(
     seed: int,
     ncv: int | None,
     criterion: str,
-    want_vectors: bool,
     v0: torch.Tensor | None,
-    progress: bool,
-    storage: str = "device-fp32",
-) -> LanczosResult:
+    storage: str,
+) -> _Run:
+    """Size and allocate the basis (resolving ``storage="auto"``) and set its first vector (``v0`` or random)."""
     n = int(op.shape[0])
     device, dtype = _op_device_dtype(op)
     m = min(n, ncv if ncv is not None else default_ncv(n, k, dtype))
@@ -526,102 +556,156 @@ def _lanczos_run(
     T = np.zeros((m, m))
     v = v0.to(device=device, dtype=dtype).clone() if v0 is not None else _random_vector(n, gen, device, dtype)
     V[0] = v / torch.linalg.vector_norm(v)
-    used = restarts = 0
-    s = 0  # vectors of V whose matvec is done; V[s] is the next one
-    scale = 0.0
-    beta = 0.0
-    theta = res = bound = np.zeros(0)
-    Y = np.zeros((0, 0))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=budget, desc=f"lanczos k={k}", leave=False, unit="hvp")
-
-    min_basis = min(n, k + 5)  # a few steps past k before the gap estimate from Ritz values is trusted
-
-    prev_theta = np.zeros(0)
-
-    def conv_mask() -> np.ndarray:
-        kk = min(k, len(theta))
-        ok = _converged(theta[:kk], res[:kk], bound[:kk], tol, criterion, scale, eps)
-        if criterion == "eigenvalue":
-            # the gap bound trusts the nearest *other Ritz value*; while a close eigenvalue has not yet appeared
-            # in the Krylov space the residual can dip transiently and the bound with it (a top pair 1e-4 apart
-            # "converged" 4.7e-4 off). A converged Ritz value has also stopped moving: demand both.
-            # (an exactly invariant subspace, residual at rounding level, needs no such evidence)
-            floor = 50 * eps * scale
-            exact = res[:kk] <= floor
-            if len(prev_theta) < kk:
-                return ok & exact
-            still = np.abs(theta[:kk] - prev_theta[:kk]) <= np.maximum(tol * np.abs(theta[:kk]), floor)
-            ok = ok & (still | exact)
-        if s < min_basis and restarts == 0:
-            ok = ok & (res[:kk] <= 50 * eps * scale)  # only an exactly invariant subspace counts this early
-        return ok
-
-    while True:
-        stop = False
-        while s < m:
-            w = op.matvec(V[s]).to(dtype)
-            used += 1
-            if bar is not None:
-                bar.update(1)
-            w, h = V.orthogonalize(s + 1, w)
-            # T = Vᵀ A V from the orthogonalization coefficients (tridiagonal, or arrowhead after a restart)
-            T[: s + 1, s] = h
-            T[s, : s + 1] = h
-            beta = float(torch.linalg.vector_norm(w))
-            s += 1
-            scale = max(scale, float(np.abs(T[:s, :s]).max()))
-            prev_theta = theta
-            theta, Y, res, bound = _ritz(T[:s, :s], beta, which)
-            if s >= n or used >= budget or (len(theta) >= k and conv_mask().all()):
-                stop = True
-                break
-            if beta <= 100 * eps * max(scale, 1e-30) * math.sqrt(n):
-                # invariant subspace: go on from a random direction orthogonal to the basis (coupling 0)
-                w = _random_vector(n, gen, device, dtype)
-                w, _ = V.orthogonalize(s, w)
-                w, _ = V.orthogonalize(s, w)
-                V[s] = w / torch.linalg.vector_norm(w)
-            else:
-                V[s] = w / beta
-        if stop:
-            break
-        # thick restart: keep the best Ritz vectors and the residual direction V[m]
-        keep = min(max(k + (m - k) // 2, k + 1), s - 1)
-        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :keep].T)).to(device=device, dtype=dtype)
-        resid = V[s].clone()
-        V.rotate(s, Yk)
-        V[keep] = resid
-        V.zero_from(keep + 1)
-        T[:] = 0.0
-        T[np.arange(keep), np.arange(keep)] = theta[:keep]
-        s = keep
-        restarts += 1
-    if bar is not None:
-        bar.close()
-    kk = min(k, len(theta))
-    vecs = None
-    if want_vectors:
-        Yk = torch.from_numpy(np.ascontiguousarray(Y[:, :kk].T)).to(device=device, dtype=dtype)
-        V.rotate(s, Yk)
-        vecs = V.rows(kk).T  # n × k, a copy: the (ncv + 1) × n basis is freed after the return
-        del V
-    return LanczosResult(
-        eigenvalues=theta[:kk].copy(),
-        residuals=res[:kk].copy(),
-        error_bounds=bound[:kk].copy(),
-        converged_mask=conv_mask().copy(),
-        num_matvecs=used,
-        num_restarts=restarts,
+    return _Run(
+        k=k,
         which=which,
         tol=tol,
         criterion=criterion,
+        budget=budget,
         seed=seed,
+        n=n,
+        m=m,
+        device=device,
+        dtype=dtype,
+        eps=eps,
+        gen=gen,
+        V=V,
+        T=T,
+        min_basis=min(n, k + 5),
+    )
+
+
+def _progress_bar(progress: bool, budget: int, k: int) -> Any:
+    """A tqdm bar counting HVPs up to ``budget``, or None without ``progress``."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=budget, desc=f"lanczos k={k}", leave=False, unit="hvp")
+
+
+def _converged_mask(run: _Run) -> np.ndarray:
+    """Which of the wanted Ritz pairs have converged (the criterion of the module docstring)."""
+    theta, res, bound, tol, eps, scale = run.theta, run.res, run.bound, run.tol, run.eps, run.scale
+    kk = min(run.k, len(theta))
+    ok = _converged(theta[:kk], res[:kk], bound[:kk], tol, run.criterion, scale, eps)
+    if run.criterion == "eigenvalue":
+        # the gap bound trusts the nearest *other Ritz value*; while a close eigenvalue has not yet appeared
+        # in the Krylov space the residual can dip transiently and the bound with it (a top pair 1e-4 apart
+        # "converged" 4.7e-4 off). A converged Ritz value has also stopped moving: demand both.
+        # (an exactly invariant subspace, residual at rounding level, needs no such evidence)
+        floor = 50 * eps * scale
+        exact = res[:kk] <= floor
+        if len(run.prev_theta) < kk:
+            return ok & exact
+        still = np.abs(theta[:kk] - run.prev_theta[:kk]) <= np.maximum(tol * np.abs(theta[:kk]), floor)
+        ok = ok & (still | exact)
+    if run.s < run.min_basis and run.restarts == 0:
+        ok = ok & (res[:kk] <= 50 * eps * scale)  # only an exactly invariant subspace counts this early
+    return ok
+
+
+def _lanczos_step(op: Operator, run: _Run, bar: Any) -> torch.Tensor:
+    """One HVP on V[s], orthogonalized against the basis; T and the Ritz pairs updated; returns the residual w."""
+    s = run.s
+    w = op.matvec(run.V[s]).to(run.dtype)
+    run.used += 1
+    if bar is not None:
+        bar.update(1)
+    w, h = run.V.orthogonalize(s + 1, w)
+    # T = Vᵀ A V from the orthogonalization coefficients (tridiagonal, or arrowhead after a restart)
+    run.T[: s + 1, s] = h
+    run.T[s, : s + 1] = h
+    run.beta = float(torch.linalg.vector_norm(w))
+    s = run.s = s + 1
+    run.scale = max(run.scale, float(np.abs(run.T[:s, :s]).max()))
+    run.prev_theta = run.theta
+    run.theta, run.Y, run.res, run.bound = _ritz(run.T[:s, :s], run.beta, run.which)
+    return w
+
+
+def _next_basis_vector(run: _Run, w: torch.Tensor) -> None:
+    """V[s] ← w/β, or a random direction orthogonal to the basis when β says the subspace is invariant."""
+    if run.beta <= 100 * run.eps * max(run.scale, 1e-30) * math.sqrt(run.n):
+        # invariant subspace: go on from a random direction orthogonal to the basis (coupling 0)
+        w = _random_vector(run.n, run.gen, run.device, run.dtype)
+        w, _ = run.V.orthogonalize(run.s, w)
+        w, _ = run.V.orthogonalize(run.s, w)
+        run.V[run.s] = w / torch.linalg.vector_norm(w)
+    else:
+        run.V[run.s] = w / run.beta
+
+
+def _extend_basis(op: Operator, run: _Run, bar: Any) -> bool:
+    """Lanczos steps until the run is done (True: converged, budget spent, n reached) or the basis is full."""
+    while run.s < run.m:
+        w = _lanczos_step(op, run, bar)
+        if run.s >= run.n or run.used >= run.budget or (len(run.theta) >= run.k and _converged_mask(run).all()):
+            return True
+        _next_basis_vector(run, w)
+    return False
+
+
+def _thick_restart(run: _Run) -> None:
+    """Keep the best Ritz vectors and the residual direction V[m]; T becomes diag(θ) (arrowhead once extended)."""
+    k, m, s = run.k, run.m, run.s
+    keep = min(max(k + (m - k) // 2, k + 1), s - 1)
+    Yk = torch.from_numpy(np.ascontiguousarray(run.Y[:, :keep].T)).to(device=run.device, dtype=run.dtype)
+    resid = run.V[s].clone()
+    run.V.rotate(s, Yk)
+    run.V[keep] = resid
+    run.V.zero_from(keep + 1)
+    run.T[:] = 0.0
+    run.T[np.arange(keep), np.arange(keep)] = run.theta[:keep]
+    run.s = keep
+    run.restarts += 1
+
+
+def _run_result(run: _Run, want_vectors: bool) -> LanczosResult:
+    """The wanted Ritz pairs as a result; with ``want_vectors`` the Ritz vectors too (a copy: the basis is freed)."""
+    kk = min(run.k, len(run.theta))
+    vecs = None
+    if want_vectors:
+        Yk = torch.from_numpy(np.ascontiguousarray(run.Y[:, :kk].T)).to(device=run.device, dtype=run.dtype)
+        run.V.rotate(run.s, Yk)
+        vecs = run.V.rows(kk).T  # n × k, a copy: the (ncv + 1) × n basis is freed after the return
+    return LanczosResult(
+        eigenvalues=run.theta[:kk].copy(),
+        residuals=run.res[:kk].copy(),
+        error_bounds=run.bound[:kk].copy(),
+        converged_mask=_converged_mask(run).copy(),
+        num_matvecs=run.used,
+        num_restarts=run.restarts,
+        which=run.which,
+        tol=run.tol,
+        criterion=run.criterion,
+        seed=run.seed,
         eigenvectors=vecs,
     )
+
+
+def _lanczos_run(
+    op: Operator,
+    k: int,
+    which: str,
+    tol: float,
+    budget: int,
+    seed: int,
+    ncv: int | None,
+    criterion: str,
+    want_vectors: bool,
+    v0: torch.Tensor | None,
+    progress: bool,
+    storage: str = "device-fp32",
+) -> LanczosResult:
+    """One thick-restart Lanczos run of at most ``budget`` matvecs (the work of :func:`lanczos`)."""
+    run = _start_run(op, k, which, tol, budget, seed, ncv, criterion, v0, storage)
+    bar = _progress_bar(progress, budget, k)
+    while not _extend_basis(op, run, bar):
+        _thick_restart(run)
+    if bar is not None:
+        bar.close()
+    return _run_result(run, want_vectors)
 
 
 # ----------------------------------------------------------------------------------------------------------
