@@ -45,11 +45,11 @@ from .curvature import HessianOperator
 from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
 from .errors import HessrankError, ScopeError
 from .io import atomic_write, ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
-from .lanczos import default_ncv, lanczos, plan_basis, slq
+from .lanczos import BasisPlan, LanczosResult, SpectralDensity, default_ncv, lanczos, plan_basis, slq
 from .models import linear_modules, linear_shape, load_model, resolve_targets
 from .spectrum import effective_dimensions
 from .tasks import loss_fn_for
-from .trace import hutchpp
+from .trace import TraceResult, hutchpp
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,114 @@ def kfac_exact_check(
     return out
 
 
+def _plan_krylov_basis(op: HessianOperator, cfg: AnalysisConfig, k: int) -> BasisPlan:
+    """Where the top-k run's Krylov basis will live, logged before the run (what it takes and where)."""
+    basis = plan_basis(
+        op.n,
+        min(op.n, default_ncv(op.n, k)) + 1,
+        op.device,
+        cfg.krylov_storage,
+        itemsize=8 if op.dtype == torch.float64 else 4,
+    )
+    log.info("%s", basis.describe())  # before the run: what the basis will take and where it lives
+    return basis
+
+
+def _top_eigenpairs(
+    timed: _Timed, cfg: AnalysisConfig, k: int, seed: int, storage: str, progress: bool
+) -> LanczosResult:
+    """The top-k eigenpairs (Lanczos, ``which="LA"``), eigenvectors included."""
+    return lanczos(
+        timed,
+        k=k,
+        which="LA",
+        tol=cfg.tol,
+        max_matvecs=cfg.max_matvecs,
+        seed=seed,
+        return_eigenvectors=True,
+        progress=progress,
+        storage=storage,
+    )
+
+
+def _negative_eigenvalues(
+    timed: _Timed, cfg: AnalysisConfig, n: int, seed: int, storage: str, progress: bool
+) -> LanczosResult | None:
+    """The most negative ``cfg.negative_k`` eigenvalues (Lanczos, ``which="SA"``), or None when none are asked."""
+    if not cfg.negative_k:
+        return None
+    # the negative end is reported, not used for advice: a looser tolerance and a small budget
+    return lanczos(
+        timed,
+        k=min(cfg.negative_k, n),
+        which="SA",
+        tol=max(cfg.tol, 1e-2),
+        max_matvecs=min(cfg.max_matvecs, 60),
+        seed=seed + 1,
+        progress=progress,
+        storage=storage,
+    )
+
+
+def _density_and_trace(
+    timed: _Timed, cfg: AnalysisConfig, seed: int, storage: str
+) -> tuple[SpectralDensity | None, TraceResult | None]:
+    """The SLQ spectral density and the Hutch++ trace, each None when its budget is 0."""
+    dens = (
+        slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2, storage=storage)
+        if cfg.slq_probes
+        else None
+    )
+    tr = hutchpp(timed, cfg.trace_matvecs, seed=seed + 3) if cfg.trace_matvecs else None
+    return dens, tr
+
+
+def _split_by_module(
+    op: HessianOperator, V: torch.Tensor
+) -> tuple[list[str], dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    """Modules in order, each eigenvector's mass ‖vᵢ|ₘ‖² per module, and the 2-D weights' rows of V and shapes."""
+    mod_of_slice = [s.module for s in op.slices]
+    modules = list(dict.fromkeys(mod_of_slice))
+    split = {}
+    vectors_by_module: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for s in op.slices:
+        Vm = V[:, s.start : s.stop].detach().cpu()
+        mass = (Vm.double() ** 2).sum(dim=1).numpy()
+        split[s.module] = split.get(s.module, 0) + mass
+        if len(s.shape) == 2 and s.name.endswith("weight"):
+            vectors_by_module[s.module] = Vm
+            shapes[s.module] = (int(s.shape[0]), int(s.shape[1]))
+    return modules, split, vectors_by_module, shapes
+
+
+def _kfac_fields(
+    timed: _Timed,
+    grad: torch.Tensor,
+    kfac_stats: dict[str, Any] | None,
+    vectors_by_module: dict[str, torch.Tensor],
+    shapes: dict[str, tuple[int, int]],
+) -> dict[str, Any]:
+    """``kfac_rayleigh`` and ``kfac_exact_check`` when K-FAC statistics were collected, else nothing."""
+    if kfac_stats is None:
+        return {}
+    from .kfac import rayleigh_quotients
+
+    return {
+        "kfac_rayleigh": rayleigh_quotients(vectors_by_module, kfac_stats, shapes),
+        "kfac_exact_check": kfac_exact_check(timed, grad, kfac_stats),
+    }
+
+
+def _trace_fields(tr: TraceResult | None, dens: SpectralDensity | None) -> dict[str, Any]:
+    """The trace, its standard error and the method: Hutch++ when it ran, else SLQ, else None."""
+    return {
+        "trace": tr.estimate if tr is not None else (dens.trace_of(lambda x: x)[0] if dens is not None else None),
+        "trace_se": tr.std_error if tr is not None else (dens.trace_of(lambda x: x)[1] if dens is not None else None),
+        "trace_method": "hutch++" if tr is not None else ("slq" if dens is not None else None),
+    }
+
+
 def measure_scope(
     op: HessianOperator,
     cfg: AnalysisConfig,
@@ -347,71 +455,18 @@ def measure_scope(
     grad_seconds = time.perf_counter() - tg
     loss = op.loss()
     k = min(cfg.top_k, op.n)
-    basis = plan_basis(
-        op.n,
-        min(op.n, default_ncv(op.n, k)) + 1,
-        op.device,
-        cfg.krylov_storage,
-        itemsize=8 if op.dtype == torch.float64 else 4,
-    )
-    log.info("%s", basis.describe())  # before the run: what the basis will take and where it lives
-    top = lanczos(
-        timed,
-        k=k,
-        which="LA",
-        tol=cfg.tol,
-        max_matvecs=cfg.max_matvecs,
-        seed=seed,
-        return_eigenvectors=True,
-        progress=progress,
-        storage=basis.storage,
-    )
+    basis = _plan_krylov_basis(op, cfg, k)
+    top = _top_eigenpairs(timed, cfg, k, seed, basis.storage, progress)
     assert top.eigenvectors is not None
     V = top.eigenvectors.T  # k × n (rows contiguous)
     proj = (V.double() @ grad.double()).cpu().numpy()
-    neg = None
-    if cfg.negative_k:
-        # the negative end is reported, not used for advice: a looser tolerance and a small budget
-        neg = lanczos(
-            timed,
-            k=min(cfg.negative_k, op.n),
-            which="SA",
-            tol=max(cfg.tol, 1e-2),
-            max_matvecs=min(cfg.max_matvecs, 60),
-            seed=seed + 1,
-            progress=progress,
-            storage=basis.storage,
-        )
-    dens = (
-        slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2, storage=basis.storage)
-        if cfg.slq_probes
-        else None
-    )
-    tr = hutchpp(timed, cfg.trace_matvecs, seed=seed + 3) if cfg.trace_matvecs else None
+    neg = _negative_eigenvalues(timed, cfg, op.n, seed, basis.storage, progress)
+    dens, tr = _density_and_trace(timed, cfg, seed, basis.storage)
     eff = effective_dimensions(top.eigenvalues, dens)
 
-    # split by module
-    mod_of_slice = [s.module for s in op.slices]
-    modules = list(dict.fromkeys(mod_of_slice))
-    split = {}
-    vectors_by_module: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, int]] = {}
-    for s in op.slices:
-        Vm = V[:, s.start : s.stop].detach().cpu()
-        mass = (Vm.double() ** 2).sum(dim=1).numpy()
-        split[s.module] = split.get(s.module, 0) + mass
-        if len(s.shape) == 2 and s.name.endswith("weight"):
-            vectors_by_module[s.module] = Vm
-            shapes[s.module] = (int(s.shape[0]), int(s.shape[1]))
+    modules, split, vectors_by_module, shapes = _split_by_module(op, V)
     newton, arrays = newton_module_quantities(top.eigenvalues, proj, vectors_by_module, shapes)
-    kfac_part: dict[str, Any] = {}
-    if kfac_stats is not None:
-        from .kfac import rayleigh_quotients
-
-        kfac_part = {
-            "kfac_rayleigh": rayleigh_quotients(vectors_by_module, kfac_stats, shapes),
-            "kfac_exact_check": kfac_exact_check(timed, grad, kfac_stats),
-        }
+    kfac_part = _kfac_fields(timed, grad, kfac_stats, vectors_by_module, shapes)
     lam_pos = np.clip(top.eigenvalues, 0, None)
     curvature_share = {m: float((lam_pos * split[m]).sum() / max(lam_pos.sum(), 1e-300)) for m in modules}
 
@@ -427,9 +482,7 @@ def measure_scope(
         "grad_projections": proj.tolist(),
         "negative_eigenvalues": neg.eigenvalues.tolist() if neg is not None else [],
         "negative_converged": neg.converged if neg is not None else None,
-        "trace": tr.estimate if tr is not None else (dens.trace_of(lambda x: x)[0] if dens is not None else None),
-        "trace_se": tr.std_error if tr is not None else (dens.trace_of(lambda x: x)[1] if dens is not None else None),
-        "trace_method": "hutch++" if tr is not None else ("slq" if dens is not None else None),
+        **_trace_fields(tr, dens),
         "effective_dimension": eff.to_dict(),
         "module_mass": {m: split[m].tolist() for m in modules},
         "module_curvature_share": curvature_share,
@@ -938,6 +991,99 @@ def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     return a.mean(axis=0).tolist(), std.tolist()
 
 
+def _read_repeats(units_dir: Path, sname: str, repeats: int, arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The unit documents of one scope, one per repeat; their arrays go into ``arrays`` as ``scope/rN/key``."""
+    reps = []
+    for rep in range(repeats):
+        stem = f"r{rep}__{_safe(sname)}"
+        reps.append(read_json(units_dir / f"{stem}.json"))
+        for k, v in read_npz(units_dir / f"{stem}.npz").items():
+            arrays[f"{sname}/r{rep}/{k}"] = v
+    return reps
+
+
+def _neff_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over repeats of each effective-dimension measure the first repeat has."""
+    neff = {}
+    for fam in ("n_eff_relative_topk", "n_eff_absolute_topk", "n_eff_relative_slq", "n_eff_absolute_slq"):
+        if reps[0]["effective_dimension"].get(fam) is None:
+            continue
+        keys = reps[0]["effective_dimension"][fam].keys()
+        neff[fam] = {
+            key: {
+                "mean": float(np.mean([r["effective_dimension"][fam][key] for r in reps])),
+                "std": float(np.std([r["effective_dimension"][fam][key] for r in reps], ddof=1))
+                if len(reps) > 1
+                else None,
+            }
+            for key in keys
+        }
+    return neff
+
+
+def _scope_summary(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One scope's summary over its repeats: eigenvalue mean and std, λ_max, n_eff, convergence, size."""
+    ev_mean, ev_std = _mean_std([r["eigenvalues"] for r in reps])
+    neff = _neff_summary(reps)
+    return {
+        "eigenvalues_mean": ev_mean,
+        "eigenvalues_std": ev_std,
+        "lambda_max_mean": ev_mean[0],
+        "n_eff": neff,
+        "converged": all(r["converged"] for r in reps),
+        "num_params": reps[0]["num_params"],
+    }
+
+
+def _model_doc(cfg: AnalysisConfig, lm: Any, task: str) -> dict[str, Any]:
+    """The ``model`` section: name, class, local path, parameter count and task."""
+    return {
+        "name": cfg.model,
+        "class": type(lm.model).__name__,
+        "path": str(lm.path),
+        "num_parameters": lm.info["num_parameters"],
+        "task": task,
+    }
+
+
+def _data_doc(cfg: AnalysisConfig, ds: Any, train: Any) -> dict[str, Any]:
+    """The ``data`` section: source, kind, sizes, labels, template and examples per repeat."""
+    return {
+        "source": ds.source,
+        "kind": ds.kind,
+        "num_examples": len(ds),
+        "train_examples": len(train),
+        "label_names": ds.label_names,
+        "template": ds.template,
+        "analysis_examples_per_repeat": cfg.num_batches * cfg.batch_size,
+    }
+
+
+def _cost_doc(
+    total_hvp: int,
+    hvp_s: list[float],
+    grad_s: list[float],
+    started: float,
+    unit_seconds: float,
+    quant_doc: dict[str, Any] | None,
+    kfac_doc: dict[str, Any] | None,
+    pilot_doc: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The ``cost`` section: HVPs, mean HVP and graph times, and the seconds of this run and of the work units."""
+    return {
+        "hvp_total": total_hvp,
+        "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,
+        "graph_seconds_mean": float(np.mean(grad_s)) if grad_s else None,
+        "seconds_this_run": time.time() - started,
+        # compute in the work units (scopes and quantization), resumed ones included; model loading, the probe
+        # and the first gradient graph are not in it
+        "seconds_units": unit_seconds
+        + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0)
+        + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0)
+        + float(pilot_doc.get("seconds", 0.0) if pilot_doc else 0.0),
+    }
+
+
 def _aggregate(
     cfg: AnalysisConfig,
     out: Path,
@@ -952,6 +1098,7 @@ def _aggregate(
     architecture: dict[str, Any],
     distribution: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Collect the unit files into ``analysis.json`` and ``analysis.npz`` (written) and return the document."""
     units_dir = out / "units"
     scope_docs = []
     arrays: dict[str, np.ndarray] = {}
@@ -960,39 +1107,12 @@ def _aggregate(
     hvp_s: list[float] = []
     grad_s: list[float] = []
     for sname, kind, mods in scopes:
-        reps = []
-        for rep in range(cfg.repeats):
-            stem = f"r{rep}__{_safe(sname)}"
-            reps.append(read_json(units_dir / f"{stem}.json"))
-            for k, v in read_npz(units_dir / f"{stem}.npz").items():
-                arrays[f"{sname}/r{rep}/{k}"] = v
+        reps = _read_repeats(units_dir, sname, cfg.repeats, arrays)
         total_hvp += sum(r["matvecs"] for r in reps)
         unit_seconds += sum(float(r["seconds"]) for r in reps)
         hvp_s += [r["hvp_seconds"] for r in reps]
         grad_s += [r["graph_seconds"] for r in reps]
-        ev_mean, ev_std = _mean_std([r["eigenvalues"] for r in reps])
-        neff = {}
-        for fam in ("n_eff_relative_topk", "n_eff_absolute_topk", "n_eff_relative_slq", "n_eff_absolute_slq"):
-            if reps[0]["effective_dimension"].get(fam) is None:
-                continue
-            keys = reps[0]["effective_dimension"][fam].keys()
-            neff[fam] = {
-                key: {
-                    "mean": float(np.mean([r["effective_dimension"][fam][key] for r in reps])),
-                    "std": float(np.std([r["effective_dimension"][fam][key] for r in reps], ddof=1))
-                    if len(reps) > 1
-                    else None,
-                }
-                for key in keys
-            }
-        summary = {
-            "eigenvalues_mean": ev_mean,
-            "eigenvalues_std": ev_std,
-            "lambda_max_mean": ev_mean[0],
-            "n_eff": neff,
-            "converged": all(r["converged"] for r in reps),
-            "num_params": reps[0]["num_params"],
-        }
+        summary = _scope_summary(reps)
         scope_docs.append({"name": sname, "kind": kind, "modules": mods, "summary": summary, "repeats": reps})
     quant_doc = read_json(units_dir / "quant.json") if (units_dir / "quant.json").exists() else None
     kfac_doc = read_json(units_dir / "kfac.json") if (units_dir / "kfac.json").exists() else None
@@ -1004,22 +1124,8 @@ def _aggregate(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         "config": cfg.to_dict(),
-        "model": {
-            "name": cfg.model,
-            "class": type(lm.model).__name__,
-            "path": str(lm.path),
-            "num_parameters": lm.info["num_parameters"],
-            "task": task,
-        },
-        "data": {
-            "source": ds.source,
-            "kind": ds.kind,
-            "num_examples": len(ds),
-            "train_examples": len(train),
-            "label_names": ds.label_names,
-            "template": ds.template,
-            "analysis_examples_per_repeat": cfg.num_batches * cfg.batch_size,
-        },
+        "model": _model_doc(cfg, lm, task),
+        "data": _data_doc(cfg, ds, train),
         "analysis_point": point,
         "modules": module_info,
         "architecture": architecture,
@@ -1029,18 +1135,7 @@ def _aggregate(
         "kfac": kfac_doc,
         "pilot": pilot_doc,
         "quantization": quant_doc,
-        "cost": {
-            "hvp_total": total_hvp,
-            "hvp_seconds_mean": float(np.mean(hvp_s)) if hvp_s else None,
-            "graph_seconds_mean": float(np.mean(grad_s)) if grad_s else None,
-            "seconds_this_run": time.time() - started,
-            # compute in the work units (scopes and quantization), resumed ones included; model loading, the probe
-            # and the first gradient graph are not in it
-            "seconds_units": unit_seconds
-            + float(quant_doc.get("seconds", 0.0) if quant_doc else 0.0)
-            + float(kfac_doc.get("seconds", 0.0) if kfac_doc else 0.0)
-            + float(pilot_doc.get("seconds", 0.0) if pilot_doc else 0.0),
-        },
+        "cost": _cost_doc(total_hvp, hvp_s, grad_s, started, unit_seconds, quant_doc, kfac_doc, pilot_doc),
         "arrays": "analysis.npz",
         "distributed": distribution,
     }
