@@ -773,59 +773,115 @@ def _quantization_doc(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings | None = None) -> dict[str, Any]:
-    """Build the recommendation document from an analysis (folder, file or parsed document)."""
-    st = settings or RecommendSettings()
-    st.check()
+def _load_doc(analysis: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The analysis document: the one given, or read from its folder or file."""
     if isinstance(analysis, dict):
-        doc = analysis
-    else:
-        from ..analysis import load_analysis  # here, not at the top: the analysis imports this package's grid
+        return analysis
+    from ..analysis import load_analysis  # here, not at the top: the analysis imports this package's grid
 
-        doc = load_analysis(analysis)
-    name, estimator_note = resolve_estimator(doc, st.estimator)
-    st = dataclasses.replace(st, estimator=name)
-    if estimator_note:
-        log.warning("%s", estimator_note)
-    est = newton_estimates(doc, st)
+    return load_analysis(analysis)
+
+
+def _attach_measurements(est: Estimates) -> None:
+    """Record on each module's advice its K-FAC prediction and its pilot measurement (where there are any)."""
     for m, info in est.kfac_info.items():
         est.advice[m].predicted = info
     for m, pm in ((est.pilot_doc or {}).get("modules") or {}).items():
         est.advice[m].pilot = {"value": pm["value"], "energy_share": pm["energy_share"]}
-    keep = select_modules(est.kfac_info, st.min_gain_fraction)
-    ctx = _Context.of(doc, st)
-    quant = doc.get("quantization")
-    budget_note = None
-    if st.param_budget is not None:
-        _check_param_budget(st.param_budget, ctx.shapes)
-        allocs = allocate_ranks(est, st, keep, budget=st.param_budget)
-        if not any(allocs[st.estimator].ranks.values()):
-            raise HessrankError(f"parameter budget {st.param_budget:,} buys no rank step with a predicted gain")
-        budget_note = f"ranks water-filled into a budget of {st.param_budget:,} trainable parameters"
-    else:
-        allocs = allocate_ranks(est, st, keep)
-    chosen_alloc = allocs[st.estimator]
-    _apply(est, chosen_alloc, keep, "budget" if budget_note else "share allocation", st)
+
+
+def _allocate_with_budget(
+    est: Estimates, st: RecommendSettings, keep: dict[str, str | None], ctx: _Context
+) -> tuple[dict[str, Allocation], str | None]:
+    """Every estimator's allocation, water-filled into ``--param-budget`` when one is set, and the budget note."""
+    if st.param_budget is None:
+        return allocate_ranks(est, st, keep), None
+    _check_param_budget(st.param_budget, ctx.shapes)
+    allocs = allocate_ranks(est, st, keep, budget=st.param_budget)
+    if not any(allocs[st.estimator].ranks.values()):
+        raise HessrankError(f"parameter budget {st.param_budget:,} buys no rank step with a predicted gain")
+    return allocs, f"ranks water-filled into a budget of {st.param_budget:,} trainable parameters"
+
+
+def _choose_format(
+    est: Estimates,
+    st: RecommendSettings,
+    keep: dict[str, str | None],
+    ctx: _Context,
+    quant: dict[str, Any] | None,
+    chosen_alloc: Allocation,
+    budget_note: str | None,
+) -> tuple[list[Q.FormatOption], Q.FormatOption, str | None]:
+    """The format candidates and the chosen one; under ``--memory-budget`` the ranks refitted with it (and noted)."""
     options = format_candidates(quant, ctx, {m: a.rank for m, a in est.advice.items()})
     if st.memory_budget is not None:
         chosen, rk, budget_note = fit_memory_budget(est, ctx, keep, options)
         _apply(est, dataclasses.replace(chosen_alloc, ranks=rk), keep, "budget", st)
     else:
         chosen = Q.choose(options, None)
+    return options, chosen, budget_note
+
+
+def _uniform_rank_curve(
+    est: Estimates, st: RecommendSettings, chosen_alloc: Allocation, ranks_now: dict[str, int]
+) -> tuple[int, list[int], list[float]]:
+    """The global rank and the uniform-rank curve (ranks, predicted decrease) of the chosen estimator."""
+    if st.estimator == "pilot" and est.pilot_doc is not None:
+        # measured: the smallest uniform truncation of the pilot keeping the target share of its decrease
+        rank0 = est.pilot_doc["eval_loss"]["rank0"]
+        grid = [int(u["rank"]) for u in est.pilot_doc["uniform"]]
+        uni = [rank0 - float(u["eval_loss"]) for u in est.pilot_doc["uniform"]]
+        return chosen_alloc.global_rank, grid, uni
+    curves = est.kfac if st.estimator == "kfac" and est.kfac is not None else est.newton
+    kept_curves = [c for c in curves if ranks_now.get(c.name, 0) > 0 or st.estimator != "kfac"]
+    return _global_rank(kept_curves, st.target_share)
+
+
+def _lora_doc() -> dict[str, Any]:
+    """The LoRA scaling section: rsLoRA with α = RSLORA_ALPHA, and why."""
+    return {
+        "use_rslora": True,
+        "lora_alpha": RSLORA_ALPHA,
+        "why": (
+            f"rank-stable scaling α/√r with α = {RSLORA_ALPHA} (rsLoRA, Kalajdzievski 2023): the update's size "
+            "no longer grows with r under Adam, so a small advised rank learns as fast as a large one; at r = 16 "
+            "it is the folk recipe α = 32"
+        ),
+    }
+
+
+def _confidence(est: Estimates, st: RecommendSettings, doc: dict[str, Any]) -> dict[str, Any]:
+    """How far to trust the advice, judged on the chosen estimator's own data."""
+    if st.estimator == "pilot" and est.pilot_doc is not None:
+        return pilot_confidence(est.pilot_doc)
+    if st.estimator == "kfac" and est.kfac_info:
+        return kfac_confidence(est.kfac_info)
+    return top_k_confidence(doc)
+
+
+def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings | None = None) -> dict[str, Any]:
+    """Build the recommendation document from an analysis (folder, file or parsed document)."""
+    st = settings or RecommendSettings()
+    st.check()
+    doc = _load_doc(analysis)
+    name, estimator_note = resolve_estimator(doc, st.estimator)
+    st = dataclasses.replace(st, estimator=name)
+    if estimator_note:
+        log.warning("%s", estimator_note)
+    est = newton_estimates(doc, st)
+    _attach_measurements(est)
+    keep = select_modules(est.kfac_info, st.min_gain_fraction)
+    ctx = _Context.of(doc, st)
+    quant = doc.get("quantization")
+    allocs, budget_note = _allocate_with_budget(est, st, keep, ctx)
+    chosen_alloc = allocs[st.estimator]
+    _apply(est, chosen_alloc, keep, "budget" if budget_note else "share allocation", st)
+    options, chosen, budget_note = _choose_format(est, st, keep, ctx, quant, chosen_alloc, budget_note)
     _compensate(est, quant, chosen, st)
     ranks_now = {m: a.rank for m, a in est.advice.items()}
     if not any(ranks_now.values()):
         raise HessrankError("every module was judged negligible; nothing to adapt (check the analysis)")
-    if st.estimator == "pilot" and est.pilot_doc is not None:
-        # measured: the smallest uniform truncation of the pilot keeping the target share of its decrease
-        global_rank = chosen_alloc.global_rank
-        rank0 = est.pilot_doc["eval_loss"]["rank0"]
-        grid = [int(u["rank"]) for u in est.pilot_doc["uniform"]]
-        uni = [rank0 - float(u["eval_loss"]) for u in est.pilot_doc["uniform"]]
-    else:
-        curves = est.kfac if st.estimator == "kfac" and est.kfac is not None else est.newton
-        kept_curves = [c for c in curves if ranks_now.get(c.name, 0) > 0 or st.estimator != "kfac"]
-        global_rank, grid, uni = _global_rank(kept_curves, st.target_share)
+    global_rank, grid, uni = _uniform_rank_curve(est, st, chosen_alloc, ranks_now)
     mem = ctx.forecast(chosen.format, ranks_now, chosen.skip_modules)
     rec: dict[str, Any] = {
         "schema": SCHEMA,
@@ -847,15 +903,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "estimators": {k: a.to_dict() for k, a in allocs.items()},
         "calibration": est.calibration or None,
         "global_rank": int(global_rank),
-        "lora": {
-            "use_rslora": True,
-            "lora_alpha": RSLORA_ALPHA,
-            "why": (
-                f"rank-stable scaling α/√r with α = {RSLORA_ALPHA} (rsLoRA, Kalajdzievski 2023): the update's size "
-                "no longer grows with r under Adam, so a small advised rank learns as fast as a large one; at r = 16 "
-                "it is the folk recipe α = 32"
-            ),
-        },
+        "lora": _lora_doc(),
         "uniform_curve": {"ranks": grid, "predicted_decrease": uni},
         "quantization": _quantization_doc(quant, chosen, options, ctx),
         "modules": {m: a.to_dict() for m, a in est.advice.items()},
@@ -868,12 +916,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "budget": budget_note,
         "allocation": chosen_alloc.note if budget_note is None else None,
     }
-    if st.estimator == "pilot" and est.pilot_doc is not None:
-        rec["confidence"] = pilot_confidence(est.pilot_doc)
-    elif st.estimator == "kfac" and est.kfac_info:
-        rec["confidence"] = kfac_confidence(est.kfac_info)
-    else:
-        rec["confidence"] = top_k_confidence(doc)
+    rec["confidence"] = _confidence(est, st, doc)
     rec["rules_of_thumb"] = rules_of_thumb(rec, quant, st)
     rec["explanation"] = explain(rec, st)
     return rec
