@@ -265,6 +265,21 @@ def lanczos(
         progress,
         storage,
     )
+    return _merge_passes(first, second, k, which, tol, criterion, seed, return_eigenvectors)
+
+
+def _merge_passes(
+    first: LanczosResult,
+    second: LanczosResult,
+    k: int,
+    which: str,
+    tol: float,
+    criterion: str,
+    seed: int,
+    return_eigenvectors: bool,
+) -> LanczosResult:
+    """The k most extreme pairs of the first pass and the pass on the deflated operator, as one result."""
+    assert first.eigenvectors is not None
     vals = np.concatenate([first.eigenvalues, second.eigenvalues])
     order = _order(vals, which)[:k]
     pick = lambda a, b: np.concatenate([a, b])[order]
