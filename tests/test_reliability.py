@@ -33,6 +33,10 @@ TIME_KEYS = {
     "graph_seconds_mean",
     "seconds_this_run",
     "seconds_units",
+    "train_time",
+    "advice_train_time",
+    "ladder_train_time",
+    "peak_memory_bytes",  # the process's peak RSS: a measurement of the machine, not a result
 }
 
 
@@ -137,10 +141,16 @@ def scope_units(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_bert_dir, data_file) -> dict:
+def analysed(tmp_path_factory, tiny_bert_dir, data_file) -> Path:
+    """An uninterrupted analysis folder (read only by the tests)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "an"
     run(analyze_argv(tiny_bert_dir, data_file, out))
-    return json.loads((out / "analysis.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(analysed) -> dict:
+    return json.loads((analysed / "analysis.json").read_text())
 
 
 @pytest.mark.slow
@@ -227,6 +237,29 @@ def test_same_inputs_and_seed_give_an_identical_analysis_on_cpu(tmp_path, tiny_b
     again = json.loads((out / "analysis.json").read_text())
     _diff(again, uninterrupted)
     assert again["scopes"][0]["repeats"][0]["eigenvalues"] == uninterrupted["scopes"][0]["repeats"][0]["eigenvalues"]
+
+
+#: Stated GPU tolerance: two CUDA runs (reduction order of cuBLAS and atomics may differ) agree on eigenvalues to
+#: this relative difference; a CUDA run agrees with the CPU run to GPU_VS_CPU_RTOL.
+GPU_RTOL = 1e-4
+GPU_VS_CPU_RTOL = 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_same_inputs_and_seed_agree_within_the_stated_tolerance_on_gpu(
+    tmp_path, tiny_bert_dir, data_file, uninterrupted
+):
+    docs = []
+    for name in ("gpu-a", "gpu-b"):
+        argv = analyze_argv(tiny_bert_dir, data_file, tmp_path / name)
+        argv[argv.index("--device") + 1] = "cuda"
+        run(argv)
+        docs.append(json.loads((tmp_path / name / "analysis.json").read_text()))
+    for a, b, c in zip(docs[0]["scopes"], docs[1]["scopes"], uninterrupted["scopes"]):
+        ea, eb, ec = (np.array(s["repeats"][0]["eigenvalues"]) for s in (a, b, c))
+        np.testing.assert_allclose(ea, eb, rtol=GPU_RTOL, err_msg=f"scope {a['name']}: two GPU runs")
+        np.testing.assert_allclose(ea, ec, rtol=GPU_VS_CPU_RTOL, err_msg=f"scope {a['name']}: GPU vs CPU")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,3 +592,80 @@ def test_a_signal_during_an_atomic_write_leaves_the_old_file_and_no_temporary(tm
         atomic_write(target, writer)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["unit.json"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# interrupting validate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def validate_argv(rec: Path, out: Path) -> list[str]:
+    # the advice and the ladder rungs r/2 and 2r (fewer when they coincide), one seed, no competitors
+    return [
+        "validate",
+        str(rec),
+        "--steps",
+        "12",
+        "--eval-every",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--seeds",
+        "1",
+        "--ladder",
+        "0.5,2",
+        "--competitors",
+        "",
+        "--max-extensions",
+        "0",
+        "--max-train",
+        "60",
+        "--max-eval",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+
+
+def finished_runs(out: Path) -> list[Path]:
+    return sorted((out / "runs").glob("*/metrics.json")) if (out / "runs").is_dir() else []
+
+
+@pytest.mark.slow
+def test_sigkill_during_validate_then_rerun_keeps_finished_runs_and_matches(tmp_path, analysed):
+    """A validation killed after its first run finished: the rerun trains only what is missing (the finished run's
+    files are not touched) and writes the same validation.json as an uninterrupted validation."""
+    import shutil
+
+    an = tmp_path / "an"
+    shutil.copytree(analysed, an)
+    run(["recommend", str(an)])
+    rec = an / "recommendation.json"
+    ref = tmp_path / "ref"
+    run(validate_argv(rec, ref))
+    want = json.loads((ref / "validation.json").read_text())
+    assert len(finished_runs(ref)) >= 2
+
+    out = tmp_path / "killed"
+    proc = start(validate_argv(rec, out))
+    try:
+        wait_for(proc, lambda: bool(finished_runs(out)), out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    all_json_parse(out)
+    done = finished_runs(out)
+    assert not (out / "validation.json").exists() and len(done) < len(finished_runs(ref)), "killed too late"
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+
+    run(validate_argv(rec, out))
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps, "a finished run was trained again"
+    got = json.loads((out / "validation.json").read_text())
+    _diff(got, want)
