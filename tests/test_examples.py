@@ -144,3 +144,16 @@ def test_example_03_peft_model_from_a_budgeted_recommendation(example_01, tmp_pa
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # the analysis folder was only read
     assert not (analysis / "recommendation").exists()
+
+
+@pytest.mark.slow
+def test_package_docstring_three_calls_run_as_written():
+    """The snippet in ``hessrank.__doc__`` (what ``help(hessrank)`` shows) runs and gives sorted, finite eigenvalues."""
+    import hessrank
+
+    block = hessrank.__doc__.split("::", 1)[1].split("\n\n")[1]
+    code = "\n".join(line[4:] for line in block.splitlines())
+    scope: dict = {"hessrank": hessrank}
+    exec(code, scope)
+    ev = scope["res"].eigenvalues
+    assert len(ev) == 8 and all(math.isfinite(x) for x in ev) and list(ev) == sorted(ev, reverse=True)

