@@ -141,8 +141,6 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device",
         "gen_eval",
         "dropout",
-        "warm_start_steps",
-        "warm_start_rank",
         "use_rslora",
     )
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -421,8 +419,6 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ("seed", int),
         ("gen-eval", int),
         ("dropout", float),
-        ("warm-start-steps", int),
-        ("warm-start-rank", int),
     ):
         o.add_argument(f"--{name}", type=typ, default=None)
     o.add_argument(

@@ -102,10 +102,6 @@ class TrainConfig:
     gen_eval: int = 0  #: GSM8K-style exact match on this many held-out examples (0: off)
     gen_max_new_tokens: int = 192
     probe_head: bool = True  #: seq-cls: fit the new head as a linear probe before fine-tuning (LP-FT)
-    #: LoRA warm start (:mod:`hessrank.warmstart`): > 0 trains a rank-``warm_start_rank`` pilot for this many steps
-    #: on the training split and starts every adapter at the SVD truncation of its update (0: PEFT's default init)
-    warm_start_steps: int = 0
-    warm_start_rank: int = 64
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,15 +115,6 @@ class TrainConfig:
                 raise HessrankError(f"{name.replace('_', '-')} must be at least 1, got {v}")
         if self.lr is not None and not self.lr > 0:
             raise HessrankError(f"lr must be positive, got {self.lr}")
-        if self.warm_start_steps < 0:
-            raise HessrankError(f"warm-start-steps must be >= 0 (0: no warm start), got {self.warm_start_steps}")
-        if self.warm_start_steps and self.method not in ("lora", "rslora"):
-            raise HessrankError(f"warm-start-steps applies to methods lora and rslora, not '{self.method}'")
-        if self.warm_start_steps and self.warm_start_rank < max([self.rank, *self.rank_pattern.values()]):
-            raise HessrankError(
-                f"warm-start-rank {self.warm_start_rank} is below the largest adapter rank "
-                f"{max([self.rank, *self.rank_pattern.values()])}: the pilot must be at least as wide"
-            )
         if not self.epochs > 0:
             raise HessrankError(f"epochs must be positive, got {self.epochs}")
         if self.lr_scheduler not in SCHEDULERS:
@@ -613,7 +600,6 @@ class _Run:
     model: nn.Module
     probe_info: dict[str, Any] | None
     schedule: Schedule
-    warm_start: dict[str, Any] | None = None  #: the warm start's pilot (:mod:`hessrank.warmstart`), if any
 
 
 def _build(cfg: TrainConfig) -> _Run:
@@ -661,44 +647,10 @@ def _build(cfg: TrainConfig) -> _Run:
             _ListDataset(train_items[: cfg.batch_size * 8]), batch_size=cfg.batch_size, collate_fn=enc.collate
         )
     sch = resolve_schedule(cfg, len(train_items))
-    pilot = _warm_start_pilot(cfg, lm.model, task, head, train_items, enc) if cfg.warm_start_steps else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing renames, via PEFT
         model = build_peft_model(lm.model, cfg, task, head, loader, total_steps=sch.steps)
-    warm_info = None
-    if pilot is not None:
-        from . import warmstart
-
-        ranks = warmstart.apply(model, list(pilot.deltas), pilot)
-        warm_info = {**pilot.info, "ranks": sorted(set(ranks.values()))}
-    return _Run(
-        cfg, task, device, ds, train_ds, eval_ds, lm, enc, train_items, eval_items, model, probe_info, sch, warm_info
-    )
-
-
-def _warm_start_pilot(
-    cfg: TrainConfig, model: nn.Module, task: str, head: list[str], train_items: list[Any], enc: Encoder
-) -> Any:
-    """The warm start's pilot run on the training split (:mod:`hessrank.warmstart`), before adapters are added.
-    A resumed run repeats it (deterministic) and then loads its checkpoint over it."""
-    from . import warmstart
-
-    targets = resolve_targets(model, cfg.target_modules)
-    lr = cfg.lr or DEFAULT_LR[cfg.method]
-    log.info("warm start: rank-%d pilot, %d steps", cfg.warm_start_rank, cfg.warm_start_steps)
-    return warmstart.run_pilot(
-        model,
-        targets,
-        head,
-        task,
-        train_items,
-        enc.collate,
-        cfg.warm_start_steps,
-        cfg.warm_start_rank,
-        lr,
-        cfg.batch_size,
-        cfg.seed,
-    )
+    return _Run(cfg, task, device, ds, train_ds, eval_ds, lm, enc, train_items, eval_items, model, probe_info, sch)
 
 
 def _callbacks(run: _Run, ckpt: Path, prior: dict[str, Any], totals_complete: bool, tokens: list[int]) -> list[Any]:
@@ -918,7 +870,6 @@ def _train(
             "eval_curve": eval_curve,
             "metrics": metrics,
             "adapter_size_bytes": _dir_size(adapter),
-            **({"warm_start": run.warm_start} if run.warm_start else {}),
         },
         "meta_info": {
             "model": {"name": cfg.model, "task": run.task, "path": str(run.lm.path)},
