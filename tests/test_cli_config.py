@@ -107,3 +107,36 @@ def test_every_subcommand_has_config_and_an_example(capsys):
         assert "examples:" in (sp.epilog or ""), name
         if name != "models":
             assert any("--config" in a.option_strings for a in sp._actions), name
+
+
+def test_cli_defaults_are_the_config_dataclass_defaults():
+    """analyze and validate take their defaults from AnalysisConfig / ValidateConfig (one place to change)."""
+    import argparse
+    import dataclasses
+
+    from hessrank.analysis import AnalysisConfig
+    from hessrank.cli import build_parser
+    from hessrank.cli_config import field_default
+    from hessrank.validate import ValidateConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, cls in (("analyze", AnalysisConfig), ("validate", ValidateConfig)):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        checked = 0
+        for a in sub.choices[cmd]._actions:
+            f = fields.get(a.dest)
+            if f is None or not a.option_strings:
+                continue
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            want = len(field_default(cls, "seeds")) if a.dest == "seeds" else field_default(cls, a.dest)
+            assert a.default == want, f"{cmd} --{a.dest.replace('_', '-')}: {a.default!r} != {cls.__name__} {want!r}"
+            checked += 1
+        assert checked >= (30 if cmd == "analyze" else 14), (cmd, checked)
+    # the parsed defaults build the dataclass's own defaults
+    args = build_parser().parse_args(["analyze", "--model", "m", "--data", "d"])
+    assert (args.top_k, args.kfac_batches, args.quant_formats) == (
+        AnalysisConfig.top_k,
+        AnalysisConfig.kfac_batches,
+        "",
+    )

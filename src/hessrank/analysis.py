@@ -42,7 +42,15 @@ from . import __version__
 from . import distributed as _dist
 from .advisor.rank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
 from .curvature import HessianOperator
-from .data import Encoder, analysis_batches, check_labels, check_loss_tokens, load_dataset, split_dataset
+from .data import (
+    Encoder,
+    analysis_batches,
+    check_labels,
+    check_loss_tokens,
+    load_dataset,
+    resolve_num_labels,
+    split_dataset,
+)
 from .errors import HessrankError, ScopeError
 from .io import atomic_write, ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
 from .lanczos import BasisPlan, LanczosResult, SpectralDensity, default_ncv, lanczos, plan_basis, slq
@@ -700,7 +708,7 @@ def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None)
     device = _dist.rank_device(resolve_device(cfg.device), ctx)
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
-    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    num_labels = resolve_num_labels(ds, task, cfg.num_labels)
     if task == "seq-cls":
         check_labels(ds, num_labels)
     train, held_out = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)

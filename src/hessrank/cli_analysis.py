@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .cli_config import defaults_from_config, field_default
+
 
 def add_data_options(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("data")
@@ -261,78 +263,74 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         "Rerunning with the same options resumes finished work.",
     )
     sp.add_argument("--model", default=None, help="bundled name, local folder or cached hub id")
-    sp.add_argument("--task", choices=["causal-lm", "seq-cls"], default=None)
-    sp.add_argument("--num-labels", type=int, default=None)
+    sp.add_argument("--task", choices=["causal-lm", "seq-cls"])
+    sp.add_argument("--num-labels", type=int)
     add_data_options(sp)
     sp.add_argument(
         "--modules",
-        default="q_proj,v_proj",
         help="LoRA target modules (PEFT names, comma-separated; 'all-linear'; 're:<regex>')",
     )
     sp.add_argument("--scope", default="joint", help="module, group, joint, or a comma-separated list")
-    sp.add_argument("--top-k", type=int, default=10, help="top eigenvalues per scope")
-    sp.add_argument("--negative-k", type=int, default=2, help="most negative eigenvalues per scope (0: skip)")
-    sp.add_argument("--tol", type=float, default=1e-3, help="relative eigenvalue accuracy")
-    sp.add_argument("--max-matvecs", type=int, default=200, help="Lanczos HVP budget per scope")
-    sp.add_argument("--slq-probes", type=int, default=4, help="SLQ probes for the spectral density (0: skip)")
-    sp.add_argument("--slq-steps", type=int, default=20)
-    sp.add_argument("--trace-matvecs", type=int, default=0, help="Hutch++ matvecs for the trace (0: SLQ's)")
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--num-batches", type=int, default=2, help="fixed analysis batches per repeat")
-    sp.add_argument("--max-length", type=int, default=64)
-    sp.add_argument("--repeats", type=int, default=1, help="independent batch sets, for error bars")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--probe-examples", type=int, default=512, help="examples for the linear probe (seq-cls)")
-    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument("--top-k", type=int, help="top eigenvalues per scope")
+    sp.add_argument("--negative-k", type=int, help="most negative eigenvalues per scope (0: skip)")
+    sp.add_argument("--tol", type=float, help="relative eigenvalue accuracy")
+    sp.add_argument("--max-matvecs", type=int, help="Lanczos HVP budget per scope")
+    sp.add_argument("--slq-probes", type=int, help="SLQ probes for the spectral density (0: skip)")
+    sp.add_argument("--slq-steps", type=int)
+    sp.add_argument("--trace-matvecs", type=int, help="Hutch++ matvecs for the trace (0: SLQ's)")
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--num-batches", type=int, help="fixed analysis batches per repeat")
+    sp.add_argument("--max-length", type=int)
+    sp.add_argument("--repeats", type=int, help="independent batch sets, for error bars")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--probe-examples", type=int, help="examples for the linear probe (seq-cls)")
+    sp.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     sp.add_argument(
         "--dtype",
         choices=["float32", "float64"],
-        default="float32",
         help="precision of the model and the HVPs (float64: slower, for checking float32 results)",
     )
-    sp.add_argument("--keep-graph", choices=["auto", "true", "false"], default="auto")
+    sp.add_argument("--keep-graph", choices=["auto", "true", "false"])
     sp.add_argument(
         "--krylov-storage",
         choices=["auto", "device-fp32", "device-bf16", "cpu"],
-        default="auto",
         help="where the Lanczos basis lives: auto chooses from its memory estimate (printed before each scope)",
     )
     sp.add_argument(
         "--quant-formats",
-        default="",
         help="measure quantization sensitivity for these formats: int8,llm.int8,nf4,fp4,nf4-dq",
     )
-    sp.add_argument("--quant-sign-probes", type=int, default=4, help="random-sign HVPs per format")
+    sp.add_argument("--quant-sign-probes", type=int, help="random-sign HVPs per format")
     sp.add_argument(
         "--quant-exact",
         choices=["auto", "yes", "no"],
-        default="no",
         help="the expensive measurement: one HVP and one in-sample evaluation per module and format "
         "(auto: when modules x formats <= 120)",
     )
-    sp.add_argument("--quant-eval-batches", type=int, default=8, help="held-out batches for measured increases")
+    sp.add_argument("--quant-eval-batches", type=int, help="held-out batches for measured increases")
     sp.add_argument(
         "--kfac-batches",
         type=int,
-        default=16,
         help="batches for the whole-module K-FAC rank curves (gradients and factors; no HVPs)",
     )
-    sp.add_argument("--kfac-groups", type=int, default=4, help="groups the K-FAC batches are cross-fitted over")
+    sp.add_argument("--kfac-groups", type=int, help="groups the K-FAC batches are cross-fitted over")
     sp.add_argument(
         "--pilot-steps",
         type=int,
-        default=0,
         help="opt-in: steps of a pilot LoRA run whose measured truncations become the advice (e.g. 100; default 0: "
         "no pilot, the advice comes from the K-FAC curves)",
     )
-    sp.add_argument("--pilot-rank", type=int, default=64, help="rank of the pilot LoRA (the largest it advises)")
-    sp.add_argument("--pilot-lr", type=float, default=1e-3, help="learning rate of the pilot run (AdamW)")
-    sp.add_argument("--pilot-batch-size", type=int, default=None, help="pilot batch (default: --batch-size)")
-    sp.add_argument("--pilot-eval-batches", type=int, default=8, help="held-out batches for the truncations")
+    sp.add_argument("--pilot-rank", type=int, help="rank of the pilot LoRA (the largest it advises)")
+    sp.add_argument("--pilot-lr", type=float, help="learning rate of the pilot run (AdamW)")
+    sp.add_argument("--pilot-batch-size", type=int, help="pilot batch (default: --batch-size)")
+    sp.add_argument("--pilot-eval-batches", type=int, help="held-out batches for the truncations")
     sp.add_argument("--out", default=None, help="output folder (required)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing analysis in OUT")
     sp.add_argument("--no-resume", action="store_true", help="refuse to continue an existing analysis")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
+    from .analysis import AnalysisConfig
+
+    defaults_from_config(sp, AnalysisConfig)  # every default is the AnalysisConfig field's
     sp.set_defaults(func=cmd_analyze)
 
 
@@ -445,31 +443,29 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "under OUT/runs/ (a killed validation resumes).",
     )
     sp.add_argument("dir", help="folder holding recommendation.json (or the file)")
-    sp.add_argument("--data", default=None, help="data (default: the analysis data)")
-    sp.add_argument("--steps", type=int, default=None, help="steps per run (default: --epochs over the data)")
-    sp.add_argument("--epochs", type=float, default=3.0, help="passes over the training split when --steps is unset")
-    sp.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adapters)")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--eval-every", type=int, default=None, help="default: ten evaluations per run")
-    sp.add_argument("--patience", type=int, default=3, help="early stopping after this many evaluations")
-    sp.add_argument("--max-train", type=int, default=3000)
-    sp.add_argument("--max-eval", type=int, default=500)
+    sp.add_argument("--data", help="data (default: the analysis data)")
+    sp.add_argument("--steps", type=int, help="steps per run (default: --epochs over the data)")
+    sp.add_argument("--epochs", type=float, help="passes over the training split when --steps is unset")
+    sp.add_argument("--lr", type=float, help="learning rate (default: 1e-3 for adapters)")
+    sp.add_argument("--batch-size", type=int)
+    sp.add_argument("--eval-every", type=int, help="default: ten evaluations per run")
+    sp.add_argument("--patience", type=int, help="early stopping after this many evaluations")
+    sp.add_argument("--max-train", type=int)
+    sp.add_argument("--max-eval", type=int)
     sp.add_argument("--seeds", type=int, default=3, help="seeds for the advice and its closest rival (paired)")
     sp.add_argument("--ladder", default="0.25,0.5,1,2,4", help="rank multipliers around the advised rank")
     sp.add_argument(
         "--competitors",
-        default="folk,eva,adalora,uniform-budget,uniform-all",
         help="baselines at stated budgets: folk (r = 8 and 16), eva, adalora, uniform-budget, uniform-all",
     )
-    sp.add_argument("--max-extensions", type=int, default=2, help="times a run still improving gets its steps doubled")
-    sp.add_argument("--formats", default="", help="the advised ranks in other weight formats, e.g. none,nf4")
+    sp.add_argument("--max-extensions", type=int, help="times a run still improving gets its steps doubled")
+    sp.add_argument("--formats", help="the advised ranks in other weight formats, e.g. none,nf4")
     sp.add_argument(
         "--methods",
-        default="",
         help="other methods (ia3, prefix, prompt, bitfit, full, rslora, dora)",
     )
-    sp.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance for the knee")
-    sp.add_argument("--device", default="auto")
+    sp.add_argument("--tolerance", type=float, help="relative loss tolerance for the knee")
+    sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")
     g.add_argument(
         "--backend",
@@ -485,6 +481,10 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--quiet", action="store_true")
+    from .validate import ValidateConfig
+
+    # every default is the ValidateConfig field's; --seeds counts the config's seeds
+    defaults_from_config(sp, ValidateConfig, special={"seeds": len(field_default(ValidateConfig, "seeds"))})
     sp.set_defaults(func=cmd_validate)
 
 

@@ -150,3 +150,38 @@ def apply_config(
                 f"{path}: '{command}' has no option '{key}'; allowed: {', '.join(sorted([*opts, *allowed_extra]))}"
             )
     return extra
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name`` of ``cls`` (``default_factory`` called), as a command-line value:
+    a tuple of strings becomes the comma-separated string the option parses."""
+    import dataclasses
+
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+    else:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    if isinstance(v, tuple) and all(isinstance(x, str) for x in v):
+        return ",".join(v)
+    return v
+
+
+def defaults_from_config(sp: argparse.ArgumentParser, cls: type, special: dict[str, Any] | None = None) -> None:
+    """Give every option of ``sp`` whose destination is a field of the config dataclass ``cls`` that field's
+    default, so the dataclass is the one place a default is written (``special``: dest -> default for options
+    whose command-line form differs from the field, e.g. a count of seeds for a tuple of seeds)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = dict(special or {})
+    for a in sp._actions:
+        if a.dest in given or a.dest not in fields or not a.option_strings:
+            continue
+        try:
+            given[a.dest] = field_default(cls, a.dest)
+        except KeyError:  # a required field (model, data): no default to give
+            continue
+    sp.set_defaults(**given)

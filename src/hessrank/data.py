@@ -435,6 +435,12 @@ def _map_labels(raw: list[str], label_names: tuple[str, ...] | None, path: str) 
     return uniq, [index[v] for v in raw]
 
 
+def resolve_num_labels(ds: Dataset, task: str, num_labels: int | None) -> int:
+    """The classifier's class count: as configured, else the dataset's (seq-cls), else 2 (analyze, train and
+    load_trained share this rule)."""
+    return num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+
+
 def check_labels(ds: Dataset, num_labels: int) -> None:
     """Refuse a classification dataset whose labels do not fit a head of ``num_labels`` classes."""
     if ds.kind != "classification" or not ds.label_names or len(ds.label_names) <= num_labels:

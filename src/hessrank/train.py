@@ -45,7 +45,7 @@ from torch import nn
 
 from . import distributed as _dist
 from .advisor.rank import RSLORA_ALPHA
-from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, split_dataset
+from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, resolve_num_labels, split_dataset
 from .errors import HessrankError
 from .io import ensure_new_or_resumable, read_json, write_json
 from .models import load_model, resolve_targets
@@ -615,7 +615,7 @@ def _build(cfg: TrainConfig) -> _Run:
     train_ds, eval_ds = split_dataset(
         ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
     )
-    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    num_labels = resolve_num_labels(ds, task, cfg.num_labels)
     if task == "seq-cls":
         check_labels(ds, num_labels)
     lm = load_model(
@@ -916,7 +916,7 @@ def load_trained(run: str | Path) -> tuple[nn.Module, Any, TrainConfig]:
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json")["config"])
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = _resolve_task(cfg)
-    num_labels = cfg.num_labels or (ds.num_labels if task == "seq-cls" else None) or 2
+    num_labels = resolve_num_labels(ds, task, cfg.num_labels)
     lm = load_model(
         cfg.model,
         task,
