@@ -581,3 +581,23 @@ def test_a_run_folder_written_before_a_new_config_field_still_resumes(tmp_path):
     assert _prepare_run(cfg, tmp_path, resume=True, overwrite=False) is None  # resumes, no refusal
     with pytest.raises(HessrankError, match="differs in: use_rslora"):
         _prepare_run(dataclasses.replace(cfg, use_rslora=True), tmp_path, resume=True, overwrite=False)
+
+
+@pytest.mark.slow
+def test_a_selection_split_chooses_the_checkpoint_on_one_part_and_reports_the_other(tiny_llama_dir, tiny_data, tmp_path):
+    """selection_fraction: the evaluation curve (early stopping, best checkpoint) runs on the first part of the
+    held-out split and the metrics on the rest; the run trains exactly as without it (same train split)."""
+    both = train(cfg_for(tiny_llama_dir, tiny_data, eval_every=2), tmp_path / "both", progress=False)
+    split = train(
+        cfg_for(tiny_llama_dir, tiny_data, eval_every=2, selection_fraction=0.5), tmp_path / "split", progress=False
+    )
+    n = both["meta_info"]["dataset"]["eval_examples"]
+    assert split["train_info"]["selection_items"] == round(n / 2)
+    assert split["meta_info"]["dataset"]["eval_examples"] == n - round(n / 2)
+    assert "selection_items" not in both["train_info"]
+    assert split["train_info"]["loss_curve"] == both["train_info"]["loss_curve"]  # same training
+    # the curve is measured on other examples than the reported metric: both change
+    assert split["train_info"]["eval_curve"] != both["train_info"]["eval_curve"]
+    assert split["train_info"]["metrics"]["eval_loss"] != both["train_info"]["metrics"]["eval_loss"]
+    with pytest.raises(HessrankError, match="selection-fraction must be in"):
+        TrainConfig(model="m", data="d", selection_fraction=1.0)

@@ -143,6 +143,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device",
         "gen_eval",
         "dropout",
+        "selection_fraction",
         "use_rslora",
     )
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -417,6 +418,7 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ("seed", int),
         ("gen-eval", int),
         ("dropout", float),
+        ("selection-fraction", float),
     ):
         o.add_argument(f"--{name}", type=typ, default=None)
     o.add_argument(

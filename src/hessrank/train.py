@@ -102,6 +102,9 @@ class TrainConfig:
     gen_eval: int = 0  #: GSM8K-style exact match on this many held-out examples (0: off)
     gen_max_new_tokens: int = 192
     probe_head: bool = True  #: seq-cls: fit the new head as a linear probe before fine-tuning (LP-FT)
+    #: share of the held-out split that chooses the checkpoint (evaluation curve, early stopping, best checkpoint);
+    #: the reported metrics are measured on the rest only. 0: one held-out set does both (selection-biased)
+    selection_fraction: float = 0.0
     data_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,8 @@ class TrainConfig:
             raise HessrankError(f"epochs must be positive, got {self.epochs}")
         if self.lr_scheduler not in SCHEDULERS:
             raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(SCHEDULERS)}")
+        if not 0 <= self.selection_fraction < 1:
+            raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
         if not 0 <= self.warmup_ratio < 1:
             raise HessrankError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.method in ("bitfit", "full", "prefix", "prompt") and self.quantization != "none":
@@ -600,6 +605,7 @@ class _Run:
     model: nn.Module
     probe_info: dict[str, Any] | None
     schedule: Schedule
+    select_items: list[dict[str, Any]] | None = None  #: chooses the checkpoint when apart from ``eval_items``
 
 
 def _build(cfg: TrainConfig) -> _Run:
@@ -630,6 +636,17 @@ def _build(cfg: TrainConfig) -> _Run:
     enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train_ds)
     train_items = [enc.encode(e) for e in train_ds.examples]
     eval_items = [enc.encode(e) for e in eval_ds.examples]
+    select_items = None
+    if cfg.selection_fraction:
+        n_sel = round(cfg.selection_fraction * len(eval_items))
+        if not 0 < n_sel < len(eval_items):
+            raise HessrankError(
+                f"selection-fraction {cfg.selection_fraction} of {len(eval_items)} held-out examples leaves one "
+                "part empty; raise --max-eval or change the fraction"
+            )
+        # the held-out split is already shuffled by the seed: its first part selects, the rest reports
+        select_items, eval_items = eval_items[:n_sel], eval_items[n_sel:]
+        eval_ds = dataclasses.replace(eval_ds, examples=eval_ds.examples[n_sel:])
     head: list[str] = []
     probe_info = None
     if task == "seq-cls":
@@ -650,7 +667,9 @@ def _build(cfg: TrainConfig) -> _Run:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing renames, via PEFT
         model = build_peft_model(lm.model, cfg, task, head, loader, total_steps=sch.steps)
-    return _Run(cfg, task, device, ds, train_ds, eval_ds, lm, enc, train_items, eval_items, model, probe_info, sch)
+    return _Run(
+        cfg, task, device, ds, train_ds, eval_ds, lm, enc, train_items, eval_items, model, probe_info, sch, select_items
+    )
 
 
 def _callbacks(run: _Run, ckpt: Path, prior: dict[str, Any], totals_complete: bool, tokens: list[int]) -> list[Any]:
@@ -736,7 +755,7 @@ def _fit(run: _Run, out: Path, resume: bool, progress: bool) -> tuple[Any, Any, 
             model=run.model,
             args=args,
             train_dataset=_ListDataset(run.train_items),
-            eval_dataset=_ListDataset(run.eval_items),
+            eval_dataset=_ListDataset(run.select_items if run.select_items is not None else run.eval_items),
             data_collator=run.enc.collate,
             callbacks=callbacks,
         )
@@ -870,6 +889,7 @@ def _train(
             "eval_curve": eval_curve,
             "metrics": metrics,
             "adapter_size_bytes": _dir_size(adapter),
+            **({"selection_items": len(run.select_items)} if run.select_items is not None else {}),
         },
         "meta_info": {
             "model": {"name": cfg.model, "task": run.task, "path": str(run.lm.path)},
