@@ -584,7 +584,7 @@ def test_a_run_folder_written_before_a_new_config_field_still_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_selection_split_chooses_the_checkpoint_on_one_part_and_reports_the_other(tiny_llama_dir, tiny_data, tmp_path):
+def test_a_selection_split_chooses_the_checkpoint_and_reports_the_rest(tiny_llama_dir, tiny_data, tmp_path):
     """selection_fraction: the evaluation curve (early stopping, best checkpoint) runs on the first part of the
     held-out split and the metrics on the rest; the run trains exactly as without it (same train split)."""
     both = train(cfg_for(tiny_llama_dir, tiny_data, eval_every=2), tmp_path / "both", progress=False)
