@@ -104,6 +104,7 @@ def test_analyze_bad_inputs_one_line(argv, needle, tmp_path, capsys, monkeypatch
         (["recommend", "DIR", "--memory-budget", "6XB"], "unknown unit"),
         (["recommend", "DIR", "--tolerance", "2"], "tolerance must be in (0, 1)"),
         (["recommend", "DIR", "--z", "0.5"], "z '0.5' was not analysed"),
+        (["recommend", "BARE"], "BARE/analysis.json: required field 'created' is missing"),
         (["train", "--model", "minilm-l6", "--data", "sst2", "--method", "lorra", "--out", "R"], "method 'lorra'"),
         (["train", "--out", "R"], "give --recommendation"),
         (["train", "--config", "/no/such.yaml", "--out", "R"], "config file not found"),
@@ -133,12 +134,17 @@ def test_more_bad_inputs_one_line_exit_2(argv, needle, tmp_path, capsys, monkeyp
     monkeypatch.chdir(tmp_path)
     an = tmp_path / "DIR"
     an.mkdir()
-    (an / "analysis.json").write_text(json.dumps({"schema": "hessrank.analysis/1", "newton_z": [0.1, 0.01]}))
+    skeleton = {"schema": "hessrank.analysis/1", "created": "2024-01-01T00:00:00Z", "config": {}, "model": {}}
+    skeleton |= {"data": {}, "analysis_point": {}, "modules": {}, "architecture": {}, "scopes": []}
+    (an / "analysis.json").write_text(json.dumps({**skeleton, "newton_z": [0.1, 0.01]}))
+    (tmp_path / "BARE").mkdir()
+    (tmp_path / "BARE" / "analysis.json").write_text(json.dumps({"schema": "hessrank.analysis/1"}))
     (tmp_path / "BAD_YAML").write_text("a: [1, 2\n")
     (tmp_path / "UNKNOWN_FIELD").write_text("model: m\ndata: d\nranks: 3\n")
     (tmp_path / "TSV").write_text("text\tlabel\nfine\t1\n")
     argv = [
-        str(an) if a == "DIR" else str(tmp_path / a) if a in ("BAD_YAML", "UNKNOWN_FIELD", "TSV") else a for a in argv
+        str(an) if a == "DIR" else str(tmp_path / a) if a in ("BAD_YAML", "UNKNOWN_FIELD", "TSV", "BARE") else a
+        for a in argv
     ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

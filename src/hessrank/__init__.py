@@ -41,12 +41,24 @@ from .models import (
     resolve_targets,
     target_candidates,
 )
+from .results import (
+    AnalysisResult,
+    ModuleAdvice,
+    Recommendation,
+    RepeatResult,
+    ScopeResult,
+    ValidationResult,
+    load_analysis_result,
+    load_recommendation,
+    load_validation,
+)
 from .spectrum import EffectiveDimension, effective_dimensions, n_eff
 from .tasks import causal_lm_loss, loss_fn_for, loss_weight, seq_cls_loss
 from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
     "BUNDLED_MODELS",
+    "AnalysisResult",
     "DataError",
     "DataSpec",
     "Dataset",
@@ -59,10 +71,15 @@ __all__ = [
     "LanczosResult",
     "LoadedModel",
     "ModelError",
+    "ModuleAdvice",
     "NumericalError",
+    "Recommendation",
+    "RepeatResult",
     "ScopeError",
+    "ScopeResult",
     "SpectralDensity",
     "TraceResult",
+    "ValidationResult",
     "__version__",
     "analysis_batches",
     "causal_lm_loss",
@@ -70,9 +87,12 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "load_analysis_result",
     "load_dataset",
     "load_model",
+    "load_recommendation",
     "load_tokenizer",
+    "load_validation",
     "loss_fn_for",
     "loss_weight",
     "make_batches",

@@ -47,6 +47,7 @@ import numpy as np
 
 from .errors import HessrankError
 from .io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
+from .results import Recommendation
 from .train import RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,11 @@ def _resolved_steps(cfg: ValidateConfig, base: TrainConfig) -> int:
 
 
 def _competitor_runs(
-    cfg: ValidateConfig, plain: TrainConfig, rec: dict[str, Any], advice_params: int, ru: int, ladder: list[int]
+    cfg: ValidateConfig, plain: TrainConfig, rec: Recommendation, advice_params: int, ru: int, ladder: list[int]
 ) -> tuple[dict[str, TrainConfig], int | None]:
     """The baselines users would pick, at stated budgets (see the module docstring)."""
     runs: dict[str, TrainConfig] = {}
-    mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
+    mods = rec.adapted
     if "folk" in cfg.competitors:
         for r in FOLK_RANKS:
             runs[f"folk-{r}"] = dataclasses.replace(plain, rank=r, alpha=_alpha(plain, r))
@@ -174,17 +175,19 @@ def _competitor_runs(
     if "uniform-budget" in cfg.competitors and ru not in ladder:
         runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=_alpha(plain, ru))
     ru_all = None
-    if "uniform-all" in cfg.competitors and len(rec["modules"]) > len(mods):
-        ru_all = _uniform_rank_for_params(advice_params, [tuple(d["shape"]) for d in rec["modules"].values()])
+    if "uniform-all" in cfg.competitors and len(rec.modules) > len(mods):
+        ru_all = _uniform_rank_for_params(advice_params, [a.shape for a in rec.modules.values()])
         runs["uniform-all"] = dataclasses.replace(
-            plain, rank=ru_all, alpha=_alpha(plain, ru_all), target_modules=sorted(rec["modules"])
+            plain, rank=ru_all, alpha=_alpha(plain, ru_all), target_modules=sorted(rec.modules)
         )
     return runs, ru_all
 
 
 def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, Any]]:
     """The runs of a validation (before the rival's seeds), by name, and facts about the advice."""
-    rec = read_json(cfg.recommendation, schema="hessrank.recommendation/1")
+    rec = Recommendation.from_dict(
+        read_json(cfg.recommendation, schema="hessrank.recommendation/1"), source=cfg.recommendation
+    )
     common = dict(
         lr=cfg.lr,
         lr_scheduler="constant_with_warmup",
@@ -200,15 +203,15 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     steps = _resolved_steps(cfg, base)
     base = dataclasses.replace(base, steps=steps, eval_every=cfg.eval_every or max(1, steps // 10))
     runs: dict[str, TrainConfig] = {f"advice-s{s}": dataclasses.replace(base, seed=s) for s in cfg.seeds}
-    r = int(rec["global_rank"])
-    mods = {m: d for m, d in rec["modules"].items() if d["rank"] > 0}
-    shapes = [tuple(d["shape"]) for d in mods.values()]
+    r = int(rec.global_rank)
+    mods = rec.adapted
+    shapes = [a.shape for a in mods.values()]
     full = min(min(o, i) for o, i in shapes)
     ladder = sorted({min(full, max(1, round(r * m))) for m in cfg.multipliers})
     plain = dataclasses.replace(base, rank_pattern={}, alpha_pattern={})
     for rr in ladder:
         runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=_alpha(plain, rr))
-    advice_params = sum(d["rank"] * (d["shape"][0] + d["shape"][1]) for d in mods.values())
+    advice_params = sum(a.rank * (a.shape[0] + a.shape[1]) for a in mods.values())
     ru = _uniform_rank_for_params(advice_params, shapes)
     comp, ru_all = _competitor_runs(cfg, plain, rec, advice_params, ru, ladder)
     runs.update(comp)
@@ -232,7 +235,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         "uniform_all_rank": ru_all,
         "advice_params": advice_params,
         "format": base.quantization,
-        "rec": rec,
+        "rec": rec,  # the typed Recommendation
     }
     return runs, facts
 
@@ -542,7 +545,7 @@ def _competitor_table(
 
 def _quant_after_training(cfg: ValidateConfig, facts: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict:
     """Quantization after training: a format's run minus the 16/32-bit run, beside what the analysis measured."""
-    rec = facts["rec"]
+    rec: Recommendation = facts["rec"]
     first = results.get(f"advice-s{cfg.seeds[0]}")
     none_run = results.get("format-none") if facts["format"] != "none" else first
     out = {}
@@ -552,7 +555,7 @@ def _quant_after_training(cfg: ValidateConfig, facts: dict[str, Any], results: d
         f = m["run_info"]["train_config"]["quantization"]
         if f == "none" or not (k.startswith("format-") or k == f"advice-s{cfg.seeds[0]}"):
             continue
-        cand = rec["quantization"]["candidates"].get(f, {})
+        cand = (rec.quantization or {})["candidates"].get(f, {})
         out[f] = {
             "measured_after_training": _loss(m) - _loss(none_run),
             "predicted_before_training": cand.get("predicted_targets"),
@@ -615,8 +618,8 @@ def summarise(
     s0 = cfg.seeds[0]
     table = _competitor_table(results, adv, adv_params, v["band"], s0)
     ladder_params = sorted(int(m["train_info"]["num_trainable_params"]) for m in ladder.values())
-    rec = facts["rec"]
-    an_seconds = rec["analysis"].get("seconds_units")
+    rec: Recommendation = facts["rec"]
+    an_seconds = rec.analysis.get("seconds_units")
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -669,7 +672,7 @@ def summarise(
             "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
             "ladder_train_time": sum(m["train_info"]["train_time"] for m in ladder.values()),
             "analysis_seconds": an_seconds,
-            "analysis_settings": {k: rec["analysis"]["config"].get(k) for k in ("top_k", "batch_size", "num_batches")},
+            "analysis_settings": {k: rec.analysis["config"].get(k) for k in ("top_k", "batch_size", "num_batches")},
         },
         "runs": _rows(runner),
         "errors": runner.errors,

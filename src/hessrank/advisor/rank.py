@@ -38,6 +38,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import HessrankError
+from ..results import RepeatResult
+
 #: The rank grid advice is given on (the analysis measures its curves on the same grid, capped at full rank).
 RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -158,19 +161,29 @@ def water_fill(curves: Sequence[ModuleCurve], param_budget: int) -> dict[str, in
     return {name: hulls[name][pos[name]][2] for name in hulls}
 
 
+def newton_curve(name: str, out_features: int, in_features: int, newton_module: dict[str, Any]) -> ModuleCurve:
+    """A module's Newton curve from its ``newton[z].per_module[module]`` entry (predicted decrease = −change)."""
+    c = newton_module["curve"]
+    return ModuleCurve(
+        name, int(out_features), int(in_features), tuple(c["ranks"]), tuple(-float(x) for x in c["predicted_change"])
+    )
+
+
 def module_curves_from_analysis(
-    scope_repeat: dict[str, Any], z_key: str, shapes: dict[str, Sequence[int]]
+    scope_repeat: RepeatResult | dict[str, Any],
+    z_key: str,
+    shapes: dict[str, Sequence[int]],
+    modules: Sequence[str] | None = None,
 ) -> list[ModuleCurve]:
-    """Newton curves of each module of one scope result (``analysis.json`` → scopes[i].repeats[j])."""
-    out = []
-    for m, d in scope_repeat["newton"][z_key]["per_module"].items():
-        o, i = shapes[m]
-        out.append(
-            ModuleCurve(
-                m, int(o), int(i), tuple(d["curve"]["ranks"]), tuple(-float(x) for x in d["curve"]["predicted_change"])
-            )
-        )
-    return out
+    """Newton curves of one scope result (``analysis.json`` → scopes[i].repeats[j], typed or as parsed) at damping
+    ``z_key``: of ``modules`` (default: every module the unit has Newton data for), in that order."""
+    newton = scope_repeat.newton if isinstance(scope_repeat, RepeatResult) else scope_repeat["newton"]
+    per = (newton or {})[z_key]["per_module"]
+    names = list(per) if modules is None else list(modules)
+    missing = [m for m in names if m not in per]
+    if missing:
+        raise HessrankError(f"analysis has no Newton-step data for module '{missing[0]}'")
+    return [newton_curve(m, shapes[m][0], shapes[m][1], per[m]) for m in names]
 
 
 def share_allocation(curves: Sequence[ModuleCurve], share: float) -> tuple[dict[str, int], int, float]:

@@ -46,6 +46,14 @@ from .. import __version__
 from ..errors import HessrankError
 from ..io import atomic_write, write_json
 from ..quantization import FORMAT_INFO
+from ..results import (
+    AnalysisResult,
+    ModuleAdvice,
+    RepeatResult,
+    ScopeResult,
+    load_analysis_result,
+    module_sources,
+)
 from . import quant as Q
 from .export import write_configs
 from .memory import Architecture, fmt_bytes, forecast
@@ -119,8 +127,9 @@ class RecommendSettings:
 
 
 @dataclass
-class ModuleAdvice:
-    """One module's advice and the evidence behind it (one entry of ``recommendation.json`` ``modules``)."""
+class ModuleDraft:
+    """One module's advice while the advisor builds it (mutable); :meth:`freeze` gives the typed
+    :class:`~hessrank.results.ModuleAdvice`, one entry of ``recommendation.json`` ``modules``."""
 
     shape: tuple[int, int]
     source_scope: str
@@ -138,40 +147,32 @@ class ModuleAdvice:
     compensation: dict[str, Any] | None = None
     quantization: dict[str, Any] | None = None
 
+    def freeze(self) -> ModuleAdvice:
+        """The typed, frozen advice (``compensation`` and ``quantization`` are left out while None)."""
+        return ModuleAdvice(
+            shape=tuple(self.shape),
+            source_scope=self.source_scope,
+            estimators=self.estimators,
+            predicted_decrease=self.predicted,
+            pilot=self.pilot,
+            predicted_decrease_full_rank=self.predicted_decrease_full_rank,
+            curvature_share=self.curvature_share,
+            gain_share=self.gain_share,
+            selected=self.selected,
+            rank=self.rank,
+            rank_rule=self.rank_rule,
+            alpha=self.alpha,
+            reasons=tuple(self.reasons),
+            compensation=self.compensation,
+            quantization=self.quantization,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        d = {
-            "shape": list(self.shape),
-            "source_scope": self.source_scope,
-            "estimators": self.estimators,
-            "predicted_decrease": self.predicted,
-            "pilot": self.pilot,
-            "predicted_decrease_full_rank": self.predicted_decrease_full_rank,
-            "curvature_share": self.curvature_share,
-            "gain_share": self.gain_share,
-            "selected": self.selected,
-            "rank": self.rank,
-            "rank_rule": self.rank_rule,
-            "alpha": self.alpha,
-            "reasons": self.reasons,
-        }
-        if self.compensation is not None:
-            d["compensation"] = self.compensation
-        if self.quantization is not None:
-            d["quantization"] = self.quantization
-        return d
+        return self.freeze().to_dict()
 
 
-def _module_sources(doc: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """For each target module, the (scope, repeat-0 result) its per-module numbers come from.
-
-    A module's own scope if analysed, else its group, else the joint scope.
-    """
-    pref = {"module": 0, "group": 1, "joint": 2}
-    out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    for scope in sorted(doc["scopes"], key=lambda s: pref[s["kind"]]):
-        for m in scope["modules"]:
-            out.setdefault(m, (scope, scope["repeats"][0]))
-    return out
+def _as_analysis(doc: AnalysisResult | dict[str, Any]) -> AnalysisResult:
+    return doc if isinstance(doc, AnalysisResult) else AnalysisResult.from_dict(doc)
 
 
 #: λ_k/λ_1 above which the top-k estimator's ranks get ``confidence.level = "low"``. Chosen from the four real
@@ -185,23 +186,26 @@ FLAT_TOP_K = 0.1
 LOW_RESOLVED_SHARE = 0.25
 
 
-def top_k_confidence(doc: dict[str, Any], threshold: float = FLAT_TOP_K) -> dict[str, Any]:
+def top_k_confidence(doc: AnalysisResult | dict[str, Any], threshold: float = FLAT_TOP_K) -> dict[str, Any]:
     """How far each rank-bearing scope's top-k spectrum decayed: λ_k/λ_1 (repeat 0, positive part).
+
+    ``doc``: the analysis, or a dict with its ``scopes`` (only they are read).
 
     The Newton-step rank and the joint allocation see only the top-k eigen-subspace. When λ_k is still a large
     fraction of λ_1 the spectrum has not flattened inside that subspace: directions beyond k carry curvature the
     top-k estimator cannot see, and its ranks are then best read as lower bounds (measured: reports/validation.md).
     """
+    scopes = doc.scopes if isinstance(doc, AnalysisResult) else tuple(ScopeResult.from_dict(s) for s in doc["scopes"])
     ratios: dict[str, float] = {}
     k = 0
-    for scope, rep in _module_sources(doc).values():
-        if scope["name"] in ratios:
+    for scope, rep in module_sources(scopes).values():
+        if scope.name in ratios:
             continue
-        lam = np.sort(np.asarray(rep["eigenvalues"], dtype=np.float64))[::-1]
-        if rep.get("num_params") is not None and lam.size >= int(rep["num_params"]):
+        lam = np.sort(np.asarray(rep.eigenvalues, dtype=np.float64))[::-1]
+        if rep.num_params is not None and lam.size >= int(rep.num_params):
             continue  # the whole spectrum is known: nothing lies beyond the top-k
         if lam.size and lam[0] > 0:
-            ratios[scope["name"]] = float(max(lam[-1], 0.0) / lam[0])
+            ratios[scope.name] = float(max(lam[-1], 0.0) / lam[0])
             k = max(k, int(lam.size))
     worst = max(ratios.values()) if ratios else None
     low = worst is not None and worst > threshold
@@ -256,16 +260,16 @@ def pilot_confidence(pd: dict[str, Any], threshold: float = PILOT_MIN_TRAIN_DECR
     return {"level": "low" if low else "normal", "train_loss_decrease": fell, "threshold": threshold, "note": note}
 
 
-def _module_n_eff(scope: dict[str, Any], rep: dict[str, Any], module: str, z_rel: float) -> dict[str, float | None]:
+def _module_n_eff(scope: ScopeResult, rep: RepeatResult, module: str, z_rel: float) -> dict[str, float | None]:
     """N_eff of a module: its own scope's (top-k and SLQ), or Σᵢ λᵢ/(λᵢ+z)·massᵢ,ₘ from a shared scope."""
     key = f"{z_rel:g}"
-    if scope["kind"] == "module":
-        ed = rep["effective_dimension"]
+    if scope.kind == "module":
+        ed = rep.effective_dimension or {}
         slq = ed.get("n_eff_relative_slq") or {}
         return {"topk": ed["n_eff_relative_topk"][key], "slq": slq.get(key)}
-    lam = np.clip(np.asarray(rep["eigenvalues"]), 0, None)
+    lam = np.clip(np.asarray(rep.eigenvalues), 0, None)
     z = z_rel * float(lam.max()) if lam.max() > 0 else z_rel
-    mass = np.asarray(rep["module_mass"][module])
+    mass = np.asarray((rep.module_mass or {})[module])
     return {"topk": float(np.sum(lam / (lam + z) * mass)), "slq": None}
 
 
@@ -278,7 +282,7 @@ def _module_n_eff(scope: dict[str, Any], rep: dict[str, Any], module: str, z_rel
 class Estimates:
     """Per-module curves of every estimator, with what the allocations need."""
 
-    advice: dict[str, ModuleAdvice]
+    advice: dict[str, ModuleDraft]
     newton: list[ModuleCurve]
     joint: list[JointCurve]
     scope_models: dict[str, ScopeModel]
@@ -289,32 +293,36 @@ class Estimates:
     pilot_doc: dict[str, Any] | None = None  #: ``analysis.json`` ``pilot`` (the measured candidates)
 
 
-def newton_estimates(doc: dict[str, Any], st: RecommendSettings) -> Estimates:
+def newton_estimates(an: AnalysisResult, st: RecommendSettings) -> Estimates:
     """The top-k estimators of every module (Newton curve and energy rank, spectral floor) and their curves."""
     zkey = st.z
-    if zkey not in {f"{c:g}" for c in doc["newton_z"]}:
-        raise HessrankError(f"z '{zkey}' was not analysed; analysed: {', '.join(f'{c:g}' for c in doc['newton_z'])}")
-    sources = _module_sources(doc)
-    advice: dict[str, ModuleAdvice] = {}
+    if zkey not in {f"{c:g}" for c in an.newton_z}:
+        raise HessrankError(f"z '{zkey}' was not analysed; analysed: {', '.join(f'{c:g}' for c in an.newton_z)}")
+    sources = an.module_sources()
+    shapes = an.module_shapes
+    advice: dict[str, ModuleDraft] = {}
     curves, jcurves, scope_models = [], [], {}
-    for m, info in doc["modules"].items():
+    for m, (o, i) in shapes.items():
         scope, rep = sources[m]
-        o, i = (int(x) for x in info["shape"])
-        nd = rep["newton"][zkey]["per_module"].get(m)
+        nd = rep.newton_module(zkey, m)
         if nd is None:
             raise HessrankError(f"analysis has no Newton-step data for module '{m}'")
-        c = module_curves_from_analysis({"newton": {zkey: {"per_module": {m: nd}}}}, zkey, {m: (o, i)})[0]
+        c = module_curves_from_analysis(rep, zkey, shapes, modules=[m])[0]
         curves.append(c)
         if "coords" in nd["curve"]:
             coords = tuple(tuple(x) for x in nd["curve"]["coords"])
-            jcurves.append(JointCurve(m, o, i, scope["name"], tuple(nd["curve"]["ranks"]), coords))
-            scope_models[scope["name"]] = ScopeModel(tuple(rep["eigenvalues"]), tuple(rep["grad_projections"]))
+            jcurves.append(JointCurve(m, o, i, scope.name, tuple(nd["curve"]["ranks"]), coords))
+            if rep.grad_projections is None:
+                raise HessrankError(
+                    f"analysis scope '{scope.name}' has no grad_projections (needed by its joint curves)"
+                )
+            scope_models[scope.name] = ScopeModel(tuple(rep.eigenvalues), tuple(rep.grad_projections))
         ne = _module_n_eff(scope, rep, m, float(zkey))
         spec_topk = spectral_rank(ne["topk"] or 0.0, o, i)
         spec_slq = spectral_rank(ne["slq"], o, i) if ne["slq"] is not None else None
-        advice[m] = ModuleAdvice(
+        advice[m] = ModuleDraft(
             shape=(o, i),
-            source_scope=scope["name"],
+            source_scope=scope.name,
             estimators={
                 "n_eff_topk": ne["topk"],
                 "n_eff_slq": ne["slq"],
@@ -325,10 +333,10 @@ def newton_estimates(doc: dict[str, Any], st: RecommendSettings) -> Estimates:
                 ),
                 "newton_energy": snap_to_grid(nd["energy_rank"]["0.9"], o, i),
             },
-            curvature_share=rep["module_curvature_share"].get(m, 0.0) if scope["kind"] != "module" else None,
+            curvature_share=(rep.module_curvature_share or {}).get(m, 0.0) if scope.kind != "module" else None,
         )
-    kfac, info, cal = kfac_estimates(doc, st, sources)
-    return Estimates(advice, curves, jcurves, scope_models, kfac, info, cal, *pilot_estimates(doc, cal, sources))
+    kfac, info, cal = kfac_estimates(an, st, sources)
+    return Estimates(advice, curves, jcurves, scope_models, kfac, info, cal, *pilot_estimates(an, cal, sources))
 
 
 def pilot_usable(pd: dict[str, Any] | None) -> str | None:
@@ -344,49 +352,51 @@ def pilot_usable(pd: dict[str, Any] | None) -> str | None:
     return None
 
 
-def resolve_estimator(doc: dict[str, Any], name: str) -> tuple[str, str | None]:
+def resolve_estimator(an: AnalysisResult, name: str) -> tuple[str, str | None]:
     """(estimator, why ``auto`` passed over the pilot or None). ``auto``: ``pilot`` when the analysis ran a pilot that
     lowered the held-out loss, else ``kfac`` when it has K-FAC curves, else ``newton-topk``."""
     if name != "auto":
         return name, None
-    why = pilot_usable(doc.get("pilot"))
+    why = pilot_usable(an.pilot)
     if why is None:
         return "pilot", None
-    fallback = "kfac" if doc.get("kfac") else "newton-topk"
-    return fallback, (f"{why}; the ranks come from the {fallback} estimator" if doc.get("pilot") else None)
+    fallback = "kfac" if an.kfac else "newton-topk"
+    return fallback, (f"{why}; the ranks come from the {fallback} estimator" if an.pilot else None)
 
 
 def pilot_estimates(
-    doc: dict[str, Any], cal: dict[str, Any], sources: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+    an: AnalysisResult, cal: dict[str, Any], sources: dict[str, tuple[ScopeResult, RepeatResult]]
 ) -> tuple[list[ModuleCurve] | None, dict[str, Any] | None]:
     """Per module, c·½Σ_{l≤r}s_l² of the whitened pilot update (loss units, c the source scope's K-FAC scale)."""
-    pd = doc.get("pilot")
+    pd = an.pilot
     if not pd:
         return None, None
     curves = []
+    shapes = an.module_shapes
     for m, d in pd["modules"].items():
-        c = (cal.get(sources[m][0]["name"]) or {}).get("scale") or 1.0
-        o, i = (int(x) for x in doc["modules"][m]["shape"])
+        c = (cal.get(sources[m][0].name) or {}).get("scale") or 1.0
+        o, i = shapes[m]
         ranks = tuple(sorted(int(r) for r in d["energy_share"]))
         curves.append(ModuleCurve(m, o, i, ranks, tuple(c * d["value"] * d["energy_share"][str(r)] for r in ranks)))
     return curves, pd
 
 
 def kfac_estimates(
-    doc: dict[str, Any], st: RecommendSettings, sources: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+    an: AnalysisResult, st: RecommendSettings, sources: dict[str, tuple[ScopeResult, RepeatResult]]
 ) -> tuple[list[ModuleCurve] | None, dict[str, dict[str, Any]], dict[str, Any]]:
     """K-FAC curves in loss units: ΔL_m(r)/c with c the scale of the module's source scope (1 if uncalibrated)."""
-    kd = doc.get("kfac")
+    kd = an.kfac
     if not kd:
         return None, {}, {}
     if st.z not in kd["per_z"]:
         raise HessrankError(f"z '{st.z}' has no K-FAC curves; analysed: {', '.join(kd['per_z'])}")
     cal = kd.get("calibration") or {}
     curves, info = [], {}
+    shapes = an.module_shapes
     for m, d in kd["per_z"][st.z]["modules"].items():
-        scope = sources[m][0]["name"]
+        scope = sources[m][0].name
         c = (cal.get(scope) or {}).get("scale") or 1.0
-        o, i = (int(x) for x in doc["modules"][m]["shape"])
+        o, i = shapes[m]
         dec = tuple(float(x) / c for x in d["decrease"])
         curves.append(ModuleCurve(m, o, i, tuple(int(r) for r in d["ranks"]), dec))
         info[m] = {
@@ -598,14 +608,14 @@ class _Context:
     st: RecommendSettings
 
     @classmethod
-    def of(cls, doc: dict[str, Any], st: RecommendSettings) -> _Context:
+    def of(cls, an: AnalysisResult, st: RecommendSettings) -> _Context:
         return cls(
-            Architecture.from_dict(doc["architecture"]),
-            {m: (int(v["shape"][0]), int(v["shape"][1])) for m, v in doc["modules"].items()},
-            [doc["analysis_point"]["head"]] if doc["analysis_point"].get("head") else [],
-            st.batch_size or int(doc["config"]["batch_size"]),
-            st.seq_len or int(doc["config"]["max_length"]),
-            int(doc["architecture"].get("head_params", 0)),
+            Architecture.from_dict(an.architecture),
+            an.module_shapes,
+            [an.analysis_point["head"]] if an.analysis_point.get("head") else [],
+            st.batch_size or int(an.config["batch_size"]),
+            st.seq_len or int(an.config["max_length"]),
+            int(an.architecture.get("head_params", 0)),
             st,
         )
 
@@ -773,13 +783,11 @@ def _quantization_doc(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _load_doc(analysis: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """The analysis document: the one given, or read from its folder or file."""
-    if isinstance(analysis, dict):
-        return analysis
-    from ..analysis import load_analysis  # here, not at the top: the analysis imports this package's grid
-
-    return load_analysis(analysis)
+def _load_analysis(analysis: str | Path | dict[str, Any] | AnalysisResult) -> AnalysisResult:
+    """The analysis, typed: the one given, a parsed ``analysis.json``, or read from its folder or file."""
+    if isinstance(analysis, (AnalysisResult, dict)):
+        return _as_analysis(analysis)
+    return load_analysis_result(analysis)
 
 
 def _attach_measurements(est: Estimates) -> None:
@@ -850,29 +858,32 @@ def _lora_doc() -> dict[str, Any]:
     }
 
 
-def _confidence(est: Estimates, st: RecommendSettings, doc: dict[str, Any]) -> dict[str, Any]:
+def _confidence(est: Estimates, st: RecommendSettings, an: AnalysisResult) -> dict[str, Any]:
     """How far to trust the advice, judged on the chosen estimator's own data."""
     if st.estimator == "pilot" and est.pilot_doc is not None:
         return pilot_confidence(est.pilot_doc)
     if st.estimator == "kfac" and est.kfac_info:
         return kfac_confidence(est.kfac_info)
-    return top_k_confidence(doc)
+    return top_k_confidence(an)
 
 
-def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings | None = None) -> dict[str, Any]:
-    """Build the recommendation document from an analysis (folder, file or parsed document)."""
+def recommend(
+    analysis: str | Path | dict[str, Any] | AnalysisResult, settings: RecommendSettings | None = None
+) -> dict[str, Any]:
+    """Build the recommendation document from an analysis (folder, file, parsed document or
+    :class:`~hessrank.results.AnalysisResult`); ``Recommendation.from_dict`` gives it typed."""
     st = settings or RecommendSettings()
     st.check()
-    doc = _load_doc(analysis)
-    name, estimator_note = resolve_estimator(doc, st.estimator)
+    an = _load_analysis(analysis)
+    name, estimator_note = resolve_estimator(an, st.estimator)
     st = dataclasses.replace(st, estimator=name)
     if estimator_note:
         log.warning("%s", estimator_note)
-    est = newton_estimates(doc, st)
+    est = newton_estimates(an, st)
     _attach_measurements(est)
     keep = select_modules(est.kfac_info, st.min_gain_fraction)
-    ctx = _Context.of(doc, st)
-    quant = doc.get("quantization")
+    ctx = _Context.of(an, st)
+    quant = an.quantization
     allocs, budget_note = _allocate_with_budget(est, st, keep, ctx)
     chosen_alloc = allocs[st.estimator]
     _apply(est, chosen_alloc, keep, "budget" if budget_note else "share allocation", st)
@@ -888,14 +899,14 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hessrank_version": __version__,
         "analysis": {
-            "model": doc["model"]["name"],
-            "data": doc["data"]["source"],
-            "created": doc["created"],
-            "config": doc["config"],
-            "seconds_units": doc.get("cost", {}).get("seconds_units"),
+            "model": an.model["name"],
+            "data": an.data["source"],
+            "created": an.created,
+            "config": an.config,
+            "seconds_units": (an.cost or {}).get("seconds_units"),
         },
-        "model": doc["model"]["name"],
-        "task": doc["model"]["task"],
+        "model": an.model["name"],
+        "task": an.model["task"],
         "head_modules": ctx.heads,
         "settings": {**st.__dict__, "target_share": st.target_share, "batch_size": ctx.batch, "seq_len": ctx.seq},
         "estimator": st.estimator,
@@ -906,7 +917,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "lora": _lora_doc(),
         "uniform_curve": {"ranks": grid, "predicted_decrease": uni},
         "quantization": _quantization_doc(quant, chosen, options, ctx),
-        "modules": {m: a.to_dict() for m, a in est.advice.items()},
+        "modules": {m: a.freeze().to_dict() for m, a in est.advice.items()},
         "selection": {
             "min_gain_fraction": st.min_gain_fraction,
             "dropped": sorted(m for m, why in keep.items() if why is not None),
@@ -916,7 +927,7 @@ def recommend(analysis: str | Path | dict[str, Any], settings: RecommendSettings
         "budget": budget_note,
         "allocation": chosen_alloc.note if budget_note is None else None,
     }
-    rec["confidence"] = _confidence(est, st, doc)
+    rec["confidence"] = _confidence(est, st, an)
     rec["rules_of_thumb"] = rules_of_thumb(rec, quant, st)
     rec["explanation"] = explain(rec, st)
     return rec
