@@ -342,6 +342,7 @@ def load_model(
     attn_implementation: str | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a bundled model, local folder or cached hub id for ``task`` (causal-lm | seq-cls).
 
@@ -349,6 +350,10 @@ def load_model(
     CPU fixes applied (:func:`fix_bnb_cpu`) and any new classification head kept out of quantization.
     ``attn_implementation`` is passed to transformers ("eager", "sdpa"); Hessian code needs no choice here
     because :class:`hessrank.HessianOperator` switches SDPA to its MATH backend itself.
+    ``device_map`` (``"auto"`` or a {module: device} dict) is passed to transformers (accelerate places the
+    layers; ``device`` is then ignored and the model is not moved); ``info["device_map"]`` records the placement
+    ({module: device}; ``{"": device}`` when everything landed on one device).
+    Tested on a CPU-only machine only, where ``"auto"`` puts every layer on the CPU (docs/scaling.md).
     """
     sname = str(name)
     if task is None:
@@ -365,6 +370,8 @@ def load_model(
         kwargs["quantization_config"] = qconf
         if str(device) != "cpu":
             kwargs["device_map"] = {"": str(device)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -391,7 +398,7 @@ def load_model(
     fixed = fix_bnb_cpu(model) if quantization != "none" else 0
     if quantization == "int8":
         quiet_int8_cast_notice()
-    if qconf is None:
+    if qconf is None and device_map is None:
         model.to(device)
     tok = load_tokenizer(sname)
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
@@ -406,6 +413,13 @@ def load_model(
         "bnb_cpu_fixed_modules": fixed,
         "seed": seed,
     }
+    if device_map is not None:
+        # accelerate records the placement when it dispatched the model over several devices; on one device
+        # transformers only loads onto it and there is no hf_device_map
+        placed = getattr(model, "hf_device_map", None) or {
+            "": ",".join(sorted({str(p.device) for p in model.parameters()}))
+        }
+        info["device_map"] = {k: str(v) for k, v in placed.items()}
     return LoadedModel(model, tok, sname, path, task, quantization, num_labels if task == "seq-cls" else None, info)
 
 
