@@ -396,10 +396,25 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert _training_key(dataclasses.replace(plain3, rank=4, alpha=8)) != _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, seed=7)) != _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, steps=99)) == _training_key(plain3)  # an extension: same run
+    # every run of a validation with a selection fraction selects on one part and reports on the other
+    sel_runs, _ = plan_runs(dataclasses.replace(cfg, selection_fraction=0.5))
+    assert {tc.selection_fraction for tc in sel_runs.values()} == {0.5}
+    assert _training_key(sel_runs["advice-s0"]) != _training_key(runs["advice-s0"])
+    with pytest.raises(HessrankError, match="selection-fraction"):
+        dataclasses.replace(cfg, selection_fraction=1.0)
     small = dataclasses.replace(
-        cfg, seeds=(0,), multipliers=(1.0,), formats=(), methods=(), competitors=("uniform-all",)
+        cfg,
+        seeds=(0,),
+        multipliers=(1.0,),
+        formats=(),
+        methods=(),
+        competitors=("uniform-all",),
+        selection_fraction=0.5,
     )
     doc3 = validate(small, tmp_path / "val-sel", progress=False)
+    assert "checkpoint chosen on the first 0.5" in (tmp_path / "val-sel" / "validation.md").read_text()
+    sel_metrics = json.loads((tmp_path / "val-sel" / "runs" / "advice-s0" / "metrics.json").read_text())
+    assert sel_metrics["train_info"]["selection_items"] == 20
     ua = {r["run"]: r["eval_loss"] for r in doc3["runs"]}
     row = next(r for r in doc3["competitors"] if r["run"] == "uniform-all")
     assert row["minus_advice"] == pytest.approx(ua["uniform-all"] - ua["advice-s0"])

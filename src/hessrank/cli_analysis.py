@@ -222,6 +222,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         competitors=tuple(c for c in args.competitors.split(",") if c),
         max_extensions=args.max_extensions,
         tolerance=args.tolerance,
+        selection_fraction=args.selection_fraction,
         device=args.device,
     )
     backend = None
@@ -467,6 +468,12 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
         help="other methods (ia3, prefix, prompt, bitfit, full, rslora, dora)",
     )
     sp.add_argument("--tolerance", type=float, help="relative loss tolerance for the knee")
+    sp.add_argument(
+        "--selection-fraction",
+        type=float,
+        help="pick each run's best checkpoint on this first fraction of the held-out split and report the rest "
+        "(0: select and report on the same examples)",
+    )
     sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")
     g.add_argument(

@@ -76,6 +76,9 @@ class ValidateConfig:
     competitors: tuple[str, ...] = COMPETITORS
     max_extensions: int = 2
     tolerance: float = 0.02
+    #: > 0: every run picks its best checkpoint on the first fraction of the held-out split and reports the loss on
+    #: the rest (TrainConfig.selection_fraction), so the verdict is not biased by selecting on the reporting set
+    selection_fraction: float = 0.0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
 
@@ -91,6 +94,8 @@ class ValidateConfig:
             raise HessrankError(f"competitor '{bad[0]}' is not one of {', '.join(COMPETITORS)}")
         if self.max_extensions < 0:
             raise HessrankError(f"max-extensions must be >= 0, got {self.max_extensions}")
+        if not 0 <= self.selection_fraction < 1:
+            raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -197,6 +202,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         max_train=cfg.max_train,
         max_eval=cfg.max_eval,
         device=cfg.device,
+        selection_fraction=cfg.selection_fraction,
         **cfg.extra,
     )
     base = TrainConfig.from_recommendation(cfg.recommendation, data=cfg.data, seed=cfg.seeds[0], **common)
@@ -632,7 +638,13 @@ def summarise(
             "lr_scheduler": "constant_with_warmup",
             "batch_size": cfg.batch_size,
             "alpha": _alpha_rule(results.get(f"advice-s{s0}")),
-            "early_stopping": f"best held-out loss, patience {cfg.patience} evaluations",
+            "early_stopping": f"best held-out loss, patience {cfg.patience} evaluations"
+            + (
+                f"; checkpoint chosen on the first {cfg.selection_fraction:g} of the held-out split, loss reported "
+                "on the rest"
+                if cfg.selection_fraction
+                else ""
+            ),
             "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times",
             "seeds": list(cfg.seeds),
         },
@@ -703,7 +715,14 @@ def table_markdown(doc: dict[str, Any]) -> str:
         "",
         f"Recipe: {rc['steps']} steps (doubled for a run still improving, at most "
         f"{doc['config']['max_extensions']} times), lr {rc['lr']} ({rc['lr_scheduler']}), batch {rc['batch_size']}, "
-        f"alpha = {rc['alpha']}, early stopping on the held-out loss, seeds {rc['seeds']}.",
+        f"alpha = {rc['alpha']}, early stopping on the held-out loss"
+        + (
+            f" (checkpoint chosen on the first {doc['config']['selection_fraction']:g} of the held-out split, "
+            "loss reported on the rest)"
+            if doc["config"].get("selection_fraction")
+            else ""
+        )
+        + f", seeds {rc['seeds']}.",
         "",
         "| run | method | format | rank | seed | held-out loss | accuracy | trainable params | steps | best step | "
         "plateau | train s |",
