@@ -249,3 +249,48 @@ def test_train_under_torchrun_two_processes(tiny_llama_dir, sentiment_tsv, tmp_p
     names = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if not p.name.startswith("."))
     assert [rng(n) for n in names(two) if "rng_state_1" not in n] == names(one)
     assert (two / "checkpoints" / "checkpoint-6" / "rng_state_1.pth").is_file()
+
+
+@pytest.mark.slow
+def test_train_under_accelerate_launch_two_processes(tiny_llama_dir, sentiment_tsv, tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` runs the same DDP training as torchrun on a CPU-only
+    machine: accelerate's multi-process launcher is torchrun underneath and hessrank picks Gloo without CUDA (its
+    ``--cpu`` flag starts one process unless MPI is set up). Two processes, the global batch split between them,
+    rank 0 alone writes."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "acc"
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "hessrank",
+    ]
+    # no user accelerate config may change the launch: point its config home at an empty folder
+    env = {**ENV, "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run(
+        [*launch, *_train_argv(tiny_llama_dir, sentiment_tsv, out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # only rank 0 reports
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["meta_info"]["system_info"]["world_size"] == 2
+    t = m["train_info"]
+    assert t["steps"] == 6 and len(t["eval_curve"]) == 2 and np.isfinite(t["metrics"]["eval_loss"])
+    assert (out / "checkpoints" / "checkpoint-6" / "rng_state_1.pth").is_file()  # each rank's RNG state
+    assert (out / "adapter" / "adapter_config.json").is_file()
