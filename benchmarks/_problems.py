@@ -7,9 +7,9 @@ from typing import Any
 import torch
 
 from hessrank.data import Encoder, analysis_batches, load_dataset, split_dataset
+from hessrank.engine.probe import fit_head
+from hessrank.engine.tasks import loss_fn_for
 from hessrank.models import load_model
-from hessrank.probe import fit_head
-from hessrank.tasks import loss_fn_for
 
 MINILM_MODULE = "bert.encoder.layer.2.attention.self.value"
 SMOL_MODULE = "model.layers.14.self_attn.q_proj"
@@ -50,6 +50,6 @@ def smollm2(scope: str, batch_size: int = 4, max_length: int = 128, seed: int = 
 
 
 def scope_params(model: torch.nn.Module, params: list[str]) -> list[torch.Tensor]:
-    from hessrank.curvature import resolve_params
+    from hessrank.engine.curvature import resolve_params
 
     return [p for _, p in resolve_params(model, params)]

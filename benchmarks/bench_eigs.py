@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 
 def peak_rss_mb() -> float:
-    from hessrank.train import peak_rss_bytes
+    from hessrank.trainer.train import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 
@@ -76,7 +76,7 @@ def run_method(case: str, method: str, k: int, device: str) -> dict:
     row: dict = {"case": prob["name"], "method": method}
     if method == "gradient-vs-hvp":
         op = HessianOperator(model, loss_fn, batches, params=params, keep_graph=False)
-        from hessrank.curvature import resolve_params
+        from hessrank.engine.curvature import resolve_params
 
         ps = [p for _, p in resolve_params(model, params)]
         for p in model.parameters():

@@ -29,7 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     import _problems as P
     from hessrank import HessianOperator
-    from hessrank.quantization import block_quadratic_signs, quantize_dequantize, spearman
+    from hessrank.engine.quantization import block_quadratic_signs, quantize_dequantize, spearman
 
     if args.model == "minilm":
         prob = P.minilm_value()

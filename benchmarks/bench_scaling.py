@@ -17,7 +17,7 @@ Per model: total parameters, scope parameters n, seconds per gradient (``Hessian
 the graphs fit, ``keep_graph="auto"``) and per HVP with a fresh graph (forward + backward + double backward, the
 path when they do not), each the median of ``--repeats`` after one warm-up; RSS after loading and peak RSS
 (``VmHWM``); the Krylov basis the analysis would allocate for a top-20 run (``default_ncv(n, 20) + 1`` vectors,
-as ``analysis._plan_krylov_basis``) in each storage of :data:`hessrank.lanczos.STORAGES`, and the storage
+as ``analysis._plan_krylov_basis``) in each storage of :data:`hessrank.engine.lanczos.STORAGES`, and the storage
 ``plan_basis(..., "auto")`` picks on this machine.
 
 Data parallel (``--torchrun-model``, default MiniLM with 2 batches of 16x64): the per-HVP time (kept graphs) of
@@ -114,7 +114,7 @@ def total_params(a: Arch) -> int:
 
 def basis_vectors(n: int, k: int = K) -> int:
     """Rows of the Krylov basis of a top-k run (``analysis._plan_krylov_basis``): ncv + 1."""
-    from hessrank.lanczos import default_ncv
+    from hessrank.engine.lanczos import default_ncv
 
     return min(n, default_ncv(n, k)) + 1
 
@@ -182,8 +182,8 @@ def measure(key: str, repeats: int) -> dict:
     import torch
 
     from hessrank import HessianOperator
-    from hessrank.lanczos import plan_basis
-    from hessrank.train import peak_rss_bytes
+    from hessrank.engine.lanczos import plan_basis
+    from hessrank.trainer.train import peak_rss_bytes
 
     t0 = time.perf_counter()
     lm, loss_fn, batches, modules = _load(key)
@@ -344,7 +344,7 @@ def projection(ratio_kept: float, ratio_fresh: float, source: str, tokens: int, 
         f"Assumptions: gradient = 6·N·T FLOPs with T = {tokens:,} tokens per operator (all batches), N the total "
         f"parameters; sustained throughput {' or '.join(f'{t:g}' for t in tflops)} TFLOP/s; HVP = gradient x "
         f"{ratio_kept:.2f} (kept graph) or x {ratio_fresh:.2f} (fresh graph), the ratios measured on {source}. "
-        f"Krylov basis for top-k = {K}: ncv + 1 vectors of n floats (hessrank.lanczos.default_ncv).",
+        f"Krylov basis for top-k = {K}: ncv + 1 vectors of n floats (hessrank.engine.lanczos.default_ncv).",
         "",
         "| architecture | total N | weights fp32 / bf16 | scope | n | basis vectors | basis fp32 (device or cpu "
         "offload) | basis bf16 | gradient | HVP kept | HVP fresh | 100 HVPs (kept) |",

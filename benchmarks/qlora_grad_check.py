@@ -35,8 +35,8 @@ def one_format(fmt: str, device: torch.device, seed: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from hessrank.data import Encoder, analysis_batches, load_dataset, split_dataset
+    from hessrank.engine.tasks import loss_fn_for
     from hessrank.models import load_model
-    from hessrank.tasks import loss_fn_for
 
     quant = {"llm.int8": "int8", "nf4-dq": "nf4"}.get(fmt, fmt)
     if device.type == "cuda":
@@ -73,7 +73,7 @@ def one_format(fmt: str, device: torch.device, seed: int) -> dict:
         torch.cuda.synchronize(device)
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:
-        from hessrank.train import peak_rss_bytes
+        from hessrank.trainer.train import peak_rss_bytes
 
         peak, kind = peak_rss_bytes() / 2**20, "rss"
     lin = type(model.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer).__name__

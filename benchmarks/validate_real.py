@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from hessrank.io import atomic_write
-from hessrank.validate import _rank_label
+from hessrank.trainer.validate import _rank_label
 
 
 def _args(text: str) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import hessrank
-from hessrank.probe import fit_head
+from hessrank.engine.probe import fit_head
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="hessrank-"))
 out.mkdir(parents=True, exist_ok=True)

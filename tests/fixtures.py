@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hessrank.data import IGNORE_INDEX
-from hessrank.tasks import causal_lm_loss, loss_weight, seq_cls_loss
+from hessrank.engine.tasks import causal_lm_loss, loss_weight, seq_cls_loss
 
 
 class MLP(nn.Module):

@@ -20,7 +20,7 @@ from hessrank.advisor.rank import (
     water_fill,
 )
 from hessrank.analysis import AnalysisConfig, measure_scope
-from hessrank.curvature import HessianOperator
+from hessrank.engine.curvature import HessianOperator
 from hessrank.errors import HessrankError
 
 
@@ -240,7 +240,7 @@ def test_quantization_prediction_tracks_measurement(tiny_analysis):
 
 
 def test_random_sign_block_estimates_are_unbiased():
-    from hessrank.quantization import block_quadratic_signs
+    from hessrank.engine.quantization import block_quadratic_signs
 
     g = torch.Generator().manual_seed(0)
     n, blocks = 30, {"a": (0, 10), "b": (10, 18), "c": (18, 30)}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hessrank.backends import LocalBackend, RayBackend, make_backend
 from hessrank.errors import HessrankError
+from hessrank.trainer.backends import LocalBackend, RayBackend, make_backend
 
 OPTS = {"label_names": ["negative", "positive"], "template": "Review: {text}\nSentiment:"}
 
@@ -86,8 +86,8 @@ def tiny_rec(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 def test_ray_backend_writes_the_local_validation(tiny_rec, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'hessrank[ray]')")
-    import hessrank.train as train_mod
-    from hessrank.validate import ValidateConfig, validate
+    import hessrank.trainer.train as train_mod
+    from hessrank.trainer.validate import ValidateConfig, validate
 
     cfg = ValidateConfig(
         recommendation=str(tiny_rec),

@@ -117,7 +117,7 @@ def test_cli_defaults_are_the_config_dataclass_defaults():
     from hessrank.analysis import AnalysisConfig
     from hessrank.cli import build_parser
     from hessrank.cli_config import field_default
-    from hessrank.validate import ValidateConfig
+    from hessrank.trainer.validate import ValidateConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for cmd, cls in (("analyze", AnalysisConfig), ("validate", ValidateConfig)):

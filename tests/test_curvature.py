@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fixtures import dense_hessian, tiny_bert, tiny_llama, tiny_mlp
-from hessrank.curvature import HessianOperator, resolve_params
+from hessrank.engine.curvature import HessianOperator, resolve_params
 from hessrank.errors import NumericalError, ScopeError
 
 LLAMA_SCOPE = [

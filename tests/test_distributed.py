@@ -51,8 +51,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).parent))
     from fixtures import tiny_mlp
-    from hessrank.curvature import HessianOperator
     from hessrank.distributed import from_env
+    from hessrank.engine.curvature import HessianOperator
 
     ctx = from_env(torch.device("cpu"))
     assert ctx is not None and ctx.backend == "gloo"
@@ -77,7 +77,7 @@ def test_sharded_operator_equals_one_process(tmp_path):
 
     sys.path.insert(0, str(Path(__file__).parent))
     from fixtures import tiny_mlp
-    from hessrank.curvature import HessianOperator
+    from hessrank.engine.curvature import HessianOperator
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -3,7 +3,7 @@
 * the closed form ΔL(r) = ½Σ_{j≤r}σ_j(Ḡ^-½∇WĀ^-½)² against a direct optimisation of the dense quadratic model over
   rank-r matrices (multi-start L-BFGS on Δ = UVᵀ);
 * on a small model whose Hessian *is* Kronecker (a linear softmax classifier at uniform predictions), the predicted
-  curve from :func:`hessrank.kfac.collect` statistics against the exact optimum under ``torch.func.hessian``;
+  curve from :func:`hessrank.engine.kfac.collect` statistics against the exact optimum under ``torch.func.hessian``;
 * the cross-fitted curve is unbiased where the in-sample one is not; the statistics match their definitions.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessrank.kfac import (
+from hessrank.engine.kfac import (
     Eig,
     ModuleStats,
     calibration,

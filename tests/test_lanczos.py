@@ -9,8 +9,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fixtures import tiny_llama, tiny_mlp
-from hessrank.curvature import HessianOperator
-from hessrank.lanczos import DenseOperator, lanczos, slq
+from hessrank.engine.curvature import HessianOperator
+from hessrank.engine.lanczos import DenseOperator, lanczos, slq
 
 
 def sym_with_spectrum(eigs: np.ndarray, seed: int) -> torch.Tensor:
@@ -186,7 +186,7 @@ def test_agrees_with_scipy_eigsh_on_real_minilm_module(minilm_cls, shared_data):
     from scipy.sparse.linalg import eigsh
 
     from hessrank.data import Encoder, analysis_batches, load_dataset
-    from hessrank.tasks import seq_cls_loss
+    from hessrank.engine.tasks import seq_cls_loss
 
     ds = load_dataset("sst2", limit=400)
     enc = Encoder(minilm_cls.tokenizer, "seq-cls", 32, dataset=ds)
@@ -224,8 +224,8 @@ def test_close_top_pair_is_not_declared_converged_early():
 
 
 def test_basis_storage_follows_the_memory_estimate():
+    from hessrank.engine.lanczos import plan_basis
     from hessrank.errors import HessrankError
-    from hessrank.lanczos import plan_basis
 
     n, vec = 1_000_000, 41  # fp32 estimate 41 · 1e6 · 4 = 164 MB
     p = plan_basis(n, vec, "cpu", free_device=10**9)
@@ -256,7 +256,7 @@ def test_bf16_and_offloaded_bases_give_the_fp32_eigenvalues(monkeypatch, caplog)
     path (blockwise CGS2 and rotation through converted blocks) within 1e-5."""
     import importlib
 
-    L = importlib.import_module("hessrank.lanczos")  # the module (the package exports a function of its name)
+    L = importlib.import_module("hessrank.engine.lanczos")  # the module (the package exports a function of its name)
 
     A, ref = _restarting_problem()
     full = lanczos(DenseOperator(A), k=6, tol=1e-4, ncv=14, max_matvecs=3000)
@@ -281,7 +281,7 @@ def test_bf16_and_offloaded_bases_give_the_fp32_eigenvalues(monkeypatch, caplog)
     d_off = slq(DenseOperator(A), num_probes=2, num_steps=12, storage="cpu")
     np.testing.assert_allclose(d_off.nodes, d_full.nodes, rtol=1e-4, atol=1e-5)
     monkeypatch.undo()
-    with caplog.at_level("INFO", logger="hessrank.lanczos"):
+    with caplog.at_level("INFO", logger="hessrank.engine.lanczos"):
         auto = lanczos(DenseOperator(A), k=6, tol=1e-4, ncv=14, max_matvecs=3000, storage="auto")
     assert "Krylov basis 15 vectors x 300" in caplog.text and "storage device-fp32" in caplog.text
     np.testing.assert_array_equal(auto.eigenvalues, full.eigenvalues)

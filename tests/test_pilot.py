@@ -1,4 +1,4 @@
-"""The pilot estimator (:mod:`hessrank.pilot`) against ground truth.
+"""The pilot estimator (:mod:`hessrank.analysis.pilot`) against ground truth.
 
 * whitened truncation is the best rank-r approximation of the pilot update under the K-FAC quadratic
   ½ vec(δ)ᵀ(Ḡ ⊗ Ā)vec(δ) (dense float64 L-BFGS over rank-r matrices), and its cost is ½Σ_{l>r}s_l²;
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from hessrank.kfac import Eig, ModuleStats, damping_split
-from hessrank.pilot import Truncation, Whitened, updates
+from hessrank.analysis.pilot import Truncation, Whitened, updates
+from hessrank.engine.kfac import Eig, ModuleStats, damping_split
 
 
 def _spd(n: int, gen: torch.Generator, cond: float = 30.0) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _metrics(loss: float, seed: int, params: int = 100) -> dict:
     ],
 )
 def test_paired_verdict(rival, expect):
-    from hessrank.validate import ValidateConfig, _verdict, paired_differences
+    from hessrank.trainer.validate import ValidateConfig, _verdict, paired_differences
 
     adv = {0: 1.0, 1: 1.0, 2: 1.0}
     p = paired_differences(dict(enumerate(rival)), adv)
@@ -85,7 +85,7 @@ def test_paired_verdict(rival, expect):
 
 
 def test_too_large_when_within_the_band_at_more_than_twice_the_knee():
-    from hessrank.validate import ValidateConfig, _verdict, paired_differences
+    from hessrank.trainer.validate import ValidateConfig, _verdict, paired_differences
 
     adv = {0: 1.0, 1: 1.0, 2: 1.0}
     p = paired_differences({0: 1.0, 1: 1.0, 2: 1.0}, adv)
@@ -95,7 +95,7 @@ def test_too_large_when_within_the_band_at_more_than_twice_the_knee():
 
 
 def test_a_smaller_rung_that_beats_the_advice_makes_it_beaten_not_too_small():
-    from hessrank.validate import ValidateConfig, _verdict, paired_differences
+    from hessrank.trainer.validate import ValidateConfig, _verdict, paired_differences
 
     adv = {0: 1.0, 1: 1.0, 2: 1.0}
     p = paired_differences({0: 0.9, 1: 0.91, 2: 0.89}, adv)

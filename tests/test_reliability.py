@@ -310,8 +310,8 @@ def test_nan_hvp_names_the_batch_and_module(keep_graph):
 @pytest.mark.slow
 def test_nan_in_analyze_is_one_line_with_batch_and_scope(tmp_path, tiny_bert_dir, data_file, monkeypatch, capsys):
     """Through the CLI: a NaN loss in the analysis is exit code 2 and one line naming the batch and the scope."""
-    from hessrank import tasks
     from hessrank.cli import main
+    from hessrank.engine import tasks
 
     real = tasks.seq_cls_loss
 
@@ -349,7 +349,7 @@ def test_lanczos_breakdown_on_a_low_rank_matrix():
     """A rank-3 matrix (eigenvalues 5, 2, -1 and 37 zeros): the Krylov space is invariant after 4 steps (beta = 0).
     Lanczos stops there with exact pairs, no NaN; asked for more than one copy of the repeated 0, the
     multiplicity pass (a fresh start on the deflated operator) finds them."""
-    from hessrank.lanczos import DenseOperator, lanczos
+    from hessrank.engine.lanczos import DenseOperator, lanczos
 
     g = torch.Generator().manual_seed(0)
     n = 40
@@ -372,7 +372,7 @@ def test_lanczos_breakdown_on_a_low_rank_matrix():
 
 def test_unconverged_eigenvalues_are_flagged_with_residuals():
     """Out of HVPs: converged is False and the residuals say by how much (they are what the warning prints)."""
-    from hessrank.lanczos import DenseOperator, lanczos
+    from hessrank.engine.lanczos import DenseOperator, lanczos
 
     lam = np.linspace(1.0, 1.001, 200)  # a clustered top: needs many steps
     A = torch.diag(torch.from_numpy(lam))

@@ -19,7 +19,7 @@ def reported(tiny_llama_dir, tmp_path_factory):
     from hessrank.advisor import recommend, write_recommendation
     from hessrank.analysis import AnalysisConfig, analyze
     from hessrank.report import write_report
-    from hessrank.validate import ValidateConfig, validate
+    from hessrank.trainer.validate import ValidateConfig, validate
 
     d = tmp_path_factory.mktemp("rep")
     rows = ["text\tlabel"] + [f"{'good great' if i % 2 else 'bad dull'} film {i}\t{i % 2}" for i in range(160)]

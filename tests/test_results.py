@@ -31,7 +31,7 @@ def pipeline(tiny_llama_dir, tmp_path_factory):
     validation: the three documents as the pipeline writes them."""
     from hessrank.advisor import recommend, write_recommendation
     from hessrank.analysis import AnalysisConfig, analyze
-    from hessrank.validate import ValidateConfig, validate
+    from hessrank.trainer.validate import ValidateConfig, validate
 
     d = tmp_path_factory.mktemp("results")
     rows = ["text\tlabel"] + [f"{'good great' if i % 2 else 'bad dull'} film {i}\t{i % 2}" for i in range(120)]

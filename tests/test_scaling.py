@@ -85,7 +85,7 @@ def test_projected_scope_sizes_match_transformers(arch):
 
 
 def test_basis_vectors_follow_the_analysis_plan():
-    from hessrank.lanczos import default_ncv
+    from hessrank.engine.lanczos import default_ncv
 
     bench = _bench()
     assert bench.basis_vectors(10_000, 20) == default_ncv(10_000, 20) + 1 == 51

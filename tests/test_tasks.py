@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hessrank.data import IGNORE_INDEX
-from hessrank.tasks import causal_lm_loss, loss_weight
+from hessrank.engine.tasks import causal_lm_loss, loss_weight
 
 
 def tiny_llama(seed: int = 0):
@@ -50,7 +50,7 @@ def test_causal_loss_without_answer_tokens_is_an_error():
 
 
 def test_batch_to_moves_tensors_only():
-    from hessrank.tasks import batch_to
+    from hessrank.engine.tasks import batch_to
 
     b = {"input_ids": torch.ones(2, 3, dtype=torch.long), "note": "keep"}
     assert batch_to(b, None) is b
@@ -62,10 +62,10 @@ def test_batch_to_moves_tensors_only():
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::scipy.stats.ConstantInputWarning")
 def test_quantization_measurement_puts_held_out_batches_on_the_operator_device(monkeypatch):
     """Regression: on CUDA the held-out batches stayed on the CPU while the model was on cuda:0."""
-    import hessrank.tasks as T
+    import hessrank.engine.tasks as T
     from fixtures import tiny_bert
     from hessrank import HessianOperator
-    from hessrank.quantization import measure_quantization
+    from hessrank.engine.quantization import measure_quantization
 
     model, batches, loss_fn = tiny_bert(dtype=torch.float32)
     op = HessianOperator(model, loss_fn, batches[:1], params=["query", "value"])

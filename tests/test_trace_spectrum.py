@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hessrank.lanczos import DenseOperator, SpectralDensity, slq
-from hessrank.spectrum import count_above, effective_dimensions, k_mass, n_eff, n_eff_density
-from hessrank.trace import hutchinson, hutchpp
+from hessrank.engine.lanczos import DenseOperator, SpectralDensity, slq
+from hessrank.engine.spectrum import count_above, effective_dimensions, k_mass, n_eff, n_eff_density
+from hessrank.engine.trace import hutchinson, hutchpp
 
 
 def sym(eigs, seed=0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hessrank.errors import HessrankError
-from hessrank.train import TrainConfig, evaluate, gsm8k_answer, load_trained, train
+from hessrank.trainer.train import TrainConfig, evaluate, gsm8k_answer, load_trained, train
 
 OPTS = {"label_names": ["negative", "positive"], "template": "Review: {text}\nSentiment:"}
 
@@ -63,7 +63,7 @@ def test_train_save_reload_reproduces_metric(tiny_llama_dir, tiny_data, tmp_path
     assert (out / "adapter" / "adapter_config.json").is_file()
     # reload the adapter with PeftModel.from_pretrained and get the same held-out metric
     from hessrank.data import Encoder, load_dataset, split_dataset
-    from hessrank.train import label_token_ids
+    from hessrank.trainer.train import label_token_ids
 
     model, tok, cfg = load_trained(out)
     ds = load_dataset(cfg.data, **cfg.data_options)
@@ -104,7 +104,7 @@ def test_a_run_on_a_constant_schedule_is_extended_exactly(tiny_llama_dir, tiny_d
 
 
 def test_schedule_defaults_fill_steps_lr_and_evaluations():
-    from hessrank.train import DEFAULT_LR, resolve_schedule
+    from hessrank.trainer.train import DEFAULT_LR, resolve_schedule
 
     cfg = TrainConfig(model="m", data="d", batch_size=16, epochs=2.0)
     sch = resolve_schedule(cfg, 3000)
@@ -233,7 +233,7 @@ def test_gsm8k_answer():
 
 
 def test_rank_label_names_rank_and_module_count():
-    from hessrank.validate import _rank_label
+    from hessrank.trainer.validate import _rank_label
 
     base = {"method": "lora", "rank": 1, "target_modules": ["a.v", "b.v", "c.v"]}
     assert _rank_label(base) == "1 (3 modules)"
@@ -243,7 +243,7 @@ def test_rank_label_names_rank_and_module_count():
 
 
 def test_closest_rival_is_never_the_advice_itself():
-    from hessrank.validate import closest_rival
+    from hessrank.trainer.validate import closest_rival
 
     m = lambda loss: {"train_info": {"metrics": {"eval_loss": loss}}}
     results = {"advice-s0": m(0.30), "rank-1": m(0.30), "rank-2": m(0.31), "rank-4": m(0.32), "uniform-all": m(0.1)}
@@ -258,7 +258,7 @@ def test_closest_rival_is_never_the_advice_itself():
 def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
     from hessrank.advisor import recommend, write_recommendation
     from hessrank.analysis import AnalysisConfig, analyze
-    from hessrank.validate import ValidateConfig, validate
+    from hessrank.trainer.validate import ValidateConfig, validate
 
     an = tmp_path / "an"
     analyze(
@@ -370,7 +370,7 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert redone["verdict"] in ("right", "too small", "beaten", "too large", "inconclusive")
     assert ladder_stamp and all(p.stat().st_mtime_ns == t for p, t in ladder_stamp.items())
     # advice that drops a module is tested against one uniform rank on every analysed module
-    from hessrank.validate import plan_runs
+    from hessrank.trainer.validate import plan_runs
 
     dropped = sorted(rec["modules"])[0]
     rec["modules"][dropped]["rank"] = 0
@@ -381,7 +381,7 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert runs["uniform-all"].target_modules == sorted(rec["modules"])
     assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
     # a rung that trains what the advice trains is recognised whatever the spelling (global rank vs pattern)
-    from hessrank.validate import _training_key
+    from hessrank.trainer.validate import _training_key
 
     rung = runs[lowest]
     spelled = dataclasses.replace(
@@ -550,7 +550,7 @@ def _first_adam_step_norm(rank: int, use_rslora: bool, seed: int) -> float:
     """‖ΔW‖_F after one Adam step of a LoRA adapter on a 96 × 96 linear layer, scaled as ``alpha_for`` says."""
     from peft import LoraConfig, get_peft_model
 
-    from hessrank.train import TrainConfig
+    from hessrank.trainer.train import TrainConfig
 
     tc = TrainConfig(model="m", data="d", rank=rank, use_rslora=use_rslora)
     torch.manual_seed(seed)
@@ -571,7 +571,7 @@ def test_rank_stable_scaling_makes_the_update_size_independent_of_rank():
     """α = 2r (scaling 2): the first Adam step's ‖ΔW‖ grows like √r, so rank 16 learns ~4× faster than rank 1;
     rank-stable scaling (α/√r, α = RSLORA_ALPHA) keeps it the same at every rank (Kalajdzievski 2023)."""
     from hessrank.advisor.rank import RSLORA_ALPHA
-    from hessrank.train import TrainConfig
+    from hessrank.trainer.train import TrainConfig
 
     assert TrainConfig(model="m", data="d", rank=4).alpha_for(4) == 8
     assert TrainConfig(model="m", data="d", rank=4, use_rslora=True).alpha_for(4) == RSLORA_ALPHA
@@ -587,7 +587,7 @@ def test_rank_stable_scaling_makes_the_update_size_independent_of_rank():
 def test_a_run_folder_written_before_a_new_config_field_still_resumes(tmp_path):
     """A train_config.json without a field added later (use_rslora) compares at the field's default."""
     from hessrank.io import write_json
-    from hessrank.train import _prepare_run
+    from hessrank.trainer.train import _prepare_run
 
     cfg = TrainConfig(model="m", data="d", rank=4, steps=10)
     old = cfg.to_dict()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .curvature import HessianOperator
 from .data import (
     Dataset,
     DataSpec,
@@ -29,10 +28,14 @@ from .data import (
     make_batches,
     split_dataset,
 )
-from .errors import DataError, HessrankError, ModelError, NumericalError, ScopeError
+from .engine.curvature import HessianOperator
 
 # the function ``lanczos`` deliberately shadows the submodule of the same name
-from .lanczos import DenseOperator, LanczosResult, SpectralDensity, lanczos, slq
+from .engine.lanczos import DenseOperator, LanczosResult, SpectralDensity, lanczos, slq
+from .engine.spectrum import EffectiveDimension, effective_dimensions, n_eff
+from .engine.tasks import causal_lm_loss, loss_fn_for, loss_weight, seq_cls_loss
+from .engine.trace import TraceResult, hutchinson, hutchpp
+from .errors import DataError, HessrankError, ModelError, NumericalError, ScopeError
 from .models import (
     BUNDLED_MODELS,
     LoadedModel,
@@ -52,9 +55,6 @@ from .results import (
     load_recommendation,
     load_validation,
 )
-from .spectrum import EffectiveDimension, effective_dimensions, n_eff
-from .tasks import causal_lm_loss, loss_fn_for, loss_weight, seq_cls_loss
-from .trace import TraceResult, hutchinson, hutchpp
 
 __all__ = [
     "BUNDLED_MODELS",

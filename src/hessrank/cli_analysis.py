@@ -156,7 +156,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .errors import HessrankError
-    from .train import TrainConfig, train
+    from .trainer.train import TrainConfig, train
 
     over = {**_train_overrides(args), **getattr(args, "config_extra", {})}
     if args.recommendation:
@@ -199,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .validate import ValidateConfig, table_markdown, validate
+    from .trainer.validate import ValidateConfig, table_markdown, validate
 
     rec = Path(args.dir)
     if rec.is_dir():
@@ -227,7 +227,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     backend = None
     if getattr(args, "backend", "local") != "local":
-        from .backends import make_backend
+        from .trainer.backends import make_backend
 
         backend = make_backend(
             args.backend, address=args.ray_address, num_cpus=args.ray_cpus_per_run, num_gpus=args.ray_gpus_per_run
@@ -490,7 +490,7 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--no-resume", action="store_true")
     sp.add_argument("--quiet", action="store_true")
-    from .validate import ValidateConfig
+    from .trainer.validate import ValidateConfig
 
     # every default is the ValidateConfig field's; --seeds counts the config's seeds
     defaults_from_config(sp, ValidateConfig, special={"seeds": len(field_default(ValidateConfig, "seeds"))})

@@ -6,7 +6,7 @@ analysis runs on the CPU, NCCL on CUDA (one GPU per rank, ``cuda:LOCAL_RANK``). 
 nothing here is used and the one-process path is unchanged.
 
 The operator is the weighted mean over all B batches, H = Σ_b n_b H_b / Σ_b n_b (n_b the loss items of batch b;
-:mod:`hessrank.curvature`). Rank r holds the batches S_r (:func:`shard`, contiguous blocks, disjoint, covering
+:mod:`hessrank.engine.curvature`). Rank r holds the batches S_r (:func:`shard`, contiguous blocks, disjoint, covering
 all B) and computes the partial sum Σ_{b∈S_r} (n_b / N) H_b v with the *global* N = Σ_b n_b, so that one
 ``all_reduce(SUM)`` gives every rank exactly Hv of the one-process operator (up to the order of the floating
 point sum). The gradient and the loss are reduced the same way. The all-reduced vector is bitwise identical on

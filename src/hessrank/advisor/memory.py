@@ -3,7 +3,7 @@
 total = runtime + base weights (per format, with quantization constants) + LoRA parameters + their gradients
         + optimizer state + activations (+ logits)
 
-* **Base weights.** Linear layers that bitsandbytes quantizes take :func:`hessrank.quantization.bytes_per_param`
+* **Base weights.** Linear layers that bitsandbytes quantizes take :func:`hessrank.engine.quantization.bytes_per_param`
   of their format (NF4: ½ byte + an fp32 absmax per block of 64; double quant: the absmax values in 8 bits);
   everything else (embeddings, norms, heads, modules kept out via ``llm_int8_skip_modules``) stays in the
   compute dtype. A tied output layer is counted once.
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..engine.quantization import bytes_per_param
 from ..errors import HessrankError
-from ..quantization import bytes_per_param
 from .rank import lora_params
 
 #: RSS of a Python process after importing torch, transformers and peft (measured on the reference machine).

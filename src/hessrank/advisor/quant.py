@@ -19,7 +19,7 @@ among those that fit wins.
 
 **Compensation rank.** For the chosen format, each module's rank needed to win back a share s of its quadratic
 quantization cost by a rank-r LoRA correction is read from the K-FAC-weighted (and, for comparison, plain) SVD
-curves of δ (:mod:`hessrank.quantization`). s is the share that brings the whole-model increase under the
+curves of δ (:mod:`hessrank.engine.quantization`). s is the share that brings the whole-model increase under the
 tolerance: s = 1 − tolerance·L₀ / ΔL (0 when the format is already within tolerance).
 """
 
@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.quantization import FORMAT_INFO, rank_for_share
 from ..errors import HessrankError
-from ..quantization import FORMAT_INFO, rank_for_share
 
 #: Formats a user can load with transformers + bitsandbytes, smallest memory last.
 LOADABLE: tuple[str, ...] = ("none", "llm.int8", "nf4", "nf4-dq", "fp4")

@@ -5,7 +5,7 @@ with known answers.
 
 **Spectral (parameter-counting) estimator.** A rank-r update of an m × n matrix has r(m + n − r) degrees of
 freedom (the dimension of the manifold of rank-r matrices). If the loss has N_eff well-determined directions in
-the module's weight space (MacKay's effective dimension, :mod:`hessrank.spectrum`), an adapter needs at least
+the module's weight space (MacKay's effective dimension, :mod:`hessrank.engine.spectrum`), an adapter needs at least
 N_eff degrees of freedom to reach them, so r_spec = min{r : r(m + n − r) ≥ N_eff}. It is a *lower bound*: it
 counts directions but ignores whether a rank-r matrix can align with them.
 

@@ -9,14 +9,15 @@ function below: per-module estimates (:func:`kfac_estimates`, :func:`newton_esti
 **Estimators** (``--estimator``; every one is computed and reported under ``estimators``, one sets the ranks;
 ``auto``, the default, is the first of ``pilot``, ``kfac``, ``newton-topk`` the analysis has data for):
 
-* ``pilot`` (opt-in: ``analyze --pilot-steps N``) — measured along a short training run (:mod:`hessrank.pilot`): a
-  rank-R pilot LoRA is trained for a few steps, its update truncated in K-FAC-whitened coordinates to each uniform
-  rank and to allocations keeping a share p of the whitened update energy, and each truncation's held-out loss
-  measured. The advice is the cheapest measured candidate that keeps ``target_share`` of the pilot's held-out
-  decrease. ``auto`` takes it when the analysis has one. Not the default, by measurement (``reports/validation.md``,
-  AG News): its advice (63,748 parameters) was as far from the ladder's best as the K-FAC advice (23,812; 2.7% vs
-  2.8% paired) and the 100-step pilot doubled the analysis (85 → 183 s, 12.7% of the ladder).
-* ``kfac`` (default) — the whole-module K-FAC curves of :mod:`hessrank.kfac`: per module the cross-fitted
+* ``pilot`` (opt-in: ``analyze --pilot-steps N``) — measured along a short training run
+  (:mod:`hessrank.analysis.pilot`): a rank-R pilot LoRA is trained for a few steps, its update truncated in
+  K-FAC-whitened coordinates to each uniform rank and to allocations keeping a share p of the whitened update energy,
+  and each truncation's held-out loss measured. The advice is the cheapest measured candidate that keeps
+  ``target_share`` of the pilot's held-out decrease. ``auto`` takes it when the analysis has one. Not the default, by
+  measurement (``reports/validation.md``, AG News): its advice (63,748 parameters) was as far from the ladder's best as
+  the K-FAC advice (23,812; 2.7% vs 2.8% paired) and the 100-step pilot doubled the analysis (85 → 183 s, 12.7% of the
+  ladder).
+* ``kfac`` (default) — the whole-module K-FAC curves of :mod:`hessrank.engine.kfac`: per module the cross-fitted
   predicted decrease ΔL_m(r) = ½Σ_{l≤r} e_l of the best rank-r update, divided by the scale c fitted on the
   scope's top-k Lanczos pairs (loss units). Chosen by measurement (``reports/validation.md``): the top-k
   estimator's advice fell short of the best ladder rank in all four cases it was validated on.
@@ -28,7 +29,7 @@ curve, whose decrease reaches ``share`` (default 90%) of Σ_m max_r ΔL_m(r); ev
 Under ``--param-budget`` / ``--memory-budget`` the budget is water-filled on the same curves. **Module selection**
 (``--min-gain-fraction f``, default 0: every analysed module keeps at least rank 1): a module is left without an
 adapter only when its predicted gain is below f × the best module's gain *and* that holds in both held-out halves
-of the K-FAC batches (:attr:`hessrank.kfac.RankCurve.gain_halves`).
+of the K-FAC batches (:attr:`hessrank.engine.kfac.RankCurve.gain_halves`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..engine.quantization import FORMAT_INFO
 from ..errors import HessrankError
 from ..io import atomic_write, write_json
-from ..quantization import FORMAT_INFO
 from ..results import (
     AnalysisResult,
     ModuleAdvice,
@@ -180,7 +181,7 @@ def _as_analysis(doc: AnalysisResult | dict[str, Any]) -> AnalysisResult:
 #: against its best rung of 1.0%, 2.2%, 6.0% and 10.8%). Four points; a provisional threshold, not a fitted law.
 FLAT_TOP_K = 0.1
 
-#: Gain-weighted resolved share (:attr:`hessrank.kfac.RankCurve.resolved_share`) below which the K-FAC ranks get
+#: Gain-weighted resolved share (:attr:`hessrank.engine.kfac.RankCurve.resolved_share`) below which the K-FAC ranks get
 #: ``confidence.level = "low"``: most of the gradient signal then lies in directions the analysis batches cannot
 #: resolve one by one, so a larger sample (``--kfac-batches``) may find more rank. Provisional.
 LOW_RESOLVED_SHARE = 0.25
@@ -417,7 +418,7 @@ def select_modules(info: dict[str, dict[str, Any]], fraction: float) -> dict[str
     """Module selection: {module: reason it gets no adapter, or None when kept}.
 
     Dropped only when the module's gain is below ``fraction`` × the best module's gain in the full curve *and*
-    in each held-out half (:attr:`hessrank.kfac.RankCurve.gain_halves`), so one noisy batch set cannot drop it.
+    in each held-out half (:attr:`hessrank.engine.kfac.RankCurve.gain_halves`), so one noisy batch set cannot drop it.
     """
     if fraction <= 0 or not info:
         return {m: None for m in info}

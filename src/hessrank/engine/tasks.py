@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
-from .errors import HessrankError
+from ..data import IGNORE_INDEX
+from ..errors import HessrankError
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 

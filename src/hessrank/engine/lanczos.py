@@ -400,7 +400,7 @@ def plan_basis(
     CPU device the "device" is host memory, so offloading gains nothing and is not chosen. ``free_device`` /
     ``free_host`` override the measured free memory (tests, forecasts). A forced storage is taken as given.
     """
-    from .errors import HessrankError
+    from ..errors import HessrankError
 
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import HessrankError
+from ..errors import HessrankError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def kfac_factors(
     task: str | None = None,
     seed: int = 0,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A, G)}: the K-FAC factors of :func:`hessrank.kfac.collect` (labels sampled from the model), float64.
+    """{module: (A, G)}: the K-FAC factors of :func:`hessrank.engine.kfac.collect` (labels sampled from the model),
+    float64.
 
     ``task`` is not needed (the batch's label shape says it) and kept for callers that pass it.
     """
@@ -232,7 +233,7 @@ def block_quadratic_signs(
 
 def bnb_quantized_linears(model: nn.Module) -> list[str]:
     """Linear layers bitsandbytes would quantize: every linear but the output layer and classification heads."""
-    from .models import _excluded_from_all_linear, linear_modules
+    from ..models import _excluded_from_all_linear, linear_modules
 
     excl = _excluded_from_all_linear(model)
     return [n for n in linear_modules(model) if n not in excl]

@@ -43,13 +43,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed as _dist
-from .advisor.rank import RSLORA_ALPHA
-from .data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, resolve_num_labels, split_dataset
-from .errors import HessrankError
-from .io import ensure_new_or_resumable, read_json, write_json
-from .models import load_model, resolve_targets
-from .tasks import batch_to
+from .. import distributed as _dist
+from ..advisor.rank import RSLORA_ALPHA
+from ..data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, resolve_num_labels, split_dataset
+from ..engine.tasks import batch_to
+from ..errors import HessrankError
+from ..io import ensure_new_or_resumable, read_json, write_json
+from ..models import load_model, resolve_targets
+from ..runtime import _versions, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -445,12 +446,6 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return peak_rss_bytes(), "cpu_peak_rss"
 
 
-def _versions() -> dict[str, str]:
-    from .analysis import _versions as v
-
-    return v()
-
-
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -610,8 +605,6 @@ class _Run:
 
 def _build(cfg: TrainConfig) -> _Run:
     """Data, split, model (in its weight format), head probe (seq-cls), adapters."""
-    from .analysis import resolve_device
-
     device = resolve_device(cfg.device)
     if _dist.env_world_size() > 1:
         device = _dist.rank_device(device, _dist.from_env(device))
@@ -650,7 +643,7 @@ def _build(cfg: TrainConfig) -> _Run:
     head: list[str] = []
     probe_info = None
     if task == "seq-cls":
-        from .probe import find_head, fit_head
+        from ..engine.probe import find_head, fit_head
 
         head = [find_head(lm.model)[0]]
         if cfg.probe_head:
@@ -799,8 +792,6 @@ def train(
     """Run (or resume, extend, or return the finished result of) one training run into folder ``out``."""
     out = Path(out)
     # under torchrun (transformers' Trainer runs DDP): rank 0 prepares the folder and writes every file
-    from .analysis import resolve_device
-
     return _dist.run_stage(
         out,
         "train",
@@ -914,7 +905,7 @@ def _train(
 
 def _resolve_task(cfg: TrainConfig) -> str:
     """The task: as configured, else the bundled model's default, else causal-lm (same rule as load_model)."""
-    from .models import BUNDLED_MODELS
+    from ..models import BUNDLED_MODELS
 
     return cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
 

@@ -1,6 +1,6 @@
 """The rank a short training run actually uses: a pilot LoRA update, truncated in K-FAC-whitened coordinates.
 
-The curvature estimators at θ₀ (:mod:`hessrank.kfac`, the top-k Newton step) see one quadratic model at the start
+The curvature estimators at θ₀ (:mod:`hessrank.engine.kfac`, the top-k Newton step) see one quadratic model at the start
 of training; fine-tuning leaves that region within a few dozen steps, and on harder tasks the rank they advise
 reaches the model's first decrease but not the plateau (``reports/validation.md``: the K-FAC curves saturate at
 rank 1–2 while the ladder keeps improving to rank 16–32). This module measures the rank along the trajectory
@@ -8,11 +8,11 @@ instead, in the spirit of the intrinsic-rank measurements of fine-tuning updates
 Hu et al., ICLR 2022, §7 "the update matrix ΔW has a very low intrinsic rank"):
 
 1. **Pilot.** A rank-R LoRA (rank-stable scaling α/√R, the advice's recipe; the classification head trains as in
-   :func:`hessrank.train.build_peft_model`) is trained for T steps on the training split from the analysis point.
-   Its update per module is ΔW_m = (α/√R)·B_m A_m (m × n, rank ≤ R).
+   :func:`hessrank.trainer.train.build_peft_model`) is trained for T steps on the training split from the analysis
+   point. Its update per module is ΔW_m = (α/√R)·B_m A_m (m × n, rank ≤ R).
 2. **Whitened truncation.** Around the pilot's end point the loss is ≈ L(θ_T) + ½ δᵀHδ for a perturbation δ that
    removes part of the update (the gradient there is small next to the curvature along ΔW: the run has moved
-   down along it), and with the K-FAC model H ≈ c·A ⊗ G (factors at θ₀, damped as in :mod:`hessrank.kfac`):
+   down along it), and with the K-FAC model H ≈ c·A ⊗ G (factors at θ₀, damped as in :mod:`hessrank.engine.kfac`):
 
        cost(δ) = (c/2)·‖Ḡ^½ δ Ā^½‖²_F.
 
@@ -47,10 +47,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .advisor.rank import ModuleCurve, lora_params, separable_allocation
-from .errors import HessrankError, NumericalError
-from .kfac import Eig, ModuleStats, damping_split
-from .tasks import batch_to
+from ..advisor.rank import ModuleCurve, lora_params, separable_allocation
+from ..engine.kfac import Eig, ModuleStats, damping_split
+from ..engine.tasks import batch_to
+from ..errors import HessrankError, NumericalError
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +337,8 @@ def run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The pilot unit: train, whiten, measure every candidate (``units/pilot.json``, ``docs/schemas.md``)."""
-    from .quantization import mean_loss
-    from .tasks import loss_weight
+    from ..engine.quantization import mean_loss
+    from ..engine.tasks import loss_weight
 
     t0 = time.perf_counter()
     rank = min(settings.rank, *(min(s) for s in shapes.values()))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HessrankError
-from .models import HEAD_NAMES
+from ..errors import HessrankError
+from ..models import HEAD_NAMES
 from .tasks import _forward_kwargs, batch_to
 
 log = logging.getLogger(__name__)

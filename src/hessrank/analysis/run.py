@@ -6,7 +6,7 @@ modules jointly in one operator — hessrank measures, on ``repeats`` independen
 * the top-k eigenvalues (Lanczos, ``which="LA"``) with residuals and convergence, and the most negative few
   (``which="SA"``), since the Hessian at a pretrained point is indefinite;
 * the spectral density by SLQ and the trace by Hutch++;
-* effective-dimension measures (:mod:`hessrank.spectrum`);
+* effective-dimension measures (:mod:`hessrank.engine.spectrum`);
 * the gradient g and its projections gᵢ = gᵀvᵢ on the top eigenvectors;
 * for the joint and group scopes, how each top eigenvector's mass ‖vᵢ|ₘ‖² splits across modules m;
 * per module, the *damped Newton step restricted to the top-k subspace*, Δ(z) = −Σᵢ gᵢ/(λᵢ⁺ + z) vᵢ, reshaped to
@@ -38,11 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from . import distributed as _dist
-from .advisor.rank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
-from .curvature import HessianOperator
-from .data import (
+from .. import __version__
+from .. import distributed as _dist
+from ..advisor.rank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
+from ..data import (
     Encoder,
     analysis_batches,
     check_labels,
@@ -51,13 +50,15 @@ from .data import (
     resolve_num_labels,
     split_dataset,
 )
-from .errors import HessrankError, ScopeError
-from .io import atomic_write, ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
-from .lanczos import BasisPlan, LanczosResult, SpectralDensity, default_ncv, lanczos, plan_basis, slq
-from .models import linear_modules, linear_shape, load_model, resolve_targets
-from .spectrum import effective_dimensions
-from .tasks import loss_fn_for
-from .trace import TraceResult, hutchpp
+from ..engine.curvature import HessianOperator
+from ..engine.lanczos import BasisPlan, LanczosResult, SpectralDensity, default_ncv, lanczos, plan_basis, slq
+from ..engine.spectrum import effective_dimensions
+from ..engine.tasks import loss_fn_for
+from ..engine.trace import TraceResult, hutchpp
+from ..errors import HessrankError, ScopeError
+from ..io import atomic_write, ensure_new_or_resumable, read_json, read_npz, write_json, write_npz
+from ..models import linear_modules, linear_shape, load_model, resolve_targets
+from ..runtime import _versions, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,16 @@ class AnalysisConfig:
     device: str = "auto"
     dtype: str = "float32"
     keep_graph: str = "auto"
-    krylov_storage: str = "auto"  #: Krylov basis storage (hessrank.lanczos.STORAGES); auto: from the memory estimate
+    #: Krylov basis storage (hessrank.engine.lanczos.STORAGES); auto: from the memory estimate
+    krylov_storage: str = "auto"
     quant_formats: tuple[str, ...] = ()
     quant_sign_probes: int = 4
     quant_exact: str = "no"
     quant_eval_batches: int = 8
     kfac_batches: int = 16
     kfac_groups: int = 4
-    #: the pilot LoRA run (:mod:`hessrank.pilot`, opt-in): steps (0: none), rank, learning rate, batch, held-out batches
+    #: the pilot LoRA run (:mod:`hessrank.analysis.pilot`, opt-in): steps (0: none), rank, learning rate, batch,
+    #: held-out batches
     pilot_steps: int = 0
     pilot_rank: int = 64
     pilot_lr: float = 1e-3
@@ -125,12 +128,12 @@ class AnalysisConfig:
             raise HessrankError(f"trace-matvecs must be 0 or at least 6 (Hutch++), got {self.trace_matvecs}")
         if not 0 < self.tol < 1:
             raise HessrankError(f"tol must be in (0, 1), got {self.tol}")
-        from .quantization import FORMATS
+        from ..engine.quantization import FORMATS
 
         bad_q = [f for f in self.quant_formats if f not in FORMATS]
         if bad_q:
             raise HessrankError(f"quantization format {bad_q[0]!r} is not one of {', '.join(FORMATS)}")
-        from .lanczos import STORAGES
+        from ..engine.lanczos import STORAGES
 
         if self.krylov_storage not in STORAGES:
             raise HessrankError(f"krylov-storage must be one of {', '.join(STORAGES)}, got {self.krylov_storage!r}")
@@ -176,26 +179,6 @@ class AnalysisConfig:
         if unknown:
             raise HessrankError(f"unknown analysis config field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HessrankError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HessrankError(f"device '{device}' asked for but CUDA is not available; use --device cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise HessrankError(
-            f"device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s); use --device cuda:0"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        mod = getattr(torch.backends, dev.type, None)
-        if mod is None or not getattr(mod, "is_available", lambda: False)():
-            raise HessrankError(f"device '{device}' is not available in this torch build; use --device cpu or auto")
-    return dev
 
 
 def _safe(name: str) -> str:
@@ -298,12 +281,12 @@ def kfac_exact_check(
 ) -> list[dict[str, Any]]:
     """The exact quadratic model along the K-FAC rank-r steps of the scope's modules (one HVP per rank).
 
-    D = (Δ_m(r))_m with Δ_m(r) the K-FAC-optimal rank-r update of module m (:func:`hessrank.kfac.rank_r_step`,
+    D = (Δ_m(r))_m with Δ_m(r) the K-FAC-optimal rank-r update of module m (:func:`hessrank.engine.kfac.rank_r_step`,
     damping z relative to the largest K-FAC eigenvalue). Exact: gᵀD and DᵀHD (an HVP); K-FAC: DᵀKD =
     Σ_m tr(Δ_mᵀ G_m Δ_m A_m). The exact model's best decrease along D is ½(gᵀD)²/DᵀHD (when DᵀHD > 0): a
     rank-r update's decrease certified by the exact Hessian, and DᵀHD/DᵀKD is the K-FAC scale along it.
     """
-    from .kfac import Eig, rank_r_step
+    from ..engine.kfac import Eig, rank_r_step
 
     mods = {s.module: s for s in op.slices if len(s.shape) == 2 and s.module in stats}
     if not mods:
@@ -427,7 +410,7 @@ def _kfac_fields(
     """``kfac_rayleigh`` and ``kfac_exact_check`` when K-FAC statistics were collected, else nothing."""
     if kfac_stats is None:
         return {}
-    from .kfac import rayleigh_quotients
+    from ..engine.kfac import rayleigh_quotients
 
     return {
         "kfac_rayleigh": rayleigh_quotients(vectors_by_module, kfac_stats, shapes),
@@ -453,8 +436,8 @@ def measure_scope(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """All measurements of one operator; returns JSON-ready results and arrays.
 
-    With ``kfac_stats`` (:func:`hessrank.kfac.collect`) it also records the K-FAC Rayleigh quotients of the top
-    eigenvectors (``kfac_rayleigh``, the calibration of :mod:`hessrank.kfac`) and :func:`kfac_exact_check`.
+    With ``kfac_stats`` (:func:`hessrank.engine.kfac.collect`) it also records the K-FAC Rayleigh quotients of the top
+    eigenvectors (``kfac_rayleigh``, the calibration of :mod:`hessrank.engine.kfac`) and :func:`kfac_exact_check`.
     """
     timed = _Timed(op)
     t0 = time.perf_counter()
@@ -544,16 +527,6 @@ def _config_hash(cfg: AnalysisConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"hessrank": __version__}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "scipy", "numpy"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
 def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder holding another analysis or changed data; clear it on ``overwrite``; write the config."""
     cfg_path = out / CONFIG_FILE
@@ -630,7 +603,7 @@ class _Setup:
         """K-FAC statistics of the target modules on ``kfac_batches`` batches; the first ``num_batches`` of them
         are repeat 0's HVP batches (the same seeded permutation), so the analysis reuses its examples."""
         if self.kfac_stats is None:
-            from .kfac import collect
+            from ..engine.kfac import collect
 
             c = self.cfg
             n = min(c.kfac_batches, len(self.train) // c.batch_size)
@@ -661,7 +634,7 @@ def _analysis_point(
     point: dict[str, Any] = {"kind": "pretrained", "reason": "a causal LM on prompt->answer data needs no new head"}
     if enc.task != "seq-cls":
         return point
-    from .probe import find_head, fit_head
+    from ..engine.probe import find_head, fit_head
 
     if ctx is not None and not ctx.is_main:
         head_name, head = find_head(model)
@@ -703,7 +676,7 @@ def _analysis_point(
 
 def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None) -> _Setup:
     """Data, split, model, encoder, analysis point and target modules."""
-    from .models import BUNDLED_MODELS
+    from ..models import BUNDLED_MODELS
 
     device = _dist.rank_device(resolve_device(cfg.device), ctx)
     ds = load_dataset(cfg.data, **cfg.data_options)
@@ -722,8 +695,8 @@ def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None)
 
 
 def _run_kfac(su: _Setup, units_dir: Path, progress: bool) -> None:
-    """The whole-module K-FAC rank curves (``units/kfac.json``; :mod:`hessrank.kfac`)."""
-    from .kfac import module_curves
+    """The whole-module K-FAC rank curves (``units/kfac.json``; :mod:`hessrank.engine.kfac`)."""
+    from ..engine.kfac import module_curves
 
     path = units_dir / "kfac.json"
     if path.exists():
@@ -805,7 +778,7 @@ def _run_scopes(su: _Setup, scopes: list[tuple[str, str, list[str]]], units_dir:
 
 def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
     """Quantization sensitivity on repeat 0's batches, measured on held-out batches (``units/quant.json``)."""
-    from .quantization import measure_quantization
+    from ..engine.quantization import measure_quantization
 
     cfg = su.cfg
     if not cfg.quant_formats or (units_dir / "quant.json").exists():
@@ -837,7 +810,7 @@ def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
 
 
 def _run_pilot(su: _Setup, units_dir: Path, progress: bool) -> None:
-    """The pilot LoRA run and its measured truncations (``units/pilot.json``; :mod:`hessrank.pilot`)."""
+    """The pilot LoRA run and its measured truncations (``units/pilot.json``; :mod:`hessrank.analysis.pilot`)."""
     from . import pilot
 
     cfg = su.cfg
@@ -849,7 +822,7 @@ def _run_pilot(su: _Setup, units_dir: Path, progress: bool) -> None:
     eval_b = analysis_batches(su.held_out, su.enc, n_eval, min(ps.batch_size, len(su.held_out)), seed=cfg.seed + 1)
     head = []
     if su.task == "seq-cls":
-        from .probe import find_head
+        from ..engine.probe import find_head
 
         head = [find_head(su.lm.model)[0]]
     lin = linear_modules(su.lm.model)
@@ -971,13 +944,13 @@ def _check_k(cfg: AnalysisConfig, scopes: list[tuple[str, str, list[str]]], modu
 
 def _architecture(model: torch.nn.Module, task: str, num_parameters: int) -> dict[str, Any]:
     """What the memory forecast needs: linear layers bitsandbytes would quantize, sizes, head."""
-    from .quantization import bnb_quantized_linears
+    from ..engine.quantization import bnb_quantized_linears
 
     cfg = model.config
     lin = linear_modules(model)
     head_params = 0
     if task == "seq-cls":
-        from .probe import find_head
+        from ..engine.probe import find_head
 
         _, head = find_head(model)
         head_params = sum(p.numel() for p in head.parameters())
@@ -1155,9 +1128,9 @@ def _aggregate(
 def _kfac_calibration(scope_docs: list[dict[str, Any]], kfac_doc: dict[str, Any]) -> dict[str, Any]:
     """Per scope (repeat 0): the K-FAC scale c fitted on the top-k Lanczos pairs, and the SLQ trace check.
 
-    c = Σλᵢ⁺ρᵢ/Σρᵢ² (:func:`hessrank.kfac.calibration`); trace_ratio = tr(H)_SLQ / (c·Σ_m tr(A_m)tr(G_m)).
+    c = Σλᵢ⁺ρᵢ/Σρᵢ² (:func:`hessrank.engine.kfac.calibration`); trace_ratio = tr(H)_SLQ / (c·Σ_m tr(A_m)tr(G_m)).
     """
-    from .kfac import calibration
+    from ..engine.kfac import calibration
 
     out = {}
     for sd in scope_docs:

@@ -1,6 +1,6 @@
 """Validation: run the advice, its rank ladder and the baselines users would pick, and give a paired verdict.
 
-Runs (each a :func:`hessrank.train.train` folder under ``VAL/runs/``, so a killed validation resumes):
+Runs (each a :func:`hessrank.trainer.train.train` folder under ``VAL/runs/``, so a killed validation resumes):
 
 * ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed (default 3);
 * ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HessrankError
-from .io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
-from .results import Recommendation
+from ..errors import HessrankError
+from ..io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
+from ..results import Recommendation
 from .train import RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class ValidateConfig:
     data: str | None = None
     steps: int | None = None  #: None: ``epochs`` passes over the training split
     epochs: float = 3.0
-    lr: float | None = None  #: None: the method's default (hessrank.train.DEFAULT_LR)
+    lr: float | None = None  #: None: the method's default (hessrank.trainer.train.DEFAULT_LR)
     batch_size: int = 16
     eval_every: int | None = None  #: None: ten evaluations per run
     patience: int | None = 3
@@ -135,7 +135,7 @@ def _training_key(tc: TrainConfig) -> str:
 
 def _alpha(plain: TrainConfig, rank: int) -> float | None:
     """lora_alpha of a uniform-rank run derived from the advice's config: the same scaling rule as the advice
-    (None: :data:`hessrank.train.RSLORA_ALPHA` under rank-stable scaling; 2r otherwise)."""
+    (None: :data:`hessrank.trainer.train.RSLORA_ALPHA` under rank-stable scaling; 2r otherwise)."""
     return None if plain.rank_stable else 2 * rank
 
 
@@ -156,7 +156,7 @@ def _resolved_steps(cfg: ValidateConfig, base: TrainConfig) -> int:
     """The step count every run starts with: ``steps``, or ``epochs`` passes over the training split."""
     if cfg.steps is not None:
         return cfg.steps
-    from .data import load_dataset, split_dataset
+    from ..data import load_dataset, split_dataset
 
     ds = load_dataset(base.data, **base.data_options)
     tr, _ = split_dataset(ds, base.eval_fraction, seed=base.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
@@ -299,7 +299,7 @@ class _Runner:
 
     def __init__(self, cfg: ValidateConfig, out: Path, progress: bool, overwrite: bool = False, backend: Any = None):
         self.cfg, self.out, self.progress = cfg, out, progress
-        self.backend = backend  #: hessrank.backends: trains a batch of runs ahead (Ray); None: all in process
+        self.backend = backend  #: hessrank.trainer.backends: trains a batch of runs ahead (Ray); None: all in process
         self.overwrite = overwrite  #: replace a run folder that trained something else (validate --overwrite)
         self.results: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
@@ -401,7 +401,7 @@ def validate(
 ) -> dict[str, Any]:
     """Run (or resume) a validation into ``out``; returns the ``validation.json`` document.
 
-    ``backend`` (:mod:`hessrank.backends`, e.g. ``make_backend("ray")``) trains independent runs ahead in
+    ``backend`` (:mod:`hessrank.trainer.backends`, e.g. ``make_backend("ray")``) trains independent runs ahead in
     parallel; ``None`` trains every run in this process. The result does not depend on it."""
     out = Path(out)
     rec_path = Path(cfg.recommendation)

@@ -1,8 +1,8 @@
 """Where a validation's training runs execute: in this process (``local``, the default) or as Ray tasks.
 
-A validation (:mod:`hessrank.validate`) is many independent :func:`hessrank.train.train` runs, each in its own
-folder ``VAL/runs/<name>``. The validation logic — which runs exist, which reuse an identical earlier run, which
-are extended, the verdict — stays in :class:`hessrank.validate._Runner` and is the same for every backend.
+A validation (:mod:`hessrank.trainer.validate`) is many independent :func:`hessrank.trainer.train.train` runs, each in
+its own folder ``VAL/runs/<name>``. The validation logic — which runs exist, which reuse an identical earlier run, which
+are extended, the verdict — stays in :class:`hessrank.trainer.validate._Runner` and is the same for every backend.
 A backend only gets a *batch* of runs that logic is about to train and may train them ahead, in parallel:
 
 * :class:`LocalBackend` does nothing ahead; the runner trains each run in turn (the behaviour without Ray).
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HessrankError
+from ..errors import HessrankError
 
 log = logging.getLogger(__name__)
 

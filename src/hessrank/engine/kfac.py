@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HessrankError, NumericalError
+from ..errors import HessrankError, NumericalError
 from .tasks import _upcast, batch_to, loss_logits
 
 log = logging.getLogger(__name__)

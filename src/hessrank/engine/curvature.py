@@ -5,7 +5,7 @@
     L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b,
 
 where ``L_b = loss_fn(model, batch_b)`` is the mean loss of batch ``b`` and ``n_b`` the number of items (rows,
-or loss tokens for a causal LM) it averages over (:func:`hessrank.tasks.loss_weight`). Re-splitting the same
+or loss tokens for a causal LM) it averages over (:func:`hessrank.engine.tasks.loss_weight`). Re-splitting the same
 data into other batches gives the same operator. θ is the parameter *scope*: the weights of the modules LoRA
 would adapt (or any list of tensors); all other parameters are held fixed.
 
@@ -19,7 +19,7 @@ attention runs on its MATH backend (:func:`hessrank.models.hvp_safe_attention`),
 kernels have no double backward. Tied parameters (SmolLM2's ``lm_head`` is its embedding) are one tensor and
 enter the scope once, so their Hessian block sums both uses, as it must.
 
-This module knows nothing about solvers: :mod:`hessrank.lanczos` and :mod:`hessrank.trace` take any object
+This module knows nothing about solvers: :mod:`hessrank.engine.lanczos` and :mod:`hessrank.engine.trace` take any object
 with ``matvec`` and ``shape``.
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import DistContext, shard
-from .errors import NumericalError, ScopeError
-from .models import hvp_safe_attention, linear_modules, resolve_targets
+from ..distributed import DistContext, shard
+from ..errors import NumericalError, ScopeError
+from ..models import hvp_safe_attention, linear_modules, resolve_targets
 from .tasks import batch_to, loss_weight
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class HessianOperator:
     loss_fn : ``loss_fn(model, batch) -> scalar`` mean loss of one batch.
     batches : fixed batches (dicts of tensors), moved to the operator's device once.
     params : the scope (see :func:`resolve_params`).
-    weights : items per batch; default :func:`hessrank.tasks.loss_weight`.
+    weights : items per batch; default :func:`hessrank.engine.tasks.loss_weight`.
     keep_graph : keep each batch's gradient graph between HVPs; ``"auto"`` keeps it when the measured graph
         memory times the number of batches fits in half of the free memory.
     method : ``"double-backward"`` or ``"forward-over-reverse"`` (``torch.func``).
