@@ -157,3 +157,33 @@ def test_scipy_linear_operator_adapter():
     lo = op.as_linear_operator()
     x = np.ones(op.n)
     np.testing.assert_allclose(lo.matvec(x), op.matvec(torch.ones(op.n, dtype=torch.float64)).numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_scope_over_two_devices_matches_one_device():
+    """A model placed over two devices (as ``device_map`` does): fc1 on the GPU, fc2 on the CPU. The flat vectors
+    live on the first scope parameter's device and are split onto each parameter's device for the products; the
+    Hessian equals the one-device dense ground truth (float64)."""
+    from fixtures import MLP
+
+    model, batches, loss = tiny_mlp()
+    names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    H = dense_hessian(model, loss, batches, names).detach()
+
+    class TwoDevices(MLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.fc1(x.to(self.fc1.weight.device)))
+            return self.fc2(h.to(self.fc2.weight.device))
+
+    split = TwoDevices().to(torch.float64)
+    split.load_state_dict(model.state_dict())
+    split.fc1.to("cuda")
+
+    def split_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = m(batch["x"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device))
+
+    op = HessianOperator(split, split_loss, batches, params=names)
+    assert op.device.type == "cuda"
+    assert rel_err(op.to_dense().cpu(), H) < 1e-12
+    assert rel_err(op.gradient().cpu(), HessianOperator(model, loss, batches, params=names).gradient()) < 1e-12

@@ -168,6 +168,8 @@ class HessianOperator:
         named = resolve_params(model, params, include_bias=include_bias)
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        #: where the flat vectors (and the Krylov basis) live: the first scope parameter's device. A scope spread
+        #: over several devices (``device_map``) is split onto each parameter's device for the products.
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         if any(p.dtype != self.dtype for p in self.params):
@@ -231,12 +233,17 @@ class HessianOperator:
         return list(dict.fromkeys(s.module for s in self.slices))
 
     def split(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """A flat vector as a list of tensors shaped like the scope's parameters."""
-        return [v[s.start : s.stop].view(s.shape) for s in self.slices]
+        """A flat vector as a list of tensors shaped like the scope's parameters, each on its parameter's device
+        (a model placed over several devices with ``device_map``; a no-op move on one device)."""
+        return [v[s.start : s.stop].view(s.shape).to(p.device) for s, p in zip(self.slices, self.params)]
 
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-parameter tensors (None: zero) as one flat vector on the operator's device."""
         return torch.cat(
-            [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, self.params)]
+            [
+                (t if t is not None else torch.zeros_like(p)).reshape(-1).to(self.device)
+                for t, p in zip(tensors, self.params)
+            ]
         )
 
     @contextlib.contextmanager
