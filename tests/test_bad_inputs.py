@@ -67,6 +67,7 @@ def _write_inputs(d: Path) -> None:
     (d / "one_word.txt").write_text("hello\n" * 60)
     (d / "two_labels.yaml").write_text("task: seq-cls\ndevice: cpu\ntrain:\n  num_labels: 2\n")
     (d / "bad.yaml").write_text("analyze:\n  modules: [query, value\n")
+    (d / "device_map_list.json").write_text('["cpu"]')
     (d / "unknown_section_key.yaml").write_text("analyze:\n  topk: 3\n")
     (d / "unknown_key.yaml").write_text("model: m\ndata: d\nranks: 3\n")
     (d / "wrong_type.yaml").write_text("analyze:\n  top_k: many\n")
@@ -202,6 +203,26 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "module-regex-invalid",
         ["analyze", "--model", BERT, "--data", f"{D}/good.tsv", *FAST, "--modules", "re:query[", "--out", "o"],
         ["'query['", "not a valid regular expression"],
+    ),
+    (
+        "device-map-unknown",
+        ["analyze", "--model", BERT, "--data", f"{D}/good.tsv", "--device-map", "everywhere", "--out", "o"],
+        ["'everywhere'", "auto, balanced", "JSON file"],
+    ),
+    (
+        "device-map-not-an-object",
+        [
+            "analyze",
+            "--model",
+            BERT,
+            "--data",
+            f"{D}/good.tsv",
+            "--device-map",
+            f"{D}/device_map_list.json",
+            "--out",
+            "o",
+        ],
+        ["device_map_list.json", "{module: device}"],
     ),
     (
         "top-k-zero",

@@ -59,6 +59,57 @@ def test_device_map_auto_on_cpu_gives_the_normal_hessian(tiny_llama_dir):
     np.testing.assert_allclose(b.matvec(v).numpy(), a.matvec(v).numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_analyze_device_map_option_gives_the_same_analysis(tiny_llama_dir, sentiment_tsv, tmp_path):
+    """``hessrank analyze --device-map`` (a keyword, or a JSON file of {module: device}) loads through accelerate,
+    records the placement in analysis.json, and measures the spectrum of the normal load."""
+    pytest.importorskip("accelerate")
+    import json
+
+    from hessrank.cli import main
+
+    argv = [
+        "analyze",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(sentiment_tsv),
+        "--modules",
+        "q_proj",
+        "--scope",
+        "joint",
+        "--top-k",
+        "2",
+        "--negative-k",
+        "0",
+        "--slq-probes",
+        "0",
+        "--batch-size",
+        "2",
+        "--num-batches",
+        "1",
+        "--max-length",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    (tmp_path / "map.json").write_text(json.dumps({"": "cpu"}))
+    docs = {}
+    for name, extra in [
+        ("plain", []),
+        ("auto", ["--device-map", "auto"]),
+        ("file", ["--device-map", str(tmp_path / "map.json")]),
+    ]:
+        assert main([*argv, *extra, "--out", str(tmp_path / name)]) == 0
+        docs[name] = json.loads((tmp_path / name / "analysis.json").read_text())
+    assert "device_map" not in docs["plain"]["model"]
+    for name in ("auto", "file"):
+        assert set(docs[name]["model"]["device_map"].values()) == {"cpu"}
+        assert docs[name]["config"]["device_map"] in ("auto", str(tmp_path / "map.json"))
+        ev = docs[name]["scopes"][-1]["repeats"][0]["eigenvalues"]
+        np.testing.assert_allclose(ev, docs["plain"]["scopes"][-1]["repeats"][0]["eigenvalues"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama-7b-gqa8", "llama-70b"])
 def test_projected_scope_sizes_match_transformers(arch):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -60,6 +60,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         probe_examples=args.probe_examples,
         device=args.device,
+        device_map=args.device_map,
         dtype=args.dtype,
         keep_graph=args.keep_graph,
         krylov_storage=args.krylov_storage,
@@ -287,6 +288,11 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     sp.add_argument("--seed", type=int)
     sp.add_argument("--probe-examples", type=int, help="examples for the linear probe (seq-cls)")
     sp.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    sp.add_argument(
+        "--device-map",
+        help="a model larger than one device: auto, balanced, balanced_low_0, sequential (accelerate), or a JSON "
+        "file of {module: device}; batches go to the embeddings' device (docs/scaling.md)",
+    )
     sp.add_argument(
         "--dtype",
         choices=["float32", "float64"],

@@ -93,6 +93,9 @@ class AnalysisConfig:
     eval_fraction: float = 0.1
     probe_examples: int = 512
     device: str = "auto"
+    #: accelerate placement for a model larger than one device: auto | balanced | balanced_low_0 | sequential,
+    #: or a JSON file of {module: device}; None: the whole model on ``device`` (docs/scaling.md)
+    device_map: str | None = None
     dtype: str = "float32"
     keep_graph: str = "auto"
     #: Krylov basis storage (hessrank.engine.lanczos.STORAGES); auto: from the memory estimate
@@ -137,6 +140,8 @@ class AnalysisConfig:
 
         if self.krylov_storage not in STORAGES:
             raise HessrankError(f"krylov-storage must be one of {', '.join(STORAGES)}, got {self.krylov_storage!r}")
+        if self.device_map is not None:
+            parse_device_map(self.device_map)  # a bad keyword or file fails before any work
         if self.quant_exact not in ("auto", "yes", "no"):
             raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
         if self.kfac_groups < 4 or self.kfac_groups % 2:
@@ -674,10 +679,38 @@ def _analysis_point(
     }
 
 
+DEVICE_MAP_KEYWORDS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value: str) -> str | dict[str, Any]:
+    """``--device-map``: one of accelerate's placement keywords, or a JSON file holding {module name: device}
+    (devices as accelerate accepts them: ``0``, ``"cuda:1"``, ``"cpu"``)."""
+    if value in DEVICE_MAP_KEYWORDS:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise HessrankError(
+            f"device-map {value!r} is neither one of {', '.join(DEVICE_MAP_KEYWORDS)} nor a JSON file of "
+            "{module: device}"
+        )
+    try:
+        placed = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HessrankError(f"device-map file {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(placed, dict) or not placed or not all(isinstance(v, (int, str)) for v in placed.values()):
+        raise HessrankError(f"device-map file {path}: expected a non-empty JSON object {{module: device}}")
+    return placed
+
+
 def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None) -> _Setup:
     """Data, split, model, encoder, analysis point and target modules."""
     from ..models import BUNDLED_MODELS
 
+    if cfg.device_map is not None and ctx is not None and ctx.world_size > 1:
+        raise HessrankError(
+            "device-map places one model over several devices; under torchrun each process holds its own copy "
+            "on its own device: use one or the other"
+        )
     device = _dist.rank_device(resolve_device(cfg.device), ctx)
     ds = load_dataset(cfg.data, **cfg.data_options)
     task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
@@ -685,7 +718,13 @@ def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None)
     if task == "seq-cls":
         check_labels(ds, num_labels)
     train, held_out = split_dataset(ds, cfg.eval_fraction, seed=cfg.seed)
-    lm = load_model(cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device)
+    device_map = parse_device_map(cfg.device_map) if cfg.device_map is not None else None
+    lm = load_model(
+        cfg.model, task, num_labels=num_labels, dtype=cfg.dtype, seed=cfg.seed, device=device, device_map=device_map
+    )
+    if device_map is not None:
+        # batches go where the embeddings are; accelerate's hooks carry activations from layer to layer
+        device = lm.model.get_input_embeddings().weight.device
     lm.model.eval()
     enc = Encoder(lm.tokenizer, task, cfg.max_length, dataset=train)
     check_loss_tokens(train, enc)
@@ -1024,6 +1063,7 @@ def _model_doc(cfg: AnalysisConfig, lm: Any, task: str) -> dict[str, Any]:
         "path": str(lm.path),
         "num_parameters": lm.info["num_parameters"],
         "task": task,
+        **({"device_map": lm.info["device_map"]} if "device_map" in lm.info else {}),
     }
 
 
