@@ -102,9 +102,20 @@ def analyze_argv(model: Path, data: Path, out: Path) -> list[str]:
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _default_sigint() -> None:
+    """A job started in the background (``cmd &``, nohup) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler; the child of a signal test gets the default back, as in an interactive shell."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "hessrank", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+        [sys.executable, "-m", "hessrank", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        preexec_fn=_default_sigint,
     )
 
 
@@ -588,8 +599,13 @@ def test_a_signal_during_an_atomic_write_leaves_the_old_file_and_no_temporary(tm
 
     if when == "while the temporary is created":
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_sigint)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(target, writer)
+    # Python's own Ctrl-C handler, even when this process inherited SIGINT ignored (run as a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(target, writer)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["unit.json"]
 
