@@ -396,10 +396,12 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert _training_key(dataclasses.replace(plain3, rank=4, alpha=8)) != _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, seed=7)) != _training_key(plain3)
     assert _training_key(dataclasses.replace(plain3, steps=99)) == _training_key(plain3)  # an extension: same run
-    # every run of a validation with a selection fraction selects on one part and reports on the other
-    sel_runs, _ = plan_runs(dataclasses.replace(cfg, selection_fraction=0.5))
-    assert {tc.selection_fraction for tc in sel_runs.values()} == {0.5}
-    assert _training_key(sel_runs["advice-s0"]) != _training_key(runs["advice-s0"])
+    # by default every run of a validation selects on half its held-out split and reports on the other half;
+    # --selection-fraction 0 (select and report on the same examples) is another training
+    assert cfg.selection_fraction == 0.5 and {tc.selection_fraction for tc in runs.values()} == {0.5}
+    same_runs, _ = plan_runs(dataclasses.replace(cfg, selection_fraction=0.0))
+    assert {tc.selection_fraction for tc in same_runs.values()} == {0.0}
+    assert _training_key(same_runs["advice-s0"]) != _training_key(runs["advice-s0"])
     with pytest.raises(HessrankError, match="selection-fraction"):
         dataclasses.replace(cfg, selection_fraction=1.0)
     small = dataclasses.replace(

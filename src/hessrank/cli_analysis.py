@@ -477,8 +477,8 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
     sp.add_argument(
         "--selection-fraction",
         type=float,
-        help="pick each run's best checkpoint on this first fraction of the held-out split and report the rest "
-        "(0: select and report on the same examples)",
+        help="pick each run's best checkpoint on this first fraction of the held-out split and report the loss on "
+        "the rest (default 0.5; 0: select and report on the same examples, biased low)",
     )
     sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")
