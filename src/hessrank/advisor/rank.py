@@ -29,6 +29,9 @@ cross terms*: with bᵢᵐ(r) the coordinate of module m's rank-r truncated step
 q(r₁..r_M) = Σᵢ gᵢBᵢ + ½ Σᵢ λᵢBᵢ², Bᵢ = Σₘ bᵢᵐ(rₘ); modules from separate scopes add. The greedy rule is the
 standard heuristic for this (a multiple-choice knapsack); it is not guaranteed optimal when steps are coarse
 relative to the budget.
+
+The grid, the parameter count and the separable allocation live in :mod:`hessrank.engine.lowrank` (the analysis
+uses them too); they are re-exported here under the same names.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.lowrank import RANK_GRID, ModuleCurve, lora_params
+from ..engine.lowrank import _hull_from as _hull_from
+from ..engine.lowrank import separable_allocation as separable_allocation
 from ..errors import HessrankError
 from ..results import RepeatResult
-
-#: The rank grid advice is given on (the analysis measures its curves on the same grid, capped at full rank).
-RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 #: lora_alpha of rank-stabilised scaling (``use_rslora``): the adapter's output is scaled by α/√r (Kalajdzievski
 #: 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732). Under Adam every
@@ -52,11 +55,6 @@ RANK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 #: as the folk recipe r = 16, α = 32 (2·√16 = 8; also PEFT's default lora_alpha): that recipe is unchanged at r = 16.
 #: The advice is trained and validated with this scaling, so its small ranks learn as fast as the ladder's large ones.
 RSLORA_ALPHA = 8
-
-
-def lora_params(rank: int, out_features: int, in_features: int) -> int:
-    """Trainable parameters of a rank-r LoRA adapter on an (out × in) weight: A (r × in) and B (out × r)."""
-    return rank * (in_features + out_features)
 
 
 def dof_rank_r(rank: int, m: int, n: int) -> int:
@@ -107,17 +105,6 @@ def _upper_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
                 break
         hull.append(p)
     return hull
-
-
-@dataclass(frozen=True)
-class ModuleCurve:
-    """A module's shape and predicted decrease −q(r) at grid ranks (decrease ≥ 0 is good)."""
-
-    name: str
-    out_features: int
-    in_features: int
-    ranks: tuple[int, ...]
-    decrease: tuple[float, ...]
 
 
 def _hulls(curves: Sequence[ModuleCurve]) -> dict[str, list[tuple[int, float, int]]]:
@@ -214,82 +201,6 @@ def share_allocation(curves: Sequence[ModuleCurve], share: float) -> tuple[dict[
         gained += hulls[best_name][i + 1][1] - hulls[best_name][i][1]
         pos[best_name] = i + 1
     return {name: hulls[name][pos[name]][2] for name in hulls}, spent, (gained / total if total > 0 else 1.0)
-
-
-def _hull_from(c: ModuleCurve, floor: int) -> list[tuple[int, float, int]]:
-    """Upper concave hull of (parameters, decrease, rank) for ranks >= ``floor``, starting at the floor's point
-    (or at (0, 0) for floor 0). The decrease is made non-decreasing first (a larger rank can reproduce a smaller)."""
-    best = 0.0
-    running = []
-    for r, d in zip(c.ranks, c.decrease):
-        best = max(best, d)
-        running.append((r, best))
-    start = (0, 0.0, 0)
-    pts = [(lora_params(r, c.out_features, c.in_features), g, r) for r, g in running if r >= floor]
-    if floor > 0:
-        first = next(((x, g, r) for x, g, r in pts), None)
-        if first is None:
-            return [(0, 0.0, 0)]
-        start, pts = first, pts[1:]
-    hull = [start]
-    for p in pts:
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
-            if (y2 - y1) * (p[0] - x1) <= (p[1] - y1) * (x2 - x1):
-                hull.pop()
-            else:
-                break
-        if p[1] > hull[-1][1]:  # a step that buys nothing is never taken
-            hull.append(p)
-    return hull
-
-
-def separable_allocation(
-    curves: Sequence[ModuleCurve],
-    *,
-    share: float | None = None,
-    param_budget: int | None = None,
-    floor: dict[str, int] | None = None,
-) -> tuple[dict[str, int], int, float]:
-    """Greedy allocation on separable module curves, each module starting at its ``floor`` rank (default 0).
-
-    Every module first gets its floor (a rank-1 adapter by default in the advisor: no analysed module is left
-    without one unless module selection says so); then rank steps go, one at a time, to the module whose next step
-    on its concave hull buys the most predicted decrease per trainable parameter, until the decrease reaches
-    ``share`` of Σ_m max_r decrease_m(r), or no step fits ``param_budget``. Returns (ranks, parameters, share
-    reached). A budget smaller than the floors' cost is allocated without floors.
-    """
-    if (param_budget is None) == (share is None):
-        raise ValueError("give exactly one of param_budget and share")
-    fl = {c.name: int((floor or {}).get(c.name, 0)) for c in curves}
-    hulls = {c.name: _hull_from(c, fl[c.name]) for c in curves}
-    spent = sum(h[0][0] for h in hulls.values())
-    if param_budget is not None and spent > param_budget:
-        hulls = {c.name: _hull_from(c, 0) for c in curves}
-        spent = 0
-    total = sum(max([0.0, *c.decrease]) for c in curves)
-    gained = sum(h[0][1] for h in hulls.values())
-    pos = {name: 0 for name in hulls}
-    while share is None or (total > 0 and gained < share * total - 1e-15):
-        best: tuple[float, str] | None = None
-        for name, hull in hulls.items():
-            i = pos[name]
-            if i + 1 >= len(hull):
-                continue
-            dx, dy = hull[i + 1][0] - hull[i][0], hull[i + 1][1] - hull[i][1]
-            if dy <= 0 or dx <= 0 or (param_budget is not None and spent + dx > param_budget):
-                continue
-            if best is None or dy / dx > best[0]:
-                best = (dy / dx, name)
-        if best is None:
-            break
-        name = best[1]
-        i = pos[name]
-        spent += hulls[name][i + 1][0] - hulls[name][i][0]
-        gained += hulls[name][i + 1][1] - hulls[name][i][1]
-        pos[name] = i + 1
-    ranks = {name: hulls[name][pos[name]][2] for name in hulls}
-    return ranks, spent, (gained / total if total > 0 else 1.0)
 
 
 def uniform_curve(curves: Sequence[ModuleCurve], grid: Sequence[int]) -> list[float]:

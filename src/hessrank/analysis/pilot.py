@@ -19,7 +19,8 @@ Hu et al., ICLR 2022, §7 "the update matrix ΔW has a very low intrinsic rank")
    With Y = Ḡ^½ ΔW Ā^½ and singular values s₁ ≥ s₂ ≥ …, the cheapest rank-r approximation of ΔW in this metric is
    Δ_r = Ḡ^-½ [Y]_r Ā^-½ (Eckart–Young in whitened coordinates), and it keeps the share
    E_m(r) = Σ_{l≤r} s_l² / Σ_l s_l² of the module's quadratic value ½‖Y‖². These per-module curves allocate ranks
-   exactly like the K-FAC curves do (gain per trainable parameter, :func:`hessrank.advisor.rank.separable_allocation`).
+   exactly like the K-FAC curves do (gain per trainable parameter,
+   :func:`hessrank.engine.lowrank.separable_allocation`).
 3. **Measured check.** The quadratic model is only a guide: every candidate (each uniform rank r ≤ R, and the
    allocations that keep a share p of Σ_m ½‖Y_m‖²) is *applied* — the pilot's adapters replaced by the truncated
    updates — and its loss measured on held-out batches. With L₀ the held-out loss of rank 0 (the pilot's trained head
@@ -47,8 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..advisor.rank import ModuleCurve, lora_params, separable_allocation
 from ..engine.kfac import Eig, ModuleStats, damping_split
+from ..engine.lowrank import ModuleCurve, lora_params, separable_allocation
 from ..engine.tasks import batch_to
 from ..errors import HessrankError, NumericalError
 

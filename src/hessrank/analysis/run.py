@@ -40,7 +40,6 @@ import torch
 
 from .. import __version__
 from .. import distributed as _dist
-from ..advisor.rank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
 from ..data import (
     Encoder,
     analysis_batches,
@@ -52,6 +51,7 @@ from ..data import (
 )
 from ..engine.curvature import HessianOperator
 from ..engine.lanczos import BasisPlan, LanczosResult, SpectralDensity, default_ncv, lanczos, plan_basis, slq
+from ..engine.lowrank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
 from ..engine.spectrum import effective_dimensions
 from ..engine.tasks import loss_fn_for
 from ..engine.trace import TraceResult, hutchpp
