@@ -9,22 +9,10 @@
 
 from __future__ import annotations
 
-from .run import (
-    CONFIG_FILE,
-    NEWTON_Z,
-    RANK_GRID,
-    SCHEMA,
-    SCOPES,
-    AnalysisConfig,
-    _architecture,
-    _plan_krylov_basis,
-    analyze,
-    kfac_exact_check,
-    load_analysis,
-    measure_scope,
-    newton_module_quantities,
-    summary_lines,
-)
+from .aggregate import _architecture, load_analysis, summary_lines
+from .config import CONFIG_FILE, NEWTON_Z, RANK_GRID, SCHEMA, SCOPES, AnalysisConfig
+from .run import analyze
+from .scope import _plan_krylov_basis, kfac_exact_check, measure_scope, newton_module_quantities
 
 __all__ = [
     "CONFIG_FILE",
