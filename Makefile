@@ -37,7 +37,7 @@ lint: install
 demo: install
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_OUT)
 
-# The same pipeline at the smallest settings (133 s measured on 2 cores; runs/demo-quick, reports/demo-quick)
+# The same pipeline at the smallest settings (120 s measured on 2 cores, session 11; runs/demo-quick, reports/demo-quick)
 demo-quick: install
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh --quick
 

@@ -7,7 +7,7 @@
 # --quick: the same five stages at the smallest settings that still exercise each (v_proj only, top-2 Lanczos,
 # 4 K-FAC batches, no quantization measurement, the advice against one rung 2r for 16 steps of batch 4, extended
 # once if still improving); output under runs/demo-quick and reports/demo-quick. About 2 minutes on 2 CPU cores
-# (133 s measured, README). It shows the pipeline, not a trustworthy verdict (one seed, 24 held-out examples).
+# (120 s measured, README). It shows the pipeline, not a trustworthy verdict (one seed, 24 held-out examples).
 set -euo pipefail
 QUICK=0
 if [[ "${1:-}" == "--quick" ]]; then QUICK=1; shift; fi
