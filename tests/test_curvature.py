@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cases import CASES
 from fixtures import dense_hessian, tiny_bert, tiny_llama, tiny_mlp
 from hessrank.engine.curvature import HessianOperator, resolve_params
 from hessrank.errors import NumericalError, ScopeError
@@ -187,3 +188,16 @@ def test_scope_over_two_devices_matches_one_device():
     assert op.device.type == "cuda"
     assert rel_err(op.to_dense().cpu(), H) < 1e-12
     assert rel_err(op.gradient().cpu(), HessianOperator(model, loss, batches, params=names).gradient()) < 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_case_matrix_operator_equals_dense_float64_hessian(case):
+    """Every model × loss × dtype of tests/cases.py: the operator's dense matrix (one HVP per basis vector) is the
+    float64 ground truth within the dtype's tolerance, and symmetric."""
+    model, batches, loss, scope = case.problem()
+    op = HessianOperator(model, loss, batches, params=scope)
+    H = case.dense(op.param_names)
+    Hop = op.to_dense().to(torch.float64)
+    assert Hop.shape == H.shape
+    assert rel_err(Hop, H) < case.hvp_tol
+    assert rel_err(Hop, Hop.T) < max(case.hvp_tol, 1e-12)

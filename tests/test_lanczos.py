@@ -8,6 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from cases import CASES
 from fixtures import tiny_llama, tiny_mlp
 from hessrank.engine.curvature import HessianOperator
 from hessrank.engine.lanczos import DenseOperator, lanczos, slq
@@ -285,3 +286,18 @@ def test_bf16_and_offloaded_bases_give_the_fp32_eigenvalues(monkeypatch, caplog)
         auto = lanczos(DenseOperator(A), k=6, tol=1e-4, ncv=14, max_matvecs=3000, storage="auto")
     assert "Krylov basis 15 vectors x 300" in caplog.text and "storage device-fp32" in caplog.text
     np.testing.assert_array_equal(auto.eigenvalues, full.eigenvalues)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_case_matrix_extreme_eigenvalues_match_dense_eigh(case, which):
+    """Every model × loss × dtype of tests/cases.py: Lanczos on the operator finds the top-3 (LA) or bottom-3
+    (SA) eigenvalues of the float64 dense Hessian, relative to the spectrum's scale."""
+    from hessrank import HessianOperator
+
+    model, batches, loss, scope = case.problem()
+    op = HessianOperator(model, loss, batches, params=scope)
+    H = case.dense(op.param_names)
+    ref = torch.linalg.eigvalsh((H + H.T) / 2).numpy()
+    res = lanczos(op, k=3, which=which, tol=1e-8 if case.dtype == torch.float64 else 1e-5)
+    assert check(res, ref, which, 3, case.eig_tol) < case.eig_tol
