@@ -10,12 +10,22 @@ from hessrank.models import (
     load_model,
     resolve_model,
     resolve_targets,
+    resolve_task,
     target_candidates,
 )
 
 
 def test_registry_names():
     assert set(BUNDLED_MODELS) == {"smollm2-135m", "minilm-l6"}
+
+
+def test_resolve_task_bundled_local_and_explicit(tmp_path):
+    # a bundled name: its own task; a local folder (or hub id): causal-lm; an explicit task always wins
+    assert resolve_task("minilm-l6") == "seq-cls"
+    assert resolve_task("smollm2-135m", None) == "causal-lm"
+    assert resolve_task(tmp_path) == "causal-lm"
+    assert resolve_task(str(tmp_path), "seq-cls") == "seq-cls"
+    assert resolve_task("minilm-l6", "causal-lm") == "causal-lm"
 
 
 @pytest.mark.slow

@@ -320,6 +320,15 @@ class LoadedModel:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def resolve_task(name: str | os.PathLike[str], task: str | None = None) -> str:
+    """The task a model is loaded for: ``task`` when given, else the bundled model's own task (``minilm-l6``:
+    seq-cls), else causal-lm (a local folder or hub id). analyze, train and :func:`load_model` share this rule."""
+    if task:
+        return task
+    sname = str(name)
+    return BUNDLED_MODELS[sname].task if sname in BUNDLED_MODELS else "causal-lm"
+
+
 def _check_options(task: str, quantization: str, dtype: str, num_labels: int) -> None:
     if task not in TASKS:
         raise ModelError(f"task '{task}' is not one of {', '.join(TASKS)}")
@@ -357,7 +366,7 @@ def load_model(
     """
     sname = str(name)
     if task is None:
-        task = BUNDLED_MODELS[sname].task if sname in BUNDLED_MODELS else "causal-lm"
+        task = resolve_task(sname)
     _check_options(task, quantization, dtype, num_labels)
     path = resolve_model(sname)
     _check_safetensors(sname, path)

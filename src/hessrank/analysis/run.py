@@ -38,7 +38,7 @@ from ..engine.curvature import HessianOperator
 from ..engine.tasks import loss_fn_for
 from ..errors import HessrankError, ScopeError
 from ..io import atomic_write, ensure_new_or_resumable, read_json, write_json, write_npz
-from ..models import linear_modules, linear_shape, load_model, resolve_targets
+from ..models import linear_modules, linear_shape, load_model, resolve_targets, resolve_task
 from ..runtime import resolve_device
 from .aggregate import _aggregate, _architecture, _distribution
 from .config import CONFIG_FILE, NEWTON_Z, RANK_GRID, AnalysisConfig, _safe, parse_device_map
@@ -226,8 +226,6 @@ def _analysis_point(
 
 def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None) -> _Setup:
     """Data, split, model, encoder, analysis point and target modules."""
-    from ..models import BUNDLED_MODELS
-
     if cfg.device_map is not None and ctx is not None and ctx.world_size > 1:
         raise HessrankError(
             "device-map places one model over several devices; under torchrun each process holds its own copy "
@@ -235,7 +233,7 @@ def _setup(cfg: AnalysisConfig, out: Path, ctx: _dist.DistContext | None = None)
         )
     device = _dist.rank_device(resolve_device(cfg.device), ctx)
     ds = load_dataset(cfg.data, **cfg.data_options)
-    task = cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
+    task = resolve_task(cfg.model, cfg.task)
     num_labels = resolve_num_labels(ds, task, cfg.num_labels)
     if task == "seq-cls":
         check_labels(ds, num_labels)

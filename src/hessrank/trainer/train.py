@@ -49,7 +49,7 @@ from ..data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, r
 from ..engine.tasks import batch_to
 from ..errors import HessrankError
 from ..io import ensure_new_or_resumable, read_json, write_json
-from ..models import load_model, resolve_targets
+from ..models import load_model, resolve_targets, resolve_task
 from ..runtime import _versions, resolve_device
 
 log = logging.getLogger(__name__)
@@ -610,7 +610,7 @@ def _build(cfg: TrainConfig) -> _Run:
         device = _dist.rank_device(device, _dist.from_env(device))
     torch.manual_seed(cfg.seed)
     ds = load_dataset(cfg.data, **cfg.data_options)
-    task = _resolve_task(cfg)
+    task = resolve_task(cfg.model, cfg.task)
     train_ds, eval_ds = split_dataset(
         ds, cfg.eval_fraction, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval
     )
@@ -903,13 +903,6 @@ def _train(
     return doc if ctx is None else ctx.broadcast_object(doc)
 
 
-def _resolve_task(cfg: TrainConfig) -> str:
-    """The task: as configured, else the bundled model's default, else causal-lm (same rule as load_model)."""
-    from ..models import BUNDLED_MODELS
-
-    return cfg.task or (BUNDLED_MODELS[cfg.model].task if cfg.model in BUNDLED_MODELS else "causal-lm")
-
-
 def _peft_config_dict(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "peft_config", None)
     if not cfg:
@@ -926,7 +919,7 @@ def load_trained(run: str | Path) -> tuple[nn.Module, Any, TrainConfig]:
     run = Path(run)
     cfg = TrainConfig.from_dict(read_json(run / "train_config.json")["config"])
     ds = load_dataset(cfg.data, **cfg.data_options)
-    task = _resolve_task(cfg)
+    task = resolve_task(cfg.model, cfg.task)
     num_labels = resolve_num_labels(ds, task, cfg.num_labels)
     lm = load_model(
         cfg.model,
