@@ -618,3 +618,31 @@ def test_a_selection_split_chooses_the_checkpoint_and_reports_the_rest(tiny_llam
     assert split["train_info"]["metrics"]["eval_loss"] != both["train_info"]["metrics"]["eval_loss"]
     with pytest.raises(HessrankError, match="selection-fraction must be in"):
         TrainConfig(model="m", data="d", selection_fraction=1.0)
+
+
+def test_eva_on_every_linear_layer_of_a_classifier(tiny_bert_dir, tiny_data, tmp_path):
+    """EVA over all-linear on BERT adapts the pooler, whose input is one row per sequence ([batch, hidden]): PEFT's
+    token selection used to fail there inside IncrementalPCA ("not enough values to unpack")."""
+    from hessrank.models import load_model
+
+    m = load_model(str(tiny_bert_dir), "seq-cls").model
+    assert any(n.endswith("pooler.dense") for n, _ in m.named_modules())
+    doc = train(
+        TrainConfig.from_dict(
+            dict(
+                model=str(tiny_bert_dir),
+                data=str(tiny_data),
+                task="seq-cls",
+                method="lora-eva",
+                rank=2,
+                target_modules="all-linear",
+                steps=2,
+                eval_every=2,
+                batch_size=8,
+                max_length=24,
+            )
+        ),
+        tmp_path / "eva",
+        progress=False,
+    )
+    assert torch.isfinite(torch.tensor(doc["train_info"]["metrics"]["eval_loss"]))

@@ -8,6 +8,7 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -15,11 +16,13 @@ import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import HessrankError
+
+_C = TypeVar("_C")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -181,6 +184,70 @@ def ensure_new_or_resumable(out: str | Path, marker: str, resume: bool, overwrit
             )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def config_from_dict(cls: type[_C], d: dict[str, Any], what: str) -> _C:
+    """A stage's config dataclass from its JSON form (the ``config`` of ``*_config.json``, or a ``--config`` file).
+
+    JSON has no tuples: a list given for a field declared ``tuple[...]`` becomes a tuple, and so does
+    ``data_options.label_names``; a field the dataclass does not have is refused by name (``what`` names the
+    stage in that error). Missing fields take their defaults; the dataclass's own checks then run as usual.
+    """
+    known = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(d) - set(known)
+    if unknown:
+        raise HessrankError(f"unknown {what} config field(s): {', '.join(sorted(unknown))}")
+    d = {k: tuple(v) if isinstance(v, list) and known[k].startswith("tuple") else v for k, v in d.items()}
+    if isinstance(d.get("data_options"), dict):
+        opts = dict(d["data_options"])
+        if isinstance(opts.get("label_names"), list):
+            opts["label_names"] = tuple(opts["label_names"])
+        d["data_options"] = opts
+    return cls(**d)
+
+
+def stored_config(
+    path: str | Path, normalise: Callable[[dict[str, Any]], dict[str, Any]], what: str, strict: bool
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The configuration document a run folder holds, and its ``config`` read through the stage's dataclass.
+
+    ``normalise`` is ``lambda d: XConfig.from_dict(d).to_dict()``: a folder written before a field was added then
+    compares at that field's default instead of differing in it. A configuration the dataclass cannot read (a
+    field missing or unknown) is refused, naming the file, when ``strict``; otherwise it compares as written.
+    Returns None when the file does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    doc = read_json(path)
+    raw = dict(doc.get("config") or {})
+    try:
+        return doc, normalise(raw)
+    except (TypeError, HessrankError) as e:
+        if strict:
+            raise HessrankError(
+                f"{path}: not a complete hessrank {what} configuration ({e}); pass --overwrite to replace the run, "
+                "or choose another --out"
+            ) from None
+        return doc, raw
+
+
+def differing_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two configurations (a key only one of them has differs)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def refuse_other_config(out: str | Path, what: str, diff: list[str]) -> None:
+    """The one error every stage gives for a folder that holds ``what`` made under another configuration."""
+    raise HessrankError(
+        f"{out}: holds {what} with a different configuration (differs in: {', '.join(diff)}); "
+        "pass --overwrite to replace it or choose another --out"
+    )
+
+
+def write_config(path: str | Path, schema: str, config: dict[str, Any], **extra: Any) -> None:
+    """Write a stage's configuration file: ``{"schema": ..., "config": ..., **extra}`` (docs/schemas.md)."""
+    write_json(path, {"schema": schema, "config": config, **extra})
 
 
 LOCK_FILE = ".hessrank.lock"

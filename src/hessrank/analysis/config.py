@@ -18,6 +18,7 @@ from typing import Any
 
 from ..engine.lowrank import RANK_GRID  # the one grid: curves are measured on the ranks advice is given on
 from ..errors import HessrankError
+from ..io import config_from_dict
 
 __all__ = [
     "CONFIG_FILE",
@@ -140,18 +141,7 @@ class AnalysisConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisConfig:
-        d = dict(d)
-        d["scopes"] = tuple(d.get("scopes", ("joint",)))
-        d["quant_formats"] = tuple(d.get("quant_formats", ()))
-        opts = dict(d.get("data_options") or {})
-        if isinstance(opts.get("label_names"), list):
-            opts["label_names"] = tuple(opts["label_names"])
-        d["data_options"] = opts
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise HessrankError(f"unknown analysis config field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return config_from_dict(cls, d, "analysis")
 
 
 DEVICE_MAP_KEYWORDS = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -10,7 +10,6 @@ stopped; then ``analysis.json`` (schema ``hessrank.analysis/1``, documented in `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,7 +36,16 @@ from ..data import (
 from ..engine.curvature import HessianOperator
 from ..engine.tasks import loss_fn_for
 from ..errors import HessrankError, ScopeError
-from ..io import atomic_write, ensure_new_or_resumable, read_json, write_json, write_npz
+from ..io import (
+    atomic_write,
+    differing_fields,
+    ensure_new_or_resumable,
+    refuse_other_config,
+    stored_config,
+    write_config,
+    write_json,
+    write_npz,
+)
 from ..models import linear_modules, linear_shape, load_model, resolve_targets, resolve_task
 from ..runtime import resolve_device
 from .aggregate import _aggregate, _architecture, _distribution
@@ -80,25 +88,18 @@ def _config_hash(cfg: AnalysisConfig) -> str:
 def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder holding another analysis or changed data; clear it on ``overwrite``; write the config."""
     cfg_path = out / CONFIG_FILE
-    old = read_json(cfg_path) if cfg_path.exists() and resume and not overwrite else None
-    if old is not None:
-        # a folder written before a new config field compares at that field's default
-        with contextlib.suppress(HessrankError, TypeError):
-            old["config"] = AnalysisConfig.from_dict(old.get("config") or {}).to_dict()
+    held = None if overwrite or not resume else stored_config(cfg_path, _normalise, "analysis", strict=False)
+    old = None if held is None else {**held[0], "config": held[1]}
     units = out / "units"
-    if old is not None and old.get("config") != cfg.to_dict() and not any(units.glob("*.json")):
+    if old is not None and old["config"] != cfg.to_dict() and not any(units.glob("*.json")):
         # an earlier run that stopped before finishing any unit (a bad input, say): nothing to lose, start afresh
         log.info("%s: earlier analysis finished no unit; starting again with the new configuration", out)
         for f in list(units.glob("*")) if units.is_dir() else []:
             f.unlink()
         (out / "probe_head.pt").unlink(missing_ok=True)
         old = None
-    if old is not None and old.get("config") != cfg.to_dict():
-        diff = sorted(k for k in cfg.to_dict() if old.get("config", {}).get(k) != cfg.to_dict()[k])
-        raise HessrankError(
-            f"{out}: holds an analysis with a different configuration (differs in: {', '.join(diff)}); "
-            "pass --overwrite to replace it or choose another --out"
-        )
+    if old is not None and old["config"] != cfg.to_dict():
+        refuse_other_config(out, "an analysis", differing_fields(old["config"], cfg.to_dict()))
     ensure_new_or_resumable(out, CONFIG_FILE, resume=resume, overwrite=overwrite)
     if overwrite:
         for f in list((out / "units").glob("*")) if (out / "units").is_dir() else []:
@@ -110,16 +111,18 @@ def _prepare_folder(cfg: AnalysisConfig, out: Path, resume: bool, overwrite: boo
         raise HessrankError(
             f"{out}: the data file changed since this analysis started ({cfg.data}); pass --overwrite to start again"
         )
-    write_json(
+    write_config(
         cfg_path,
-        {
-            "schema": "hessrank.analysis_config/1",
-            "config": cfg.to_dict(),
-            "hash": _config_hash(cfg),
-            "data_fingerprint": fingerprint,
-            "hessrank_version": __version__,
-        },
+        "hessrank.analysis_config/1",
+        cfg.to_dict(),
+        hash=_config_hash(cfg),
+        data_fingerprint=fingerprint,
+        hessrank_version=__version__,
     )
+
+
+def _normalise(config: dict[str, Any]) -> dict[str, Any]:
+    return AnalysisConfig.from_dict(config).to_dict()
 
 
 @dataclass

@@ -48,7 +48,16 @@ from ..advisor.rank import RSLORA_ALPHA
 from ..data import IGNORE_INDEX, Dataset, Encoder, check_labels, load_dataset, resolve_num_labels, split_dataset
 from ..engine.tasks import batch_to
 from ..errors import HessrankError
-from ..io import ensure_new_or_resumable, read_json, write_json
+from ..io import (
+    config_from_dict,
+    differing_fields,
+    ensure_new_or_resumable,
+    read_json,
+    refuse_other_config,
+    stored_config,
+    write_config,
+    write_json,
+)
 from ..models import load_model, resolve_targets, resolve_task
 from ..runtime import _versions, resolve_device
 
@@ -146,16 +155,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise HessrankError(f"unknown training config field(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
-        opts = dict(d.get("data_options") or {})
-        if isinstance(opts.get("label_names"), list):
-            opts["label_names"] = tuple(opts["label_names"])
-        d["data_options"] = opts
-        return cls(**d)
+        return config_from_dict(cls, d, "training")
 
     @classmethod
     def from_recommendation(cls, path: str | Path, data: str | None = None, **overrides: Any) -> TrainConfig:
@@ -267,7 +267,7 @@ def build_peft_model(
         if m == "lora-eva":
             if train_loader is None:
                 raise HessrankError("lora-eva needs training batches for its initialisation")
-            initialize_lora_eva_weights(pm, train_loader)
+            initialize_lora_eva_weights(pm, train_loader, prepare_layer_inputs_fn=_eva_layer_inputs)
         return pm
     if m == "adalora":
         steps = total_steps or cfg.steps or 200
@@ -537,23 +537,14 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
     constant schedule → an extension, resumed from its last checkpoint. Anything else is refused.
     """
     cfg_file = out / "train_config.json"
-    if cfg_file.exists() and not overwrite:
-        # through TrainConfig, so that a field added since the folder was written compares at its default
-        try:
-            old = TrainConfig.from_dict(read_json(cfg_file).get("config") or {}).to_dict()
-        except TypeError as e:
-            raise HessrankError(
-                f"{cfg_file}: not a complete hessrank training configuration ({e}); pass --overwrite to replace "
-                "the run, or choose another --out"
-            ) from None
+    held = None if overwrite else stored_config(cfg_file, _normalise, "training", strict=True)
+    if held is not None:
         new = cfg.to_dict()
-        diff = sorted(k for k in new if old.get(k) != new[k])
+        diff = differing_fields(held[1], new)
+        old = held[1]
         length_only = diff == ["steps"] and old.get("steps") is not None and cfg.steps is not None
         if diff and not length_only:
-            raise HessrankError(
-                f"{out}: holds a run with a different configuration (differs in: {', '.join(diff)}); "
-                "pass --overwrite or choose another --out"
-            )
+            refuse_other_config(out, "a run", diff)
         done = (out / "metrics.json").exists()
         if length_only and cfg.steps < old["steps"] and done:
             return read_json(out / "metrics.json", schema=SCHEMA)  # the run was extended beyond this length
@@ -579,8 +570,28 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    write_json(cfg_file, {"schema": "hessrank.train_config/1", "config": cfg.to_dict()})
+    write_config(cfg_file, "hessrank.train_config/1", cfg.to_dict())
     return None
+
+
+def _normalise(config: dict[str, Any]) -> dict[str, Any]:
+    return TrainConfig.from_dict(config).to_dict()
+
+
+def _eva_layer_inputs(layer_input: Any, model_input: Any, layer_name: str) -> torch.Tensor:
+    """The rows EVA's incremental SVD sees for one layer: PEFT's token selection, except for per-sequence inputs.
+
+    PEFT's ``prepare_layer_inputs_fn_language_modeling`` indexes a layer's input with the (sequence, token)
+    positions of the attention mask, which assumes an input of shape [batch, tokens, features]. A layer that sees
+    one vector per sequence (BERT's pooler reads the first token: [batch, features]) would be indexed as if its
+    features were tokens, and PEFT fails inside ``IncrementalPCA``; its rows are used as they are.
+    """
+    from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
+
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if isinstance(x, torch.Tensor) and x.ndim == 2:
+        return x.contiguous()  # a slice such as hidden[:, 0]; PEFT hashes inputs with .view(-1)
+    return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
 
 
 @dataclass

@@ -46,7 +46,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import HessrankError
-from ..io import atomic_write, ensure_new_or_resumable, folder_lock, read_json, write_json
+from ..io import (
+    atomic_write,
+    config_from_dict,
+    differing_fields,
+    ensure_new_or_resumable,
+    folder_lock,
+    read_json,
+    refuse_other_config,
+    stored_config,
+    write_config,
+    write_json,
+)
 from ..results import Recommendation
 from .train import RSLORA_ALPHA, TrainConfig, plateau_status, train
 
@@ -101,6 +112,10 @@ class ValidateConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidateConfig:
+        return config_from_dict(cls, d, "validation")
 
 
 def _rank_label(tc: dict[str, Any]) -> str:
@@ -267,20 +282,15 @@ def _plateaued(m: dict[str, Any]) -> bool:
 
 def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], overwrite: bool) -> None:
     """Refuse a folder holding a validation under another recipe or of another advice."""
-    cfile = out / "validate_config.json"
-    if not cfile.exists() or overwrite:
+    held = None if overwrite else stored_config(out / "validate_config.json", _normalise, "validation", strict=False)
+    if held is None:
         return
-    old = read_json(cfile)
-    old_cfg, new_cfg = dict(old.get("config") or {}), cfg.to_dict()
     # fields that only add or remove runs (more seeds, another format, ...) extend a validation: the finished
     # runs stay valid; anything else (steps, lr, data, ...) would compare runs made under different recipes
-    differ = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    differ = differing_fields(held[1], cfg.to_dict())
     recipe = [k for k in differ if k not in EXTENDING_FIELDS]
     if recipe:
-        raise HessrankError(
-            f"{out}: holds a validation with a different configuration (differs in: {', '.join(recipe)}); "
-            "pass --overwrite or choose another --out"
-        )
+        refuse_other_config(out, "a validation", recipe)
     if differ:
         log.info("extending the validation in %s (%s changed)", out, ", ".join(differ))
     # the advice is what its runs train: compare with what the advice runs already made trained (re-running
@@ -294,6 +304,10 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
                     f"{out}: the advice in {cfg.recommendation} changed since this validation started ({name} "
                     "trained a different configuration); pass --overwrite to validate the new advice"
                 )
+
+
+def _normalise(config: dict[str, Any]) -> dict[str, Any]:
+    return ValidateConfig.from_dict(config).to_dict()
 
 
 class _Runner:
@@ -426,9 +440,8 @@ def _validate(
     runs, facts = plan_runs(cfg)
     _check_folder(cfg, out, runs, overwrite)
     ensure_new_or_resumable(out, "validate_config.json", resume=resume, overwrite=overwrite)
-    write_json(
-        out / "validate_config.json",
-        {"schema": "hessrank.validate_config/2", "config": cfg.to_dict(), "recommendation_sha256": rec_hash},
+    write_config(
+        out / "validate_config.json", "hessrank.validate_config/2", cfg.to_dict(), recommendation_sha256=rec_hash
     )
     started = time.time()
     runner = _Runner(cfg, out, progress, overwrite=overwrite, backend=backend)
