@@ -9,12 +9,19 @@
 
     .venv/bin/python benchmarks/validate_real.py cost        # analysis seconds / ladder seconds per case
 
-    .venv/bin/python benchmarks/validate_real.py summary --report reports/validation.md
+    .venv/bin/python benchmarks/validate_real.py summary --out reports/real --report reports/validation.md
+
+    .venv/bin/python benchmarks/validate_real.py archive     # copy what the summary reads into reports/real
 
 Each stage resumes, so an interrupted case continues where it stopped. The settings of each case are printed
 with its results and kept in reports/validation.md together with the command. ``summary --report FILE``
 rewrites the generated part of FILE and keeps everything from the line ``<!-- written by hand -->`` on (the
 reading of the tables); without ``--report`` it prints the generated part.
+
+Run folders (``runs/real``, adapters and checkpoints included) are not kept in git; a case ends by copying the
+files the summary reads (:data:`ARCHIVED`, no weights) to ``reports/real/<case>/`` with the same layout, so the
+tables can be regenerated from a fresh clone with ``summary --out reports/real``. ``archive`` does the same for
+every case under ``--out`` at any time (a validation still running is archived as far as it got).
 """
 
 from __future__ import annotations
@@ -101,6 +108,39 @@ CASES: dict[str, dict[str, list[str]]] = {
         ),
     },
 }
+
+
+#: what :func:`summarize` and :func:`cost_table` read from a case folder (relative globs), and all that
+#: :func:`archive` keeps
+ARCHIVED = (
+    "analysis_wall.json",
+    "analysis/analysis.json",
+    "analysis/recommendation.json",
+    "analysis/analysis_config.json",
+    "validation/validation.json",
+    "validation/validation.md",
+    "validation/validate_config.json",
+    "validation/runs/*/metrics.json",
+)
+
+
+def archive(src: Path, dst: Path) -> list[Path]:
+    """Copy the :data:`ARCHIVED` files of every case folder under ``src`` to the same place under ``dst``.
+
+    Each file is written atomically; a file whose bytes are already there is left alone. Returns the files
+    written."""
+    written = []
+    for case in sorted(CASES):
+        for pattern in ARCHIVED:
+            for f in sorted((src / case).glob(pattern)):
+                target = dst / case / f.relative_to(src / case)
+                data = f.read_bytes()
+                if target.exists() and target.read_bytes() == data:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, lambda fh, data=data: fh.write(data), mode="wb")
+                written.append(target)
+    return written
 
 
 def run(cmd: list[str]) -> None:
@@ -314,12 +354,17 @@ def write_report(generated: str, report: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost"])
+    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost", "archive"])
     ap.add_argument("--out", default="runs/real")
+    ap.add_argument("--archive", type=Path, default=Path("reports/real"), help="where a case's results are copied")
     ap.add_argument("--report", type=Path, help="summary only: rewrite this report's generated part")
     args = ap.parse_args()
     if args.case == "cost":
         print(cost_table(Path(args.out)))
+        return
+    if args.case == "archive":
+        for f in archive(Path(args.out), args.archive):
+            print(f"archived {f}")
         return
     if args.case == "summary":
         if args.report:
@@ -355,6 +400,8 @@ def main() -> None:
     )
     print((out / "validation" / "validation.md").read_text())
     print(cost_table(Path(args.out)))
+    n = len(archive(Path(args.out), args.archive))
+    print(f"archived {n} files of {args.case} to {args.archive / args.case}")
 
 
 if __name__ == "__main__":
