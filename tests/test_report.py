@@ -93,6 +93,32 @@ def test_report_refuses_a_folder_without_an_analysis(tmp_path):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.slow
+def test_report_names_the_file_and_field_of_a_damaged_document(reported, tmp_path):
+    """The report reads typed documents (hessrank.results): a damaged file is named, not a KeyError mid-render."""
+    import json
+
+    from hessrank.errors import HessrankError
+    from hessrank.report import write_report
+
+    d, _ = reported
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    rec_file = copy / "analysis" / "recommendation.json"
+    rec = json.loads(rec_file.read_text())
+    del rec["global_rank"]
+    rec_file.write_text(json.dumps(rec))
+    with pytest.raises(HessrankError, match=r"recommendation\.json: required field 'global_rank' is missing"):
+        write_report(copy)
+    rec_file.write_text((d / "analysis" / "recommendation.json").read_text())
+    val_file = copy / "validation" / "validation.json"
+    val = json.loads(val_file.read_text())
+    val["runs"] = {"not": "a list"}
+    val_file.write_text(json.dumps(val))
+    with pytest.raises(HessrankError, match=r"validation\.json: field 'runs' should be a list"):
+        write_report(copy)
+
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

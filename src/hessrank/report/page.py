@@ -1,6 +1,7 @@
 """``hessrank report``: the analysis, the advice and its validation as one page (HTML and Markdown).
 
-Reads only the documented files (``docs/schemas.md``): ``analysis.json`` (+ ``analysis.npz``),
+Reads only the documented files (``docs/schemas.md``), as the typed results of :mod:`hessrank.results` (a damaged
+file is named with its field): ``analysis.json`` (+ ``analysis.npz``),
 ``recommendation.json`` beside it, and optionally ``validation.json`` with its ``runs/*/metrics.json``. Writes
 
 * ``report.html`` — self-contained: every figure is an embedded PNG (``data:`` URI), the style is inline, nothing
@@ -24,18 +25,27 @@ import numpy as np
 
 from ..errors import HessrankError
 from ..io import atomic_write, read_json, read_npz
+from ..results import (
+    AnalysisResult,
+    Recommendation,
+    ValidationResult,
+    load_analysis_result,
+    load_recommendation,
+    load_validation,
+)
 from . import plots
 
 
 @dataclass
 class Sources:
-    """The documents a report is made from."""
+    """The documents a report is made from, typed (:mod:`hessrank.results`); each training run's ``metrics.json``
+    (``hessrank.metrics/1``) stays a plain dict."""
 
     analysis_dir: Path
-    analysis: dict[str, Any]
+    analysis: AnalysisResult
     arrays: dict[str, np.ndarray]
-    rec: dict[str, Any] | None
-    val: dict[str, Any] | None
+    rec: Recommendation | None
+    val: ValidationResult | None
     val_dir: Path | None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -49,18 +59,18 @@ def find_sources(path: str | Path, validation: str | Path | None = None) -> Sour
     an_dir = p if (p / "analysis.json").exists() else p / "analysis"
     if not (an_dir / "analysis.json").exists():
         raise HessrankError(f"{p}: holds no analysis.json (nor analysis/analysis.json); run hessrank analyze first")
-    analysis = read_json(an_dir / "analysis.json", schema="hessrank.analysis/1")
+    analysis = load_analysis_result(an_dir / "analysis.json")
     arrays = read_npz(an_dir / "analysis.npz") if (an_dir / "analysis.npz").exists() else {}
     rec_path = an_dir / "recommendation.json"
-    rec = read_json(rec_path, schema="hessrank.recommendation/1") if rec_path.exists() else None
+    rec = load_recommendation(rec_path) if rec_path.exists() else None
     vdir = Path(validation) if validation is not None else (p / "validation" if p != an_dir else None)
     if validation is not None and not (Path(validation) / "validation.json").exists():
         raise HessrankError(f"{validation}: holds no validation.json (run hessrank validate first)")
     val = None
     metrics: dict[str, dict[str, Any]] = {}
     if vdir is not None and (vdir / "validation.json").exists():
-        val = read_json(vdir / "validation.json", schema="hessrank.validation/1")
-        for row in val["runs"]:
+        val = load_validation(vdir / "validation.json")
+        for row in val.runs:
             mf = vdir / "runs" / row["run"] / "metrics.json"
             if mf.exists():
                 metrics[row["run"]] = read_json(mf, schema="hessrank.metrics/1")
@@ -75,8 +85,22 @@ class Figure:
     caption: str
 
 
+def _plain(src: Sources) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """The documents as :mod:`hessrank.report.plots` takes them: the dicts the public API returns."""
+    return (
+        src.analysis.to_dict(),
+        None if src.rec is None else src.rec.to_dict(),
+        None if src.val is None else src.val.to_dict(),
+    )
+
+
+def _advice_peaks(metrics: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """{advice run: its measured peak memory in bytes} from the runs' ``metrics.json``."""
+    return {n: int(m["train_info"]["peak_memory_bytes"]) for n, m in metrics.items() if n.startswith("advice-")}
+
+
 def _figures(src: Sources) -> list[Figure]:
-    an, rec, val = src.analysis, src.rec, src.val
+    an, rec, val = _plain(src)
     out: list[Figure] = []
 
     def add(key: str, title: str, make: Callable[[], Any], caption: str) -> None:
@@ -97,22 +121,23 @@ def _figures(src: Sources) -> list[Figure]:
         "Stochastic Lanczos quadrature estimate of the whole spectrum (Gaussian-broadened).",
     )
     if rec is not None:
-        mods = list(rec["modules"])
-        ne = {m: d["estimators"].get("n_eff_topk") or 0.0 for m, d in rec["modules"].items()}
+        advice = src.rec.modules if src.rec is not None else {}
+        mods = list(advice)
+        ne = {m: (d.estimators or {}).get("n_eff_topk") or 0.0 for m, d in advice.items()}
         add(
             "n_eff",
             "Effective dimension per module",
             lambda: plots.heatmap(mods, ne, "Effective dimension N_eff per module (top-k)", "N_eff", fmt="{:.2g}"),
             "N_eff = Σᵢ λᵢ/(λᵢ+z)·massᵢ,ₘ of the top-k eigenvalues attributed to each module (z = 0.01·λ_max).",
         )
-        ranks = {m: float(d["rank"]) for m, d in rec["modules"].items()}
+        ranks = {m: float(d.rank) for m, d in advice.items()}
         add(
             "ranks",
             "Advised rank per module",
             lambda: plots.heatmap(mods, ranks, "Advised LoRA rank per module", "rank", fmt="{:.0f}"),
             "0 = no adapter.",
         )
-        gains = {m: (d.get("predicted_decrease") or {}).get("peak", 0.0) for m, d in rec["modules"].items()}
+        gains = {m: (d.predicted_decrease or {}).get("peak", 0.0) for m, d in advice.items()}
         if any(gains.values()):
             add(
                 "gains",
@@ -142,11 +167,7 @@ def _figures(src: Sources) -> list[Figure]:
         "Per module and format: the second-order prediction gᵀδ + ½δᵀHδ against the measured held-out increase.",
     )
     if rec is not None:
-        measured = {
-            name: int(m["train_info"]["peak_memory_bytes"])
-            for name, m in src.metrics.items()
-            if name.startswith("advice-")
-        }
+        measured = _advice_peaks(src.metrics)
         add(
             "memory",
             "Memory",
@@ -184,20 +205,20 @@ def _figures(src: Sources) -> list[Figure]:
 
 def _setup_rows(src: Sources) -> list[tuple[str, str]]:
     an = src.analysis
-    c = an["config"]
+    c, model, cost = an.config, an.model, an.cost or {}
     rows = [
-        ("model", f"{an['model']['name']} ({an['model']['class']}, {an['model']['num_parameters']:,} parameters)"),
-        ("task", an["model"]["task"]),
-        ("data", f"{an['data']['source']} ({an['data']['train_examples']:,} training examples)"),
-        ("analysis point", an["analysis_point"]["kind"]),
-        ("target modules", f"{c['modules']} ({len(an['modules'])} modules)"),
+        ("model", f"{model['name']} ({model['class']}, {model['num_parameters']:,} parameters)"),
+        ("task", model["task"]),
+        ("data", f"{an.data['source']} ({an.data['train_examples']:,} training examples)"),
+        ("analysis point", an.analysis_point["kind"]),
+        ("target modules", f"{c['modules']} ({len(an.modules)} modules)"),
         (
             "analysis",
             f"top-{c['top_k']} Lanczos (tol {c['tol']}), {c['num_batches']} × {c['batch_size']} examples, "
             f"max length {c['max_length']}, K-FAC on {c.get('kfac_batches', '-')} batches, seed {c['seed']}",
         ),
-        ("cost", f"{an['cost']['hvp_total']} HVPs, {an['cost'].get('seconds_units', 0):.0f} s of compute"),
-        ("versions", ", ".join(f"{k} {v}" for k, v in an["versions"].items())),
+        ("cost", f"{cost['hvp_total']} HVPs, {cost.get('seconds_units', 0):.0f} s of compute"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (an.versions or {}).items())),
     ]
     return rows
 
@@ -206,20 +227,21 @@ def _summary_rows(src: Sources) -> list[tuple[str, str]]:
     rec, val = src.rec, src.val
     rows: list[tuple[str, str]] = []
     if rec is not None:
-        active = [d["rank"] for d in rec["modules"].values() if d["rank"] > 0]
+        active = [d.rank for d in rec.adapted.values()]
+        conf = rec.confidence or {}
         rows += [
             (
                 "advice",
-                f"global rank {rec['global_rank']}; ranks {min(active)}–{max(active)} on {len(active)} of "
-                f"{len(rec['modules'])} modules; {rec['trainable_parameters']:,} trainable parameters",
+                f"global rank {rec.global_rank}; ranks {min(active)}–{max(active)} on {len(active)} of "
+                f"{len(rec.modules)} modules; {rec.trainable_parameters:,} trainable parameters",
             ),
-            ("bit width", rec["quantization"]["format"]),
-            ("memory forecast", rec["memory"]["total_human"]),
-            ("confidence", f"{rec['confidence']['level']} — {rec['confidence'].get('note', '')}"),
+            ("bit width", (rec.quantization or {})["format"]),
+            ("memory forecast", (rec.memory or {})["total_human"]),
+            ("confidence", f"{conf['level']} — {conf.get('note', '')}"),
         ]
     if val is not None:
-        rows.append(("verdict", f"{val['verdict']} — {val['why']}"))
-        c = val["cost"]
+        rows.append(("verdict", f"{val.verdict} — {val.why}"))
+        c = val.cost or {}
         if c.get("analysis_seconds") and c["ladder_train_time"]:
             rows.append(
                 (
@@ -231,29 +253,29 @@ def _summary_rows(src: Sources) -> list[tuple[str, str]]:
     return rows
 
 
-def _module_table(rec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _module_table(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
     head = ["module", "shape", "rank", "rule", "predicted decrease at rank", "best", "resolved", "reasons"]
     rows = []
-    for m, d in rec["modules"].items():
-        p = d.get("predicted_decrease") or {}
-        at = max([0.0] + [x for r, x in zip(p.get("ranks", []), p.get("decrease", [])) if r <= d["rank"]])
+    for m, d in rec.modules.items():
+        p = d.predicted_decrease or {}
+        at = max([0.0] + [x for r, x in zip(p.get("ranks", []), p.get("decrease", [])) if r <= d.rank])
         rs = p.get("resolved_share")
         rows.append(
             [
                 m,
-                "×".join(str(x) for x in d["shape"]),
-                str(d["rank"]),
-                d["rank_rule"],
+                "×".join(str(x) for x in d.shape),
+                str(d.rank),
+                d.rank_rule or "-",
                 f"{at:.3g}" if p else "-",
                 f"{p['peak']:.3g}" if p else "-",
                 f"{rs:.0%}" if rs else "-",
-                " ".join(d["reasons"]),
+                " ".join(d.reasons or ()),
             ]
         )
     return head, rows
 
 
-def _competitor_table(val: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _competitor_table(val: ValidationResult) -> tuple[list[str], list[list[str]]]:
     head = ["run", "method", "rank", "trainable params", "held-out loss", "minus advice", "winner"]
     rows = [
         [
@@ -265,12 +287,12 @@ def _competitor_table(val: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{r['minus_advice']:+.4f}",
             r["winner"],
         ]
-        for r in val.get("competitors") or []
+        for r in val.competitors or ()
     ]
     return head, rows
 
 
-def _runs_table(val: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _runs_table(val: ValidationResult) -> tuple[list[str], list[list[str]]]:
     head = [
         "run",
         "format",
@@ -285,7 +307,7 @@ def _runs_table(val: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "train s",
     ]
     rows = []
-    for r in sorted(val["runs"], key=lambda r: r["run"]):
+    for r in sorted(val.runs, key=lambda r: r["run"]):
         rows.append(
             [
                 r["run"],
@@ -304,7 +326,7 @@ def _runs_table(val: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _quant_table(rec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def _quant_table(rec: Recommendation) -> tuple[list[str], list[list[str]]]:
     head = ["format", "loss increase", "acceptable", "memory", "kept unquantized"]
     rows = [
         [
@@ -314,7 +336,7 @@ def _quant_table(rec: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             c["memory_human"],
             ", ".join(c["skip_modules"]) or "-",
         ]
-        for f, c in rec["quantization"]["candidates"].items()
+        for f, c in (rec.quantization or {})["candidates"].items()
     ]
     return head, rows
 
@@ -374,7 +396,7 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
                     ("figure", "gains"),
                     ("figure", "rank_curve"),
                     ("table", _module_table(rec)),
-                    ("lines", rec["explanation"]),
+                    ("lines", list(rec.explanation or ())),
                 ],
             )
         )
@@ -385,7 +407,7 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
             (
                 "Validation",
                 [
-                    ("text", f"Verdict: {val['verdict']} — {val['why']}."),
+                    ("text", f"Verdict: {val.verdict} — {val.why}."),
                     ("figure", "ladder"),
                     ("figure", "curves"),
                     ("figure", "methods"),
@@ -398,10 +420,13 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
     return secs
 
 
+def _title(an: AnalysisResult) -> str:
+    return f"hessrank report — {an.model['name']} on {Path(an.data['source']).name}"
+
+
 def render_html(src: Sources, figures: list[Figure]) -> str:
     figs = {f.key: f for f in figures}
-    an = src.analysis
-    title = f"hessrank report — {an['model']['name']} on {Path(an['data']['source']).name}"
+    title = _title(src.analysis)
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -431,8 +456,7 @@ def render_html(src: Sources, figures: list[Figure]) -> str:
 
 def render_markdown(src: Sources, figures: list[Figure], files_dir: str = "report_files") -> str:
     figs = {f.key: f for f in figures}
-    an = src.analysis
-    lines = [f"# hessrank report — {an['model']['name']} on {Path(an['data']['source']).name}", ""]
+    lines = [f"# {_title(src.analysis)}", ""]
     for name, blocks in _sections(src):
         lines += [f"## {name}", ""]
         for kind, x in blocks:
