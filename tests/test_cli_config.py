@@ -133,6 +133,7 @@ def test_cli_defaults_are_the_config_dataclass_defaults():
             assert a.default == want, f"{cmd} --{a.dest.replace('_', '-')}: {a.default!r} != {cls.__name__} {want!r}"
             checked += 1
         assert checked >= (30 if cmd == "analyze" else 14), (cmd, checked)
+    assert build_parser().parse_args(["validate", "d", "--lr-scheduler", "linear"]).lr_scheduler == "linear"
     # the parsed defaults build the dataclass's own defaults
     args = build_parser().parse_args(["analyze", "--model", "m", "--data", "d"])
     assert (args.top_k, args.kfac_batches, args.quant_formats) == (

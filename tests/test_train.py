@@ -404,6 +404,15 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert _training_key(same_runs["advice-s0"]) != _training_key(runs["advice-s0"])
     with pytest.raises(HessrankError, match="selection-fraction"):
         dataclasses.replace(cfg, selection_fraction=1.0)
+    # the recipe's schedule reaches every run; a decaying one switches extensions off (not exact on resume)
+    assert {tc.lr_scheduler for tc in runs.values()} == {"constant_with_warmup"}
+    assert cfg.extensions == cfg.max_extensions
+    lin = dataclasses.replace(cfg, lr_scheduler="linear")
+    lin_runs, _ = plan_runs(lin)
+    assert {tc.lr_scheduler for tc in lin_runs.values()} == {"linear"} and lin.extensions == 0
+    assert _training_key(lin_runs["advice-s0"]) != _training_key(runs["advice-s0"])
+    with pytest.raises(HessrankError, match="lr-scheduler 'warm' is not one of"):
+        dataclasses.replace(cfg, lr_scheduler="warm")
     small = dataclasses.replace(
         cfg,
         seeds=(0,),

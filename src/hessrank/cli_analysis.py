@@ -224,6 +224,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         max_extensions=args.max_extensions,
         tolerance=args.tolerance,
         selection_fraction=args.selection_fraction,
+        lr_scheduler=args.lr_scheduler,
         device=args.device,
     )
     backend = None
@@ -479,6 +480,14 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
         type=float,
         help="pick each run's best checkpoint on this first fraction of the held-out split and report the loss on "
         "the rest (default 0.5; 0: select and report on the same examples, biased low)",
+    )
+    from .trainer.validate import LR_SCHEDULERS
+
+    sp.add_argument(
+        "--lr-scheduler",
+        choices=LR_SCHEDULERS,
+        help="the recipe's learning-rate schedule (default constant_with_warmup: an extension resumes exactly; "
+        "under linear or cosine runs are not extended)",
     )
     sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")

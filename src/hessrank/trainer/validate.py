@@ -18,7 +18,9 @@ A planned run that trains exactly what an earlier one trains (same training key)
 **Recipe.** Every run is trained with early stopping on the held-out loss and judged at its best checkpoint
 (``../shared/VALIDATION.md``: a short ladder measures optimisation speed, not capacity), on a schedule that is
 constant after warm-up, so that a run still improving at its last evaluation can be *extended* exactly: its steps
-are doubled and it resumes from its last checkpoint, up to ``max_extensions`` times.
+are doubled and it resumes from its last checkpoint, up to ``max_extensions`` times. ``lr_scheduler`` (``--lr-scheduler
+linear`` or ``cosine``) trains every run on a decaying schedule instead, whose end point moves less from one
+evaluation to the next; such runs are not extended (their learning rate depends on the total step count).
 
 **Paired verdict.** Seed-to-seed variation (data order, initialisation) is largely shared by runs with the same
 seed, so the advice is compared with its rival *seed by seed*: dₛ = L(rival, s) − L(advice, s), mean d̄ and
@@ -92,6 +94,11 @@ class ValidateConfig:
     #: 0.5 by default: on MiniLM/AG News the best-of-N checkpoint chosen on the reporting examples hid two thirds of
     #: the gap between the advice and rank 32 (-0.0095 vs -0.0318 paired; reports/validation.md)
     selection_fraction: float = 0.5
+    #: the recipe's learning-rate schedule (transformers' name). The constant default makes an extension exact (a
+    #: run resumed with doubled steps continues as if it had been given them); under a decaying schedule (linear,
+    #: cosine) the learning rate depends on the total step count, so extensions are off and a run still improving
+    #: at its end makes the verdict provisional
+    lr_scheduler: str = "constant_with_warmup"
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
 
@@ -109,6 +116,13 @@ class ValidateConfig:
             raise HessrankError(f"max-extensions must be >= 0, got {self.max_extensions}")
         if not 0 <= self.selection_fraction < 1:
             raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
+
+    @property
+    def extensions(self) -> int:
+        """How many times a run still improving is extended: ``max_extensions`` under a constant schedule, else 0."""
+        return self.max_extensions if self.lr_scheduler in RESUMABLE_SCHEDULERS else 0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -129,6 +143,10 @@ def _rank_label(tc: dict[str, Any]) -> str:
     span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     return f"{span} ({len(targets)} modules)"
 
+
+#: schedules a validation accepts (transformers' names); an extension resumes exactly only under the constant ones
+LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
+RESUMABLE_SCHEDULERS = ("constant_with_warmup", "constant")
 
 EXTENDING_FIELDS = frozenset(
     {"seeds", "multipliers", "formats", "methods", "competitors", "tolerance", "max_extensions"}
@@ -212,7 +230,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
     )
     common = dict(
         lr=cfg.lr,
-        lr_scheduler="constant_with_warmup",
+        lr_scheduler=cfg.lr_scheduler,
         batch_size=cfg.batch_size,
         eval_every=cfg.eval_every,
         patience=cfg.patience,
@@ -377,7 +395,7 @@ class _Runner:
                 log.info("validation run %d/%d: %s", i + 1, len(runs), name)
                 self._one(name, tc)
             keys[name] = key
-        for _ in range(self.cfg.max_extensions):
+        for _ in range(self.cfg.extensions):
             self._share_aliases()
             # AdaLoRA's rank budget schedule is tied to its total steps: it is judged as trained, never extended
             todo = [
@@ -633,7 +651,7 @@ def summarise(
     if unsettled:
         provisional, verdict = verdict, "inconclusive"
         why = (
-            f"{len(unsettled)} run(s) were still improving after {cfg.max_extensions} extension(s) "
+            f"{len(unsettled)} run(s) were still improving after {cfg.extensions} extension(s) "
             f"({', '.join(unsettled)}); train longer before judging rank. Provisional: {provisional} — {why}"
         )
     s0 = cfg.seeds[0]
@@ -650,7 +668,7 @@ def summarise(
             "lr": runner.results[f"advice-s{s0}"]["run_info"].get("schedule", {}).get("lr", cfg.lr)
             if f"advice-s{s0}" in results
             else cfg.lr,
-            "lr_scheduler": "constant_with_warmup",
+            "lr_scheduler": cfg.lr_scheduler,
             "batch_size": cfg.batch_size,
             "alpha": _alpha_rule(results.get(f"advice-s{s0}")),
             "early_stopping": f"best held-out loss, patience {cfg.patience} evaluations"
@@ -660,7 +678,11 @@ def summarise(
                 if cfg.selection_fraction
                 else ""
             ),
-            "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times",
+            "extensions": f"steps doubled for a run still improving, at most {cfg.extensions} times"
+            if cfg.extensions
+            else f"none ({cfg.lr_scheduler} schedule: a run ends where its steps end)"
+            if cfg.max_extensions
+            else "none",
             "seeds": list(cfg.seeds),
         },
         "advice": {
@@ -725,11 +747,16 @@ def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any
 def table_markdown(doc: dict[str, Any]) -> str:
     """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
     rc = doc["recipe"]
+    resumable = doc["config"].get("lr_scheduler", "constant_with_warmup") in RESUMABLE_SCHEDULERS
+    ext = (
+        f"doubled for a run still improving, at most {doc['config']['max_extensions']} times"
+        if resumable
+        else "not extended under a decaying schedule"
+    )
     lines = [
         "# hessrank validation",
         "",
-        f"Recipe: {rc['steps']} steps (doubled for a run still improving, at most "
-        f"{doc['config']['max_extensions']} times), lr {rc['lr']} ({rc['lr_scheduler']}), batch {rc['batch_size']}, "
+        f"Recipe: {rc['steps']} steps ({ext}), lr {rc['lr']} ({rc['lr_scheduler']}), batch {rc['batch_size']}, "
         f"alpha = {rc['alpha']}, early stopping on the held-out loss"
         + (
             f" (checkpoint chosen on the first {doc['config']['selection_fraction']:g} of the held-out split, "
