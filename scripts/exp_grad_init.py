@@ -68,7 +68,7 @@ def align_lora_a(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
     return info
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--init", choices=["default", "grad"], required=True)
     ap.add_argument("--init-batches", type=int, default=8)

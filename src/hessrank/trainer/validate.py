@@ -122,7 +122,7 @@ class ValidateConfig:
     @property
     def extensions(self) -> int:
         """How many times a run still improving is extended: ``max_extensions`` under a constant schedule, else 0."""
-        return self.max_extensions if self.lr_scheduler in RESUMABLE_SCHEDULERS else 0
+        return self.max_extensions if resumable(self.lr_scheduler) else 0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -147,6 +147,12 @@ def _rank_label(tc: dict[str, Any]) -> str:
 #: schedules a validation accepts (transformers' names); an extension resumes exactly only under the constant ones
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
 RESUMABLE_SCHEDULERS = ("constant_with_warmup", "constant")
+
+
+def resumable(lr_scheduler: str) -> bool:
+    """Whether a run on this schedule, resumed with doubled steps, continues as if it had been given them."""
+    return lr_scheduler in RESUMABLE_SCHEDULERS
+
 
 EXTENDING_FIELDS = frozenset(
     {"seeds", "multipliers", "formats", "methods", "competitors", "tolerance", "max_extensions"}
@@ -678,11 +684,9 @@ def summarise(
                 if cfg.selection_fraction
                 else ""
             ),
-            "extensions": f"steps doubled for a run still improving, at most {cfg.extensions} times"
-            if cfg.extensions
-            else f"none ({cfg.lr_scheduler} schedule: a run ends where its steps end)"
-            if cfg.max_extensions
-            else "none",
+            "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times"
+            if resumable(cfg.lr_scheduler)
+            else f"none ({cfg.lr_scheduler} schedule: a run ends where its steps end)",
             "seeds": list(cfg.seeds),
         },
         "advice": {
@@ -747,10 +751,9 @@ def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any
 def table_markdown(doc: dict[str, Any]) -> str:
     """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
     rc = doc["recipe"]
-    resumable = doc["config"].get("lr_scheduler", "constant_with_warmup") in RESUMABLE_SCHEDULERS
     ext = (
         f"doubled for a run still improving, at most {doc['config']['max_extensions']} times"
-        if resumable
+        if resumable(doc["config"].get("lr_scheduler", "constant_with_warmup"))
         else "not extended under a decaying schedule"
     )
     lines = [
