@@ -404,13 +404,11 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert _training_key(same_runs["advice-s0"]) != _training_key(runs["advice-s0"])
     with pytest.raises(HessrankError, match="selection-fraction"):
         dataclasses.replace(cfg, selection_fraction=1.0)
-    # the recipe's schedule reaches every run; a decaying one switches extensions off (not exact on resume)
-    assert {tc.lr_scheduler for tc in runs.values()} == {"constant_with_warmup"}
-    assert cfg.extensions == cfg.max_extensions
-    lin = dataclasses.replace(cfg, lr_scheduler="linear")
-    lin_runs, _ = plan_runs(lin)
-    assert {tc.lr_scheduler for tc in lin_runs.values()} == {"linear"} and lin.extensions == 0
-    assert _training_key(lin_runs["advice-s0"]) != _training_key(runs["advice-s0"])
+    # the recipe's schedule (linear by default, as train's) reaches every run; another one is another training
+    assert {tc.lr_scheduler for tc in runs.values()} == {"linear"}
+    const_runs, _ = plan_runs(dataclasses.replace(cfg, lr_scheduler="constant_with_warmup"))
+    assert {tc.lr_scheduler for tc in const_runs.values()} == {"constant_with_warmup"}
+    assert _training_key(const_runs["advice-s0"]) != _training_key(runs["advice-s0"])
     with pytest.raises(HessrankError, match="lr-scheduler 'warm' is not one of"):
         dataclasses.replace(cfg, lr_scheduler="warm")
     small = dataclasses.replace(
@@ -431,6 +429,92 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert row["minus_advice"] == pytest.approx(ua["uniform-all"] - ua["advice-s0"])
     assert doc3["paired"]["n"] == 1 and "one seed" in doc3["why"]
     assert doc3["knee_rank"] in {int(k) for k in doc3["ladder"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_rec(tiny_llama_dir, tmp_path_factory):
+    """A recommendation for the tiny Llama on the tiny sentiment data (analysis at the smallest settings)."""
+    from hessrank.advisor import recommend, write_recommendation
+    from hessrank.analysis import AnalysisConfig, analyze
+
+    root = tmp_path_factory.mktemp("rec")
+    rows = ["text\tlabel"] + [
+        f"{'good great fine' if i % 2 else 'bad dull poor'} film number {i}\t{i % 2}" for i in range(160)
+    ]
+    (root / "tiny.tsv").write_text("\n".join(rows) + "\n")
+    an = root / "an"
+    cfg = dict(top_k=4, negative_k=0, slq_probes=0, batch_size=8, num_batches=1, max_length=24, kfac_batches=8)
+    analyze(
+        AnalysisConfig(
+            model=str(tiny_llama_dir), data=str(root / "tiny.tsv"), modules="q_proj,v_proj", data_options=OPTS, **cfg
+        ),
+        an,
+        progress=False,
+    )
+    write_recommendation(recommend(an), an)
+    return an / "recommendation.json"
+
+
+def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_rec, tmp_path, monkeypatch):
+    """A run still improving at its end is extended once, steps doubled: under the default linear schedule it is
+    retrained from the start in ``runs/<name>@<steps>`` (its learning rate at every step depends on the total) and
+    the shorter run is kept; under a constant schedule it resumes in its own folder. A resume retrains nothing."""
+    import hessrank.trainer.validate as val
+
+    # "still improving" decided by length, so that exactly the 4-step runs are extended, whatever their curves
+    monkeypatch.setattr(val, "_plateaued", lambda m: m["train_info"]["steps"] >= 8)
+    cfg = val.ValidateConfig(
+        recommendation=str(tiny_rec),
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        lr=1e-2,
+        seeds=(0,),
+        multipliers=(1.0,),
+        competitors=(),
+        max_extensions=1,
+        max_train=120,
+        max_eval=40,
+    )
+    assert cfg.lr_scheduler == "linear"
+    doc = val.validate(cfg, tmp_path / "lin", progress=False)
+    runs = tmp_path / "lin" / "runs"
+    row = next(r for r in doc["runs"] if r["run"] == "advice-s0")
+    assert row["steps"] == 8 and row["extended"] == 1 and row["plateaued"]
+    short = json.loads((runs / "advice-s0" / "metrics.json").read_text())
+    longer = json.loads((runs / "advice-s0@8" / "metrics.json").read_text())
+    assert short["train_info"]["steps"] == 4 and longer["train_info"]["steps"] == 8
+    assert longer["train_info"]["resumed_from_step"] is None  # from the start, on the 8-step schedule
+    assert longer["run_info"]["schedule"]["warmup_steps"] == round(0.1 * 8)
+    assert row["eval_loss"] == pytest.approx(longer["train_info"]["metrics"]["eval_loss"])
+    assert row["folder"] == "runs/advice-s0@8"
+    from hessrank.report.page import find_sources  # the report's curves come from the run judged
+
+    src = find_sources(tiny_rec.parent, validation=tmp_path / "lin")
+    assert src.metrics["advice-s0"]["train_info"]["steps"] == 8
+    assert doc["verdict"] != "inconclusive" and not doc["unsettled_runs"]
+    assert "(retrained from the start), at most 1 times" in doc["recipe"]["extensions"]
+    assert "retrained from the start" in (tmp_path / "lin" / "validation.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    assert val.validate(cfg, tmp_path / "lin", progress=False)["verdict"] == doc["verdict"]
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
+
+    const = dataclasses.replace(cfg, lr_scheduler="constant_with_warmup")
+    cdoc = val.validate(const, tmp_path / "const", progress=False)
+    cruns = tmp_path / "const" / "runs"
+    assert not list(cruns.glob("*@*"))
+    m = json.loads((cruns / "advice-s0" / "metrics.json").read_text())
+    assert m["train_info"]["steps"] == 8 and m["train_info"]["resumed_from_step"] == 4
+    assert {r["folder"] for r in cdoc["runs"]} <= {f"runs/{r['run']}" for r in cdoc["runs"]} | {"runs/advice-s0"}
+    assert cdoc["recipe"]["extensions"] == "steps doubled for a run still improving, at most 1 times"
+    # a folder written before lr_scheduler was a field trained on the constant schedule: it resumes as such
+    vc = tmp_path / "const" / "validate_config.json"
+    held = json.loads(vc.read_text())
+    del held["config"]["lr_scheduler"]
+    vc.write_text(json.dumps(held))
+    assert val.validate(const, tmp_path / "const", progress=False)["verdict"] == cdoc["verdict"]
+    with pytest.raises(HessrankError, match="differs in: lr_scheduler"):
+        val.validate(cfg, tmp_path / "const", progress=False)
 
 
 @pytest.mark.slow

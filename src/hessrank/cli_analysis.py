@@ -486,8 +486,8 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
     sp.add_argument(
         "--lr-scheduler",
         choices=LR_SCHEDULERS,
-        help="the recipe's learning-rate schedule (default constant_with_warmup: an extension resumes exactly; "
-        "under linear or cosine runs are not extended)",
+        help="the recipe's learning-rate schedule (default linear, as train's; a run still improving is then "
+        "retrained with doubled steps; under constant_with_warmup or constant it is resumed instead)",
     )
     sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")

@@ -71,7 +71,8 @@ def find_sources(path: str | Path, validation: str | Path | None = None) -> Sour
     if vdir is not None and (vdir / "validation.json").exists():
         val = load_validation(vdir / "validation.json")
         for row in val.runs:
-            mf = vdir / "runs" / row["run"] / "metrics.json"
+            # the run's own folder; an extension retrained from the start lives in runs/<name>@<steps>
+            mf = vdir / row.get("folder", f"runs/{row['run']}") / "metrics.json"
             if mf.exists():
                 metrics[row["run"]] = read_json(mf, schema="hessrank.metrics/1")
     return Sources(an_dir, analysis, arrays, rec, val, vdir if val is not None else None, metrics)

@@ -16,11 +16,15 @@ Runs (each a :func:`hessrank.trainer.train.train` folder under ``VAL/runs/``, so
 A planned run that trains exactly what an earlier one trains (same training key) reuses it.
 
 **Recipe.** Every run is trained with early stopping on the held-out loss and judged at its best checkpoint
-(``../shared/VALIDATION.md``: a short ladder measures optimisation speed, not capacity), on a schedule that is
-constant after warm-up, so that a run still improving at its last evaluation can be *extended* exactly: its steps
-are doubled and it resumes from its last checkpoint, up to ``max_extensions`` times. ``lr_scheduler`` (``--lr-scheduler
-linear`` or ``cosine``) trains every run on a decaying schedule instead, whose end point moves less from one
-evaluation to the next; such runs are not extended (their learning rate depends on the total step count).
+(``../shared/VALIDATION.md``: a short ladder measures optimisation speed, not capacity), on the schedule ``train``
+uses by default and transformers' ``Trainer`` too: linear decay after warm-up (``lr_scheduler``), so the verdict is
+about the recipe a user trains the advice with. A run still improving at its last evaluation is *extended* up to
+``max_extensions`` times: retrained from the start with doubled steps in ``runs/<name>@<steps>`` (under a decaying
+schedule the learning rate at every step depends on the total step count, so a longer run is a new training).
+``--lr-scheduler constant_with_warmup`` (or ``constant``) keeps the rate constant after warm-up; an extension then
+resumes the run from its last checkpoint with doubled steps in its own folder, which is exact and cheaper, but
+under a constant rate a run's best checkpoint moves more from one evaluation to the next (MiniLM / AG News: a single
+run's reported loss by up to 0.04, reports/validation.md).
 
 **Paired verdict.** Seed-to-seed variation (data order, initialisation) is largely shared by runs with the same
 seed, so the advice is compared with its rival *seed by seed*: dₛ = L(rival, s) − L(advice, s), mean d̄ and
@@ -61,7 +65,7 @@ from ..io import (
     write_json,
 )
 from ..results import Recommendation
-from .train import RSLORA_ALPHA, TrainConfig, plateau_status, train
+from .train import EXTENDABLE_SCHEDULERS, RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,10 @@ class ValidateConfig:
     #: 0.5 by default: on MiniLM/AG News the best-of-N checkpoint chosen on the reporting examples hid two thirds of
     #: the gap between the advice and rank 32 (-0.0095 vs -0.0318 paired; reports/validation.md)
     selection_fraction: float = 0.5
-    #: the recipe's learning-rate schedule (transformers' name). The constant default makes an extension exact (a
-    #: run resumed with doubled steps continues as if it had been given them); under a decaying schedule (linear,
-    #: cosine) the learning rate depends on the total step count, so extensions are off and a run still improving
-    #: at its end makes the verdict provisional
-    lr_scheduler: str = "constant_with_warmup"
+    #: the recipe's learning-rate schedule (transformers' name); linear, as ``train`` and transformers' Trainer
+    #: default to. Under a decaying schedule an extension retrains from the start with doubled steps; under a
+    #: constant one (constant_with_warmup, constant) it resumes from the last checkpoint (see the module docstring)
+    lr_scheduler: str = "linear"
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
 
@@ -118,11 +121,6 @@ class ValidateConfig:
             raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
-
-    @property
-    def extensions(self) -> int:
-        """How many times a run still improving is extended: ``max_extensions`` under a constant schedule, else 0."""
-        return self.max_extensions if resumable(self.lr_scheduler) else 0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -145,13 +143,19 @@ def _rank_label(tc: dict[str, Any]) -> str:
 
 
 #: schedules a validation accepts (transformers' names); an extension resumes exactly only under the constant ones
-LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine")
-RESUMABLE_SCHEDULERS = ("constant_with_warmup", "constant")
+#: (:data:`hessrank.trainer.train.EXTENDABLE_SCHEDULERS`), and retrains from the start under the decaying ones
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 
 
 def resumable(lr_scheduler: str) -> bool:
     """Whether a run on this schedule, resumed with doubled steps, continues as if it had been given them."""
-    return lr_scheduler in RESUMABLE_SCHEDULERS
+    return lr_scheduler in EXTENDABLE_SCHEDULERS
+
+
+def _extension_text(lr_scheduler: str, max_extensions: int) -> str:
+    """How the recipe extends a run still improving, in words (validation.json's recipe and the table)."""
+    how = "" if resumable(lr_scheduler) else " (retrained from the start)"
+    return f"steps doubled for a run still improving{how}, at most {max_extensions} times"
 
 
 EXTENDING_FIELDS = frozenset(
@@ -330,8 +334,14 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
                 )
 
 
+#: the schedule of a validation folder written before ``lr_scheduler`` was a field (every run then trained on it)
+SCHEDULE_BEFORE_THE_FIELD = "constant_with_warmup"
+
+
 def _normalise(config: dict[str, Any]) -> dict[str, Any]:
-    return ValidateConfig.from_dict(config).to_dict()
+    """A stored validation config read through :class:`ValidateConfig` (missing fields at their defaults, except
+    a missing ``lr_scheduler``: such a folder was trained on :data:`SCHEDULE_BEFORE_THE_FIELD`)."""
+    return ValidateConfig.from_dict({"lr_scheduler": SCHEDULE_BEFORE_THE_FIELD} | config).to_dict()
 
 
 class _Runner:
@@ -346,13 +356,23 @@ class _Runner:
         self.configs: dict[str, TrainConfig] = {}
         self.alias: dict[str, str] = {}  #: run -> the earlier run that trains the same thing
         self.extended: dict[str, int] = {}
+        self.planned_steps: dict[str, int] = {}  #: run -> the step count it was planned with
+        self.folders: dict[str, Path] = {}  #: run -> the folder of the training its result comes from
+
+    def folder(self, name: str, tc: TrainConfig) -> Path:
+        """``runs/<name>``; a run extended under a decaying schedule is a new training from the start, kept beside
+        the shorter one in ``runs/<name>@<steps>`` (a constant schedule extends the run in its own folder)."""
+        planned = self.planned_steps.setdefault(name, int(tc.steps or 0))
+        if resumable(tc.lr_scheduler) or int(tc.steps or 0) == planned:
+            return self.out / "runs" / name
+        return self.out / "runs" / f"{name}@{tc.steps}"
 
     def _one(self, name: str, tc: TrainConfig) -> None:
-        folder = self.out / "runs" / name
+        folder = self.folder(name, tc)
         replace = self._replaces(folder, tc)
         try:
             self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
-            self.configs[name] = tc
+            self.configs[name], self.folders[name] = tc, folder
         except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
             self.errors[name] = str(e)
             log.warning("run %s skipped: %s", name, e)
@@ -372,8 +392,7 @@ class _Runner:
         resume rules) and treats them as it would in process. No backend: nothing ahead."""
         if self.backend is None or not jobs:
             return
-        folder = lambda n: self.out / "runs" / n
-        self.backend.prefetch([(n, tc, folder(n), self._replaces(folder(n), tc)) for n, tc in jobs])
+        self.backend.prefetch([(n, tc, self.folder(n, tc), self._replaces(self.folder(n, tc), tc)) for n, tc in jobs])
 
     def _distinct(self, runs: dict[str, TrainConfig]) -> list[tuple[str, TrainConfig]]:
         """The runs of ``runs`` that :meth:`run_all` trains rather than aliases (first of each training)."""
@@ -388,7 +407,8 @@ class _Runner:
 
     def run_all(self, runs: dict[str, TrainConfig]) -> None:
         """Train ``runs``; a run that trains what an earlier run trains (and has no folder of its own) reuses it;
-        then extend every run still improving, doubling its steps, up to ``max_extensions`` times."""
+        then extend every run still improving, doubling its steps, up to ``max_extensions`` times (resumed under a
+        constant schedule, retrained from the start under a decaying one: :meth:`folder`)."""
         self._prefetch(self._distinct(runs) if self.backend is not None else [])
         keys = {k: _training_key(tc) for k, tc in self.configs.items()}
         for i, (name, tc) in enumerate(runs.items()):
@@ -401,7 +421,7 @@ class _Runner:
                 log.info("validation run %d/%d: %s", i + 1, len(runs), name)
                 self._one(name, tc)
             keys[name] = key
-        for _ in range(self.cfg.extensions):
+        for _ in range(self.cfg.max_extensions):
             self._share_aliases()
             # AdaLoRA's rank budget schedule is tied to its total steps: it is judged as trained, never extended
             todo = [
@@ -428,6 +448,7 @@ class _Runner:
         for name, same in self.alias.items():
             if same in self.results:
                 self.results[name], self.configs[name] = self.results[same], self.configs[same]
+                self.folders[name] = self.folders[same]
                 self.extended[name] = self.extended.get(same, 0)
 
 
@@ -629,6 +650,7 @@ def _rows(runner: _Runner) -> list[dict[str, Any]]:
                 "best_step": ti["best_step"],
                 "plateaued": _plateaued(m),
                 "extended": runner.extended.get(name, 0),
+                "folder": runner.folders[name].relative_to(runner.out).as_posix(),
                 "train_time": ti["train_time"],
                 "peak_memory_bytes": ti["peak_memory_bytes"],
             }
@@ -657,7 +679,7 @@ def summarise(
     if unsettled:
         provisional, verdict = verdict, "inconclusive"
         why = (
-            f"{len(unsettled)} run(s) were still improving after {cfg.extensions} extension(s) "
+            f"{len(unsettled)} run(s) were still improving after {cfg.max_extensions} extension(s) "
             f"({', '.join(unsettled)}); train longer before judging rank. Provisional: {provisional} — {why}"
         )
     s0 = cfg.seeds[0]
@@ -684,9 +706,7 @@ def summarise(
                 if cfg.selection_fraction
                 else ""
             ),
-            "extensions": f"steps doubled for a run still improving, at most {cfg.max_extensions} times"
-            if resumable(cfg.lr_scheduler)
-            else f"none ({cfg.lr_scheduler} schedule: a run ends where its steps end)",
+            "extensions": _extension_text(cfg.lr_scheduler, cfg.max_extensions),
             "seeds": list(cfg.seeds),
         },
         "advice": {
@@ -751,11 +771,7 @@ def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any
 def table_markdown(doc: dict[str, Any]) -> str:
     """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
     rc = doc["recipe"]
-    ext = (
-        f"doubled for a run still improving, at most {doc['config']['max_extensions']} times"
-        if resumable(doc["config"].get("lr_scheduler", "constant_with_warmup"))
-        else "not extended under a decaying schedule"
-    )
+    ext = str(rc["extensions"]).removeprefix("steps ")
     lines = [
         "# hessrank validation",
         "",
