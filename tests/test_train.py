@@ -493,7 +493,7 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     src = find_sources(tiny_rec.parent, validation=tmp_path / "lin")
     assert src.metrics["advice-s0"]["train_info"]["steps"] == 8
     assert doc["verdict"] != "inconclusive" and not doc["unsettled_runs"]
-    assert "(retrained from the start), at most 1 times" in doc["recipe"]["extensions"]
+    assert ", retrained from the start, at most 1 times" in doc["recipe"]["extensions"]
     assert "retrained from the start" in (tmp_path / "lin" / "validation.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
     assert val.validate(cfg, tmp_path / "lin", progress=False)["verdict"] == doc["verdict"]

@@ -154,7 +154,7 @@ def resumable(lr_scheduler: str) -> bool:
 
 def _extension_text(lr_scheduler: str, max_extensions: int) -> str:
     """How the recipe extends a run still improving, in words (validation.json's recipe and the table)."""
-    how = "" if resumable(lr_scheduler) else " (retrained from the start)"
+    how = "" if resumable(lr_scheduler) else ", retrained from the start"
     return f"steps doubled for a run still improving{how}, at most {max_extensions} times"
 
 
