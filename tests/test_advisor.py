@@ -256,6 +256,82 @@ def test_random_sign_block_estimates_are_unbiased():
     assert errs[2] < errs[0] and errs[2] < 0.1 * max(abs(x) for x in exact.values())
 
 
+def test_per_module_quantization_evaluations_only_where_a_skip_list_can_help():
+    from hessrank.advisor.quant import format_options
+    from hessrank.engine.quantization import skip_list_can_help
+
+    limit = 0.02
+    assert not skip_list_can_help(0.01, 0.01, limit)  # within the tolerance: nothing to skip
+    assert skip_list_can_help(0.05, 0.04, limit)  # the targets cost enough to bring it back under
+    assert not skip_list_can_help(0.30, 0.06, limit)  # the other layers alone exceed the tolerance
+
+    def quant(measured: bool) -> dict:
+        per = {m: {"measured_loss_increase": v if measured else None} for m, v in zip("abcd", (0.03, 0.001, 0, 0))}
+        fmt = {
+            "whole_model": {"measured_loss_increase": 0.045},
+            "targets": {"predicted_loss_increase": 0.04, "measured_loss_increase": 0.04},
+            "modules": per,
+        }
+        return {"base_eval_loss": 1.0, "tolerance": 0.02, "formats": {"nf4": fmt}}
+
+    def nf4(measured: bool):
+        opts = format_options(quant(measured), 0.02, lambda fmt, skips: 100 + len(skips))
+        return next(o for o in opts if o.format == "nf4")
+
+    got = nf4(True)  # measured: keep the most sensitive module unquantized, which reaches the tolerance
+    assert got.skip_modules == ["a"] and got.acceptable and got.loss_increase == pytest.approx(0.015)
+    got = nf4(False)  # not measured: no skip list, and the note says how to get one
+    assert got.skip_modules == [] and not got.acceptable
+    assert any("--quant-module-evals all" in n for n in got.notes)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::scipy.stats.ConstantInputWarning")
+def test_quantization_defaults_cost_one_hvp_per_format_and_take_the_quadratic_from_kfac():
+    from fixtures import tiny_bert
+    from hessrank import HessianOperator
+    from hessrank.engine.quantization import measure_quantization
+
+    model, batches, loss_fn = tiny_bert(dtype=torch.float32)
+    formats = ["int8", "nf4"]
+    runs = {}
+    for name, kw in {
+        "default": {},
+        "signs": {"sign_probes": 2, "module_evals": "all"},
+        "none": {"module_evals": "none"},
+    }.items():
+        op = HessianOperator(model, loss_fn, batches[:1], params=["query", "value"])
+        doc, _ = measure_quantization(model, loss_fn, "seq-cls", op, batches[1:], formats, **kw)
+        runs[name] = (doc, op.num_matvecs)
+        op.release()
+    doc, hvps = runs["default"]
+    assert hvps == len(formats)  # the targets-together quadratic only
+    assert doc["trace_source"] == "kfac" and doc["module_evals"] == "auto"
+    for f in formats:
+        rows = doc["formats"][f]["modules"].values()
+        assert {r["quadratic_source"] for r in rows} == {"kfac"}
+        assert all(r["quadratic_signs"] is None for r in rows)
+        for r in rows:
+            assert r["predicted_loss_increase"] == pytest.approx(r["gradient_term"] + 0.5 * r["quadratic_kfac"])
+        # auto measures the modules one by one exactly when a skip list could help at the tolerance
+        fd = doc["formats"][f]
+        can = fd["whole_model"]["measured_loss_increase"] > 0.02 * doc["base_eval_loss"] and (
+            fd["whole_model"]["measured_loss_increase"] - max(0.0, fd["targets"]["measured_loss_increase"])
+            <= 0.02 * doc["base_eval_loss"]
+        )
+        assert fd["modules_measured"] == can
+        assert all((r["measured_loss_increase"] is not None) == can for r in rows)
+    doc, hvps = runs["signs"]
+    assert hvps == len(formats) * 3 + 2  # + 2 sign probes per format, + 2 Hutchinson probes for the traces
+    assert doc["trace_source"] == "hutchinson"
+    rows = doc["formats"]["nf4"]["modules"].values()
+    assert {r["quadratic_source"] for r in rows} == {"signs"}
+    assert all(isinstance(r["measured_loss_increase"], float) for r in rows)
+    assert set(doc["formats"]["nf4"]["spearman"]) >= {"predicted", "quadratic_signs", "quadratic_kfac", "hawq_proxy"}
+    doc, _ = runs["none"]
+    assert all(r["measured_loss_increase"] is None for f in formats for r in doc["formats"][f]["modules"].values())
+    assert doc["formats"]["nf4"]["spearman"]["predicted"] is None
+
+
 @pytest.mark.slow
 def test_budgets_are_respected_and_bad_budgets_fail(tiny_analysis):
     from hessrank.advisor import RecommendSettings, recommend

@@ -67,6 +67,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         quant_formats=tuple(f.strip() for f in args.quant_formats.split(",") if f.strip()),
         quant_sign_probes=args.quant_sign_probes,
         quant_exact=args.quant_exact,
+        quant_module_evals=args.quant_module_evals,
         quant_eval_batches=args.quant_eval_batches,
         kfac_batches=args.kfac_batches,
         kfac_groups=args.kfac_groups,
@@ -309,7 +310,17 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         "--quant-formats",
         help="measure quantization sensitivity for these formats: int8,llm.int8,nf4,fp4,nf4-dq",
     )
-    sp.add_argument("--quant-sign-probes", type=int, help="random-sign HVPs per format")
+    sp.add_argument(
+        "--quant-sign-probes",
+        type=int,
+        help="random-sign HVPs per format for each module's quadratic term (default 0: K-FAC's, no HVP)",
+    )
+    sp.add_argument(
+        "--quant-module-evals",
+        choices=["auto", "all", "none"],
+        help="held-out evaluations with one module quantized at a time (auto: for a format where a skip list of "
+        "target modules can bring the increase under the advisor's default tolerance)",
+    )
     sp.add_argument(
         "--quant-exact",
         choices=["auto", "yes", "no"],

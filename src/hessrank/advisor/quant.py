@@ -29,13 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.quantization import FORMAT_INFO, rank_for_share
+from ..engine.quantization import DEFAULT_TOLERANCE, FORMAT_INFO, rank_for_share, skip_list_can_help
 from ..errors import HessrankError
 
 #: Formats a user can load with transformers + bitsandbytes, smallest memory last.
 LOADABLE: tuple[str, ...] = ("none", "llm.int8", "nf4", "nf4-dq", "fp4")
 
-DEFAULT_TOLERANCE = 0.02
+__all__ = ["DEFAULT_TOLERANCE", "LOADABLE", "FormatOption", "choose", "compensation", "format_options"]
 
 
 @dataclass
@@ -82,7 +82,6 @@ def format_options(
         whole = float(doc["whole_model"]["measured_loss_increase"])
         pred = float(doc["targets"]["predicted_loss_increase"])
         per = doc["modules"]
-        order = sorted(per, key=lambda m: -float(per[m]["measured_loss_increase"]))
         # skipping target modules can remove at most what quantizing the targets together costs: the rest of
         # the increase comes from linear layers that were not measured one by one
         removable = max(0.0, float(doc["targets"]["measured_loss_increase"]))
@@ -90,7 +89,17 @@ def format_options(
         removed = 0.0
         est = whole
         notes = []
-        while est > limit and len(skip) < len(per) // 2 and removed < removable:
+        unmeasured = any(d.get("measured_loss_increase") is None for d in per.values())
+        if unmeasured and skip_list_can_help(whole, removable, limit):
+            notes.append(
+                "a skip list could help at this tolerance but the analysis did not measure the modules one by one "
+                f"(it decided at tolerance {quant.get('tolerance', DEFAULT_TOLERANCE):g}); rerun analyze with "
+                "--quant-module-evals all"
+            )
+        elif unmeasured and whole > limit:
+            notes.append("the target modules account for too little of the increase for a skip list to help")
+        order = [] if unmeasured else sorted(per, key=lambda m: -float(per[m]["measured_loss_increase"]))
+        while order and est > limit and len(skip) < len(per) // 2 and removed < removable:
             m = order[len(skip)]
             gain = float(per[m]["measured_loss_increase"])
             if gain <= 0:

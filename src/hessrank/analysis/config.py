@@ -70,8 +70,11 @@ class AnalysisConfig:
     #: Krylov basis storage (hessrank.engine.lanczos.STORAGES); auto: from the memory estimate
     krylov_storage: str = "auto"
     quant_formats: tuple[str, ...] = ()
-    quant_sign_probes: int = 4
+    #: random-sign HVPs per format for the per-module quadratic (0: K-FAC's, no HVP; engine.quantization)
+    quant_sign_probes: int = 0
     quant_exact: str = "no"
+    #: per-module held-out evaluations: auto (when a skip list can help) | all | none (engine.quantization)
+    quant_module_evals: str = "auto"
     quant_eval_batches: int = 8
     kfac_batches: int = 16
     kfac_groups: int = 4
@@ -113,6 +116,14 @@ class AnalysisConfig:
             parse_device_map(self.device_map)  # a bad keyword or file fails before any work
         if self.quant_exact not in ("auto", "yes", "no"):
             raise HessrankError(f"quant-exact must be auto, yes or no, got {self.quant_exact!r}")
+        from ..engine.quantization import MODULE_EVALS
+
+        if self.quant_module_evals not in MODULE_EVALS:
+            raise HessrankError(
+                f"quant-module-evals must be one of {', '.join(MODULE_EVALS)}, got {self.quant_module_evals!r}"
+            )
+        if self.quant_sign_probes < 0:
+            raise HessrankError(f"quant-sign-probes must be 0 or more, got {self.quant_sign_probes}")
         if self.kfac_groups < 4 or self.kfac_groups % 2:
             raise HessrankError(f"kfac-groups must be an even number >= 4, got {self.kfac_groups}")
         if self.pilot_steps < 0:

@@ -223,7 +223,7 @@ def whitened_updates(
     deltas: dict[str, torch.Tensor], stats: dict[str, ModuleStats], z: float
 ) -> tuple[dict[str, Whitened], float]:
     """Each module's whitened update, damped by δ = z·max_m λ_max(A_m ⊗ G_m) (the K-FAC curves' damping)."""
-    eigs = {m: Eig.of(stats[m]) for m in deltas}
+    eigs = {m: stats[m].eig for m in deltas}
     damping = z * max(e.lambda_max for e in eigs.values())
     return {m: Whitened.of(eigs[m], d, damping) for m, d in deltas.items()}, damping
 

@@ -350,7 +350,6 @@ def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
     exact = cfg.quant_exact == "yes" or (cfg.quant_exact == "auto" and len(su.targets) * len(cfg.quant_formats) <= 120)
     op = HessianOperator(su.lm.model, su.loss_fn, su.batches(0), params=su.targets)
     t0 = time.perf_counter()
-    factors = {m: (st.A, st.G) for m, st in su.stats().items()}
     qdoc, _ = measure_quantization(
         su.lm.model,
         su.loss_fn,
@@ -363,7 +362,8 @@ def _run_quantization(su: _Setup, units_dir: Path, progress: bool) -> None:
         seed=cfg.seed,
         rank_grid=RANK_GRID,
         progress=progress,
-        factors=factors,
+        factors=su.stats(),
+        module_evals=cfg.quant_module_evals,
     )
     qdoc["hvps"] = op.num_matvecs
     qdoc["seconds"] = time.perf_counter() - t0

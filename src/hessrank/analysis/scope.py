@@ -5,7 +5,8 @@ jointly in one operator. On one set of fixed batches :func:`measure_scope` measu
 
 * the top-k eigenvalues (Lanczos, ``which="LA"``) with residuals and convergence, and the most negative few
   (``which="SA"``), since the Hessian at a pretrained point is indefinite;
-* the spectral density by SLQ and the trace by Hutch++;
+* the spectral density by SLQ (its first probe is the top-k Lanczos run's first steps, no extra HVP) and the trace
+  by Hutch++;
 * effective-dimension measures (:mod:`hessrank.engine.spectrum`);
 * the gradient g and its projections gᵢ = gᵀvᵢ on the top eigenvectors;
 * for the joint and group scopes, how each top eigenvector's mass ‖vᵢ|ₘ‖² splits across modules m;
@@ -129,13 +130,13 @@ def kfac_exact_check(
     Σ_m tr(Δ_mᵀ G_m Δ_m A_m). The exact model's best decrease along D is ½(gᵀD)²/DᵀHD (when DᵀHD > 0): a
     rank-r update's decrease certified by the exact Hessian, and DᵀHD/DᵀKD is the K-FAC scale along it.
     """
-    from ..engine.kfac import Eig, rank_r_step
+    from ..engine.kfac import rank_r_step
 
     mods = {s.module: s for s in op.slices if len(s.shape) == 2 and s.module in stats}
     if not mods:
         return []
-    eigs = {m: Eig.of(stats[m]) for m in mods}
-    ref = max(Eig.of(st).lambda_max for st in stats.values())
+    eigs = {m: stats[m].eig for m in mods}
+    ref = max(st.eig.lambda_max for st in stats.values())
     out = []
     for r in ranks:
         D = torch.zeros(op.n, dtype=torch.float64)
@@ -178,7 +179,8 @@ def _plan_krylov_basis(op: HessianOperator, cfg: AnalysisConfig, k: int) -> Basi
 def _top_eigenpairs(
     timed: _Timed, cfg: AnalysisConfig, k: int, seed: int, storage: str, progress: bool
 ) -> LanczosResult:
-    """The top-k eigenpairs (Lanczos, ``which="LA"``), eigenvectors included."""
+    """The top-k eigenpairs (Lanczos, ``which="LA"``), eigenvectors included; the first ``slq_steps`` steps' Lanczos
+    matrix is kept as the density's first probe (no extra HVP)."""
     return lanczos(
         timed,
         k=k,
@@ -189,6 +191,7 @@ def _top_eigenpairs(
         return_eigenvectors=True,
         progress=progress,
         storage=storage,
+        keep_leading=min(cfg.slq_steps, timed.n) if cfg.slq_probes else 0,
     )
 
 
@@ -212,11 +215,19 @@ def _negative_eigenvalues(
 
 
 def _density_and_trace(
-    timed: _Timed, cfg: AnalysisConfig, seed: int, storage: str
+    timed: _Timed, cfg: AnalysisConfig, seed: int, storage: str, leading: np.ndarray | None = None
 ) -> tuple[SpectralDensity | None, TraceResult | None]:
-    """The SLQ spectral density and the Hutch++ trace, each None when its budget is 0."""
+    """The SLQ spectral density (its first probe from the top-k run's ``leading`` Lanczos matrix when there is one)
+    and the Hutch++ trace, each None when its budget is 0."""
     dens = (
-        slq(timed, num_probes=cfg.slq_probes, num_steps=cfg.slq_steps, seed=seed + 2, storage=storage)
+        slq(
+            timed,
+            num_probes=cfg.slq_probes,
+            num_steps=cfg.slq_steps,
+            seed=seed + 2,
+            storage=storage,
+            leading=leading,
+        )
         if cfg.slq_probes
         else None
     )
@@ -295,7 +306,7 @@ def measure_scope(
     V = top.eigenvectors.T  # k × n (rows contiguous)
     proj = (V.double() @ grad.double()).cpu().numpy()
     neg = _negative_eigenvalues(timed, cfg, op.n, seed, basis.storage, progress)
-    dens, tr = _density_and_trace(timed, cfg, seed, basis.storage)
+    dens, tr = _density_and_trace(timed, cfg, seed, basis.storage, top.leading_tridiagonal)
     eff = effective_dimensions(top.eigenvalues, dens)
 
     modules, split, vectors_by_module, shapes = _split_by_module(op, V)
@@ -316,6 +327,7 @@ def measure_scope(
         "grad_projections": proj.tolist(),
         "negative_eigenvalues": neg.eigenvalues.tolist() if neg is not None else [],
         "negative_converged": neg.converged if neg is not None else None,
+        "slq_probes_from_lanczos": dens.shared_probes if dens is not None else 0,
         **_trace_fields(tr, dens),
         "effective_dimension": eff.to_dict(),
         "module_mass": {m: split[m].tolist() for m in modules},

@@ -6,20 +6,35 @@ loss is, to second order,
 
     ΔL ≈ gᵀδ + ½ δᵀHδ                                                  (Taylor expansion at θ₀)
 
-with g and H the gradient and Hessian of the fine-tuning loss (:class:`hessrank.HessianOperator`). Three
-estimates of the quadratic term per module are reported side by side:
+with g and H the gradient and Hessian of the fine-tuning loss (:class:`hessrank.HessianOperator`). For all target
+modules together δᵀHδ is one HVP per format (``targets.predicted_loss_increase``). Per module, the quadratic term
+comes from one of three sources (``quadratic_source``):
 
-* **exact block**: δ_mᵀ H_mm δ_m from one HVP per module and format;
-* **random signs**: with δ_s = Σ_m s_m δ_m for Rademacher signs s, s_m·δ_mᵀ(Hδ_s)_m is an *unbiased* estimate of
-  δ_mᵀH_mmδ_m for every module at once (the cross terms have mean zero); P sign vectors cost P HVPs for all
-  modules (the same idea as Hutchinson's estimator, applied to the block diagonal);
-* **HAWQ's trace proxy** (Dong et al., HAWQ-V2, NeurIPS 2020): ½·(tr H_mm / n_m)·‖δ_m‖², with tr H_mm by Hutchinson.
+* **K-FAC** (the default, no HVP): ½ tr(δ_mᵀ G δ_m A) with the module's Kronecker factors (below) — the Fisher/GGN
+  form, in the K-FAC units of ``analysis.json``'s ``calibration`` (multiply by its scale c for loss units);
+* **random signs** (``sign_probes`` > 0): with δ_s = Σ_m s_m δ_m for Rademacher signs s, s_m·δ_mᵀ(Hδ_s)_m is an
+  *unbiased* estimate of δ_mᵀH_mmδ_m for every module at once (the cross terms have mean zero); P sign vectors
+  cost P HVPs for all modules (Hutchinson's idea applied to the block diagonal). Its variance grows with the
+  number of modules (the cross terms sum over all the others);
+* **exact block** (``exact``, opt-in): δ_mᵀ H_mm δ_m from one HVP per module and format.
 
-The *measured* ΔL replaces W by dequant(quant(W)) (in the model's float dtype) and evaluates held-out batches;
-per module (one module quantized at a time), for the target modules together, and for every linear layer that
-bitsandbytes would quantize (all but the output layer and classification heads). Per module it is also measured
-*in sample* (on the analysis batches the prediction was made on): that separates the Taylor model's error from
-the sampling noise of a small held-out set.
+Why K-FAC is the default (``benchmarks/quant_rankers.py`` on the archived validation analyses, 12–60 modules):
+where any estimate ranks the modules at all (Spearman ρ with the measured increase ≥ 0.36) the sign-probe, K-FAC
+and gradient-only predictions agree within 0.03, elsewhere all three lie within ±0.16 of zero, while the sign
+probes and their traces cost 4·(formats) + 4 HVPs — 16 of the 45 HVPs of a 37-module analysis. HAWQ's trace proxy
+(Dong et al., HAWQ-V2, NeurIPS 2020), ½·(tr H_mm / n_m)·‖δ_m‖², takes tr H_mm from Hutchinson on the block
+diagonal when sign probes run, else from K-FAC (tr A·tr G; ``trace_source``).
+
+The *measured* ΔL replaces W by dequant(quant(W)) (in the model's float dtype) and evaluates held-out batches:
+for the target modules together and for every linear layer that bitsandbytes would quantize (all but the output
+layer and classification heads), always; per module (one module quantized at a time) when ``module_evals`` asks.
+The per-module increases matter to the advisor only for a skip list (:func:`hessrank.advisor.quant.format_options`),
+and a skip list can help only when the whole-model increase exceeds the tolerance *and* the target modules
+together cost enough to bring it back under: ``module_evals="auto"`` measures them exactly then (at the advisor's
+default tolerance, ``tolerance``), ``"all"`` always, ``"none"`` never. One evaluation per module and format was
+27 s of the 228 s analysis above and ~60 s on SmolLM2's 60 q/v modules. With ``exact`` the per-module increase
+is also measured *in sample* (on the analysis batches the prediction was made on), which separates the Taylor
+model's error from the sampling noise of a small held-out set.
 
 **Compensation rank.** LoRA can add back a rank-r correction C of δ. With the Kronecker-factored curvature of a
 linear layer (K-FAC; Martens & Grosse, ICML 2015), H_mm ≈ A ⊗ G with A = E[xxᵀ] over the layer's inputs and
@@ -27,7 +42,7 @@ G = E[ĝĝᵀ] over its output gradients for labels sampled from the model (the 
 of a residual is ½‖G^½(δ − C)A^½‖²_F, and the best rank-r correction is the truncated SVD of G^½ δ A^½
 (Eckart–Young) mapped back. The share of the quadratic cost it removes is Σ_{j≤r} σ_j² / Σ_j σ_j²; the plain
 (unweighted) SVD share Σ_{j≤r} s_j² / Σ s_j² is reported beside it. The K-FAC quadratic ½tr(δᵀGδA) is compared
-with the exact block term so the approximation's quality is on record.
+with the exact block term (when measured) so the approximation's quality is on record.
 """
 
 from __future__ import annotations
@@ -42,8 +57,13 @@ import torch
 from torch import nn
 
 from ..errors import HessrankError
+from .kfac import Eig, ModuleStats
 
 log = logging.getLogger(__name__)
+
+#: The advisor's default tolerance (share of the held-out loss a format may add; :mod:`hessrank.advisor.quant`),
+#: which also decides the per-module evaluations here (``module_evals="auto"``)
+DEFAULT_TOLERANCE = 0.02
 
 #: Formats hessrank can measure (bitsandbytes applies one per model; see ``FORMAT_INFO``).
 FORMATS: tuple[str, ...] = ("int8", "llm.int8", "nf4", "fp4", "nf4-dq")
@@ -156,16 +176,16 @@ def kfac_factors(
     batches: Sequence[dict[str, torch.Tensor]],
     task: str | None = None,
     seed: int = 0,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A, G)}: the K-FAC factors of :func:`hessrank.engine.kfac.collect` (labels sampled from the model),
-    float64.
+) -> dict[str, ModuleStats]:
+    """{module: statistics}: the K-FAC factors A, G of :func:`hessrank.engine.kfac.collect` (labels sampled from
+    the model), float64, with their eigen-decompositions cached (``.eig``).
 
     ``task`` is not needed (the batch's label shape says it) and kept for callers that pass it.
     """
     from .kfac import collect
 
     del task
-    return {m: (st.A, st.G) for m, st in collect(model, modules, batches, groups=1, seed=seed).items()}
+    return collect(model, modules, batches, groups=1, seed=seed)
 
 
 def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
@@ -173,8 +193,15 @@ def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
     return (V * w.clamp(min=0).sqrt()) @ V.T
 
 
-def compensation_curves(delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, ranks: Sequence[int]) -> dict[str, Any]:
-    """Shares of ‖δ‖² (plain SVD) and of the K-FAC quadratic ½‖G^½δA^½‖² (weighted SVD) removed at each rank."""
+def compensation_curves(
+    delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, ranks: Sequence[int], eig: Eig | None = None
+) -> dict[str, Any]:
+    """Shares of ‖δ‖² (plain SVD) and of the K-FAC quadratic ½‖G^½δA^½‖² (weighted SVD) removed at each rank.
+
+    ``eig`` (the factors' eigen-decompositions, :class:`hessrank.engine.kfac.Eig`) saves two ``eigh``: with
+    A = U_A Λ_A U_Aᵀ and G = U_G Λ_G U_Gᵀ, G^½δA^½ = U_G (Λ_G^½ U_Gᵀ δ U_A Λ_A^½) U_Aᵀ has the singular values of
+    the middle factor (orthogonal invariance).
+    """
     d = delta.double().cpu()
     o, i = G.shape[0], A.shape[0]
     if d.shape != (o, i):
@@ -184,8 +211,12 @@ def compensation_curves(delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, r
             raise HessrankError(f"weight shape {tuple(d.shape)} does not match its K-FAC factors ({o} x {i})")
     s_plain = torch.linalg.svdvals(d)
     e_plain = torch.cumsum(s_plain**2, 0) / (s_plain**2).sum().clamp(min=1e-300)
-    Gh, Ah = _psd_sqrt(G.cpu()), _psd_sqrt(A.cpu())
-    s_w = torch.linalg.svdvals(Gh @ d @ Ah)
+    if eig is not None:
+        mid = eig.wG.sqrt()[:, None] * (eig.UG.T @ d @ eig.UA) * eig.wA.sqrt()[None, :]
+        s_w = torch.linalg.svdvals(mid)
+    else:
+        Gh, Ah = _psd_sqrt(G.cpu()), _psd_sqrt(A.cpu())
+        s_w = torch.linalg.svdvals(Gh @ d @ Ah)
     e_w = torch.cumsum(s_w**2, 0) / (s_w**2).sum().clamp(min=1e-300)
     rmax = len(s_plain)
     rs = [r for r in ranks if r < rmax] + [rmax]
@@ -283,18 +314,22 @@ def _block_traces(op: Any, probes: int, gen: torch.Generator) -> dict[str, float
     return est
 
 
-def _module_rows(
-    bench: _Bench,
-    weights: dict[str, torch.Tensor],
-    deltas: dict[str, torch.Tensor],
-    exact: bool,
-    sign_probes: int,
-    gen: torch.Generator,
-    traces: dict[str, float],
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    rank_grid: Sequence[int],
-) -> dict[str, Any]:
-    """Per module: predicted (gradient term + ½ quadratic), HAWQ, K-FAC, measured increase, compensation curve."""
+#: the per-module evaluation choices of :func:`measure_quantization` (``module_evals``)
+MODULE_EVALS: tuple[str, ...] = ("auto", "all", "none")
+
+
+def skip_list_can_help(whole: float, targets: float, limit: float) -> bool:
+    """Whether keeping some target modules unquantized can bring the measured whole-model increase ``whole``
+    under ``limit``: it must exceed the limit, and skipping removes at most what the targets cost together
+    (``targets``), the rule of :func:`hessrank.advisor.quant.format_options`."""
+    return whole > limit and whole - max(0.0, targets) <= limit
+
+
+def _quadratics(
+    bench: _Bench, deltas: dict[str, torch.Tensor], exact: bool, sign_probes: int, gen: torch.Generator
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The exact block quadratics δ_mᵀH_mmδ_m (``exact``: one HVP per module) and the random-sign estimates
+    (``sign_probes`` HVPs for all modules; None without probes)."""
     op = bench.op
     mods = {s.module: s for s in op.slices}
     exact_q: dict[str, float] = {}
@@ -303,39 +338,63 @@ def _module_rows(
             hv = op.matvec(bench.vec_of({m: deltas[m]})).double()
             s = mods[m]
             exact_q[m] = float(deltas[m].reshape(-1).double().to(hv.device) @ hv[s.start : s.stop])
-    sign_q = (
-        block_quadratic_signs(
-            op.matvec,
-            {m: (s.start, s.stop) for m, s in mods.items()},
-            {m: d.reshape(-1) for m, d in deltas.items()},
-            op.n,
-            sign_probes,
-            gen,
-        )
-        if sign_probes
-        else {m: float("nan") for m in mods}
+    if not sign_probes:
+        return exact_q, None
+    sign_q = block_quadratic_signs(
+        op.matvec,
+        {m: (s.start, s.stop) for m, s in mods.items()},
+        {m: d.reshape(-1) for m, d in deltas.items()},
+        op.n,
+        sign_probes,
+        gen,
     )
+    return exact_q, sign_q
+
+
+def _module_rows(
+    bench: _Bench,
+    weights: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor],
+    quadratics: tuple[dict[str, float], dict[str, float] | None],
+    measure: bool,
+    traces: dict[str, float],
+    factors: dict[str, ModuleStats],
+    rank_grid: Sequence[int],
+) -> dict[str, Any]:
+    """Per module: predicted (gradient term + ½ quadratic), HAWQ, K-FAC, compensation curve, and with ``measure``
+    the measured increase (None otherwise)."""
+    mods = {s.module: s for s in bench.op.slices}
+    exact_q, sign_q = quadratics
     per: dict[str, Any] = {}
     for m, W in weights.items():
         s, d = mods[m], deltas[m]
         lin = float(bench.g[s.start : s.stop] @ d.reshape(-1).double().to(bench.g.device))
-        q = exact_q.get(m, sign_q[m])
+        st = factors[m]
+        comp = compensation_curves(d, st.A, st.G, rank_grid, eig=st.eig)
+        q_kfac = comp["kfac_quadratic"] * 2
+        if m in exact_q:
+            q, source = exact_q[m], "exact"
+        elif sign_q is not None:
+            q, source = sign_q[m], "signs"
+        else:
+            q, source = q_kfac, "kfac"
         replace = {f"{m}.weight": W.detach() + d}
         dn2 = float((d.double() ** 2).sum())
-        A, G = factors[m]
-        comp = compensation_curves(d, A, G, rank_grid)
         per[m] = {
             "predicted_loss_increase": lin + 0.5 * q,
+            "quadratic_source": source,
             "gradient_term": lin,
             "quadratic_exact": exact_q.get(m),
-            "quadratic_signs": sign_q[m],
-            "quadratic_kfac": comp["kfac_quadratic"] * 2,
+            "quadratic_signs": sign_q[m] if sign_q is not None else None,
+            "quadratic_kfac": q_kfac,
             "hawq_proxy": 0.5 * traces[m] / W.numel() * dn2,
             "block_trace": traces[m],
             "delta_rel_norm": float(d.double().norm() / W.detach().double().norm()),
-            "measured_loss_increase": bench.loss_with(replace) - bench.base_eval,
+            "measured_loss_increase": bench.loss_with(replace) - bench.base_eval if measure else None,
             "measured_in_sample": (
-                bench.loss_with(replace, in_sample=True) - bench.base_in if bench.base_in is not None else None
+                bench.loss_with(replace, in_sample=True) - bench.base_in
+                if measure and bench.base_in is not None
+                else None
             ),
             "compensation": {k: v for k, v in comp.items() if k != "kfac_quadratic"},
         }
@@ -343,14 +402,23 @@ def _module_rows(
 
 
 def _correlations(per: dict[str, Any], exact: bool) -> tuple[dict[str, float | None], float | None, float | None]:
-    """Spearman correlations over modules, and (with exact blocks) the sign estimate's and K-FAC's accuracy."""
+    """Spearman correlations over modules (None where the per-module increases were not measured), and (with exact
+    blocks) the sign estimate's and K-FAC's accuracy."""
     names = list(per)
     measured = [per[m]["measured_loss_increase"] for m in names]
+    if any(v is None for v in measured):
+        return {"predicted": None, "quadratic_signs": None, "quadratic_kfac": None, "hawq_proxy": None}, None, None
+
+    def with_quadratic(key: str) -> float | None:
+        qs = [per[m][key] for m in names]
+        if any(q is None for q in qs):
+            return None
+        return spearman([per[m]["gradient_term"] + 0.5 * q for m, q in zip(names, qs)], measured)
+
     corr = {
         "predicted": spearman([per[m]["predicted_loss_increase"] for m in names], measured),
-        "quadratic_signs": spearman(
-            [per[m]["gradient_term"] + 0.5 * per[m]["quadratic_signs"] for m in names], measured
-        ),
+        "quadratic_signs": with_quadratic("quadratic_signs"),
+        "quadratic_kfac": with_quadratic("quadratic_kfac"),
         "hawq_proxy": spearman([per[m]["hawq_proxy"] for m in names], measured),
     }
     if not exact:
@@ -359,11 +427,28 @@ def _correlations(per: dict[str, Any], exact: bool) -> tuple[dict[str, float | N
     corr["predicted_vs_in_sample"] = spearman([per[m]["predicted_loss_increase"] for m in names], ins)
     corr["hawq_vs_in_sample"] = spearman([per[m]["hawq_proxy"] for m in names], ins)
     qe = np.array([per[m]["quadratic_exact"] for m in names])
-    qs = np.array([per[m]["quadratic_signs"] for m in names])
     qk = np.array([per[m]["quadratic_kfac"] for m in names])
-    sign_err = float(np.median(np.abs(qs - qe) / np.maximum(np.abs(qe), 1e-30)))
+    sign_err = None
+    if per[names[0]]["quadratic_signs"] is not None:
+        qs = np.array([per[m]["quadratic_signs"] for m in names])
+        sign_err = float(np.median(np.abs(qs - qe) / np.maximum(np.abs(qe), 1e-30)))
     kfac_ratio = float(np.median(qk / np.where(np.abs(qe) > 0, qe, np.nan)))
     return corr, sign_err, kfac_ratio
+
+
+def _measure_modules(module_evals: str, exact: bool, whole: float, targets: float, limit: float) -> tuple[bool, str]:
+    """Whether to measure the modules one by one for a format, and why (see the module docstring)."""
+    if exact:
+        return True, "exact measurement asked (--quant-exact)"
+    if module_evals == "all":
+        return True, "asked (--quant-module-evals all)"
+    if module_evals == "none":
+        return False, "not asked (--quant-module-evals none)"
+    if skip_list_can_help(whole, targets, limit):
+        return True, "a skip list of target modules can bring the whole-model increase under the tolerance"
+    if whole <= limit:
+        return False, "the whole-model increase is within the tolerance: no skip list is needed"
+    return False, "the target modules together cost too little for a skip list to reach the tolerance"
 
 
 def measure_quantization(
@@ -373,29 +458,36 @@ def measure_quantization(
     op: Any,
     eval_batches: Sequence[dict[str, torch.Tensor]],
     formats: Sequence[str],
-    sign_probes: int = 4,
+    sign_probes: int = 0,
     exact: bool = False,
     seed: int = 0,
     rank_grid: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
     progress: bool = False,
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    factors: dict[str, ModuleStats] | None = None,
+    module_evals: str = "auto",
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Predicted and measured loss increase of each format, per target module and for the whole model.
 
     ``op`` is a :class:`hessrank.HessianOperator` whose scope is the target modules' weights (the joint scope);
     ``eval_batches`` are held-out batches. Each weight is quantized and dequantized once per format with
     bitsandbytes' functional API; the measured increases are ordinary forwards with the dequantized fp32 weight
-    swapped in. ``factors`` are the modules' K-FAC factors (computed here from ``op.batches`` when not given).
+    swapped in. ``factors`` are the modules' K-FAC statistics (:func:`hessrank.engine.kfac.collect`; computed here
+    from ``op.batches`` when not given). ``module_evals`` (auto | all | none) and ``tolerance`` (a share of the
+    held-out loss) decide the per-module evaluations (module docstring).
 
-    Cost per format: ``sign_probes + 1`` HVPs, one held-out evaluation per module, one for the targets together
-    and one for the whole model; plus ``max(sign_probes, 2)`` HVPs once for the block traces. ``exact`` (opt-in:
-    the expensive measurement) adds one HVP per module and an in-sample evaluation per module.
+    Cost per format: one HVP (all targets together), one held-out evaluation for the targets together and one
+    for the whole model, plus one per module when they are measured; ``sign_probes`` > 0 adds that many HVPs per
+    format and ``max(sign_probes, 2)`` once for Hutchinson block traces. ``exact`` (opt-in: the expensive
+    measurement) adds one HVP per module and an in-sample evaluation per module.
     """
     from .tasks import batch_to, loss_weight
 
     for f in formats:
         if f not in FORMATS:
             raise HessrankError(f"quantization format '{f}' is not one of {', '.join(FORMATS)}")
+    if module_evals not in MODULE_EVALS:
+        raise HessrankError(f"quant-module-evals must be one of {', '.join(MODULE_EVALS)}, got {module_evals!r}")
     named = dict(model.named_modules())
     mods = [s.module for s in op.slices]
     weights = {m: named[m].weight for m in mods}
@@ -405,15 +497,19 @@ def measure_quantization(
     base_in = mean_loss(model, loss_fn, op.batches, [float(loss_weight(b)) for b in op.batches]) if exact else None
     bench = _Bench(model, loss_fn, op, eval_batches, op.gradient().double(), base_eval, base_in)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    traces = _block_traces(op, max(sign_probes, 2), gen)
     if factors is None:
         factors = kfac_factors(model, {m: named[m] for m in mods}, op.batches, task, seed=seed)
+    hutchinson = bool(sign_probes) or exact
+    traces = _block_traces(op, max(sign_probes, 2), gen) if hutchinson else {m: factors[m].eig.trace for m in mods}
     out: dict[str, Any] = {
         "formats": {},
         "base_eval_loss": base_eval,
         "base_in_sample_loss": base_in,
         "sign_probes": sign_probes,
         "exact_blocks": exact,
+        "trace_source": "hutchinson" if hutchinson else "kfac",
+        "module_evals": module_evals,
+        "tolerance": tolerance,
         "num_eval_batches": len(eval_batches),
     }
     it: Any = list(formats)
@@ -422,9 +518,9 @@ def measure_quantization(
 
         it = tqdm(it, desc="quantization formats", leave=False)
     all_linear = bnb_quantized_linears(model)
+    limit = tolerance * max(base_eval, 1e-12)
     for fmt in it:
         deltas = {m: (quantize_dequantize(W, fmt) - W.detach()) for m, W in weights.items()}
-        per = _module_rows(bench, weights, deltas, exact, sign_probes, gen, traces, factors, rank_grid)
         dall = bench.vec_of(deltas).double()
         hall = op.matvec(dall.to(op.dtype)).double()
         targets_w = {f"{m}.weight": W.detach() + deltas[m] for m, W in weights.items()}
@@ -433,17 +529,24 @@ def measure_quantization(
             f"{n}.weight": (targets_w[f"{n}.weight"] if n in weights else quantize_dequantize(named[n].weight, fmt))
             for n in all_linear
         }
+        targets_inc = bench.loss_with(targets_w) - base_eval
+        whole_inc = bench.loss_with(whole) - base_eval
+        measure, why = _measure_modules(module_evals, exact, whole_inc, targets_inc, limit)
+        quads = _quadratics(bench, deltas, exact, sign_probes, gen)
+        per = _module_rows(bench, weights, deltas, quads, measure, traces, factors, rank_grid)
         corr, sign_err, kfac_ratio = _correlations(per, exact)
         out["formats"][fmt] = {
             "bits": FORMAT_INFO[fmt].bits,
             "description": FORMAT_INFO[fmt].description,
             "modules": per,
+            "modules_measured": measure,
+            "modules_measured_reason": why,
             "targets": {
                 "predicted_loss_increase": float(bench.g @ dall + 0.5 * (dall @ hall)),
-                "measured_loss_increase": bench.loss_with(targets_w) - base_eval,
+                "measured_loss_increase": targets_inc,
             },
             "whole_model": {
-                "measured_loss_increase": bench.loss_with(whole) - base_eval,
+                "measured_loss_increase": whole_inc,
                 "num_linear_layers": len(all_linear),
             },
             "spearman": corr,

@@ -236,8 +236,11 @@ def quantization(analysis: dict[str, Any]) -> Figure | None:
     fig, ax = _fig("Quantization sensitivity per module", "predicted loss increase", "measured loss increase")
     allv = []
     for f, doc in q["formats"].items():
-        pred = [d["predicted_loss_increase"] for d in doc["modules"].values()]
-        meas = [d["measured_loss_increase"] for d in doc["modules"].values()]
+        rows = [d for d in doc["modules"].values() if d.get("measured_loss_increase") is not None]
+        if not rows:
+            continue  # the modules were not measured one by one for this format (analyze --quant-module-evals)
+        pred = [d["predicted_loss_increase"] for d in rows]
+        meas = [d["measured_loss_increase"] for d in rows]
         sp = doc["spearman"].get("predicted")
         ax.scatter(pred, meas, s=14, label=f"{f} (Spearman {sp:.2f})" if sp is not None else f)
         allv += pred + meas
@@ -246,6 +249,9 @@ def quantization(analysis: dict[str, Any]) -> Figure | None:
         ax.plot([-lim, lim], [-lim, lim], color=OTHER, lw=0.8, ls=":", label="predicted = measured")
         ax.set_xscale("symlog", linthresh=lim * 1e-3)
         ax.set_yscale("symlog", linthresh=lim * 1e-3)
+    if not allv:  # no format's modules were measured one by one: nothing to compare
+        plt.close(fig)
+        return None
     ax.legend(loc="upper left")
     return fig
 
