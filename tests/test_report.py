@@ -193,3 +193,33 @@ def test_quickstart_notebook_runs(tmp_path):
     assert len(images) >= 5
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "verdict:" in text and (tmp_path / "validation" / "validation.json").is_file()
+
+
+def test_quantization_figure_with_and_without_per_module_measurements():
+    """The default analysis predicts per module and measures only the targets together: the figure still draws
+    (predicted per module); with per-module measurements it compares predicted with measured."""
+    from hessrank.report import plots
+
+    def doc(measured: bool) -> dict:
+        mods = {
+            f"m{i}": {
+                "predicted_loss_increase": 0.01 * (i + 1),
+                "measured_loss_increase": 0.012 * (i + 1) if measured else None,
+            }
+            for i in range(4)
+        }
+        fmt = {
+            "modules": mods,
+            "targets": {"measured_loss_increase": 0.05},
+            "spearman": {"predicted": 1.0 if measured else None},
+        }
+        return {"quantization": {"formats": {"nf4": fmt, "llm.int8": fmt}}}
+
+    for measured in (True, False):
+        fig = plots.quantization(doc(measured))
+        assert fig is not None
+        ax = fig.axes[0]
+        assert ("measured" in ax.get_ylabel()) is measured
+        assert len(ax.get_legend().get_texts()) >= 2
+        assert len(plots.png(fig)) > 1000
+    assert plots.quantization({}) is None

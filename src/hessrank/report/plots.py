@@ -229,30 +229,57 @@ def pilot(analysis: dict[str, Any], rec: dict[str, Any] | None = None) -> Figure
 
 
 def quantization(analysis: dict[str, Any]) -> Figure | None:
-    """Predicted (gᵀδ + ½δᵀHδ) vs measured held-out loss increase per module, one colour per format."""
+    """Quantization sensitivity per module, one colour per format.
+
+    Where the analysis measured the modules one by one (``analyze --quant-module-evals``): predicted
+    (gᵀδ + ½δᵀHδ) vs measured held-out loss increase per module. Otherwise (the default: the per-module
+    quadratic from K-FAC, measured only for the target modules together and the whole model): each module's
+    predicted increase, largest first, with the measured increase of the target modules together in the legend.
+    """
     q = analysis.get("quantization")
-    if not q:
+    if not q or not q.get("formats"):
         return None
+    measured = {
+        f: [d for d in doc["modules"].values() if d.get("measured_loss_increase") is not None]
+        for f, doc in q["formats"].items()
+    }
+    if not any(measured.values()):
+        return _quantization_predicted(q["formats"])
     fig, ax = _fig("Quantization sensitivity per module", "predicted loss increase", "measured loss increase")
     allv = []
-    for f, doc in q["formats"].items():
-        rows = [d for d in doc["modules"].values() if d.get("measured_loss_increase") is not None]
+    for f, rows in measured.items():
         if not rows:
-            continue  # the modules were not measured one by one for this format (analyze --quant-module-evals)
+            continue  # this format's modules were not measured one by one
         pred = [d["predicted_loss_increase"] for d in rows]
         meas = [d["measured_loss_increase"] for d in rows]
-        sp = doc["spearman"].get("predicted")
+        sp = q["formats"][f]["spearman"].get("predicted")
         ax.scatter(pred, meas, s=14, label=f"{f} (Spearman {sp:.2f})" if sp is not None else f)
         allv += pred + meas
-    if allv:
-        lim = max(abs(v) for v in allv if v is not None and math.isfinite(v)) or 1.0
-        ax.plot([-lim, lim], [-lim, lim], color=OTHER, lw=0.8, ls=":", label="predicted = measured")
-        ax.set_xscale("symlog", linthresh=lim * 1e-3)
-        ax.set_yscale("symlog", linthresh=lim * 1e-3)
-    if not allv:  # no format's modules were measured one by one: nothing to compare
-        plt.close(fig)
-        return None
+    lim = max((abs(v) for v in allv if math.isfinite(v)), default=0.0) or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color=OTHER, lw=0.8, ls=":", label="predicted = measured")
+    ax.set_xscale("symlog", linthresh=lim * 1e-3)
+    ax.set_yscale("symlog", linthresh=lim * 1e-3)
     ax.legend(loc="upper left")
+    return fig
+
+
+def _quantization_predicted(formats: dict[str, Any]) -> Figure:
+    """Each module's predicted loss increase per format (largest first); the legend holds the measured increase
+    of the target modules quantized together, the only per-format measurement of the default analysis."""
+    fig, ax = _fig(
+        "Quantization sensitivity per module (predicted)", "module (largest predicted first)", "predicted loss increase"
+    )
+    allv: list[float] = []
+    for f, doc in formats.items():
+        pred = sorted((float(d["predicted_loss_increase"]) for d in doc["modules"].values()), reverse=True)
+        tgt = doc.get("targets", {})
+        meas = tgt.get("measured_loss_increase")
+        label = f"{f}: targets together measured {meas:+.4f}" if meas is not None else f
+        ax.plot(range(1, len(pred) + 1), pred, marker="o", ms=3, lw=1, label=label)
+        allv += pred
+    lim = max((abs(v) for v in allv if math.isfinite(v)), default=0.0) or 1.0
+    ax.set_yscale("symlog", linthresh=lim * 1e-3)
+    ax.legend(loc="upper right")
     return fig
 
 
