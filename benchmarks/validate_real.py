@@ -59,7 +59,7 @@ _MINILM_VALIDATE = (
 #: pairs calibrate them), 16 K-FAC batches, quantization measured on two held-out batches; lr 2e-3.
 _SMOL_ANALYZE = (
     "--model smollm2-135m --modules q_proj,v_proj --scope joint --top-k 6 --tol 1e-2 --negative-k 0 "
-    "--slq-probes 1 --slq-steps 8 --kfac-batches 16 --quant-formats llm.int8,nf4 --quant-sign-probes 2 "
+    "--slq-probes 1 --slq-steps 8 --kfac-batches 16 --quant-formats llm.int8,nf4 "
     "--quant-eval-batches 2"
 )
 
