@@ -261,3 +261,24 @@ def test_collect_needs_groups_and_batches():
         collect(model, {"proj": model.proj}, batches, groups=4)
     with pytest.raises(HessrankError, match="at least 4 gradient groups"):
         rank_curve([torch.zeros(2, 2)] * 2, (1,))
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)])
+def test_directions_by_gram_matrix_give_the_svd_energies(shape):
+    """The cross-fitted energies along directions from eigh of the Gram matrix equal those along
+    torch.linalg.svd's directions (float64), also for a direction matrix of lower rank than its shape."""
+
+    from hessrank.engine.kfac import _energies
+
+    gen = torch.Generator().manual_seed(3)
+    m, n = shape
+    Ms = [torch.randn(m, n, generator=gen, dtype=torch.float64) for _ in range(4)]
+    low = torch.randn(m, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, n, generator=gen, dtype=torch.float64)
+    for D in (Ms[0] + Ms[1], low):
+        U, _, Vh = torch.linalg.svd(D, full_matrices=False)
+        k = int((torch.linalg.svdvals(D) > 1e-9 * torch.linalg.svdvals(D)[0]).sum())
+        proj = [torch.einsum("ml,mn,ln->l", U[:, :k], Ms[i], Vh[:k]) for i in (2, 3)]
+        want = torch.cat([proj[0] * proj[1], torch.zeros(min(m, n) - k, dtype=torch.float64)])
+        got = _energies(D, Ms, [2, 3])
+        assert got.shape == (min(m, n),)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
