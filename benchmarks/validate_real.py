@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from hessrank.io import atomic_write
+from hessrank.trainer.train import plateau_status
 from hessrank.trainer.validate import _rank_label
 
 
@@ -169,21 +170,20 @@ def partial_table(val: Path) -> str:
 
     rows = [
         "**Validation not finished** (no verdict, knee or cost yet; rerunning the case resumes it). Finished runs "
-        "(last eval change: the held-out loss between the last two evaluations during training; validation counts a "
-        "run as settled below 1%):",
+        "(plateau: `hessrank.trainer.train.plateau_status`, the rule validate extends by — best checkpoint before "
+        "the last evaluation, or at most 1% better than the best evaluation up to 3/4 of the steps):",
         "",
-        "| run | format | rank | seed | held-out loss | trainable params | best step | last eval change | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| run | format | rank | seed | held-out loss | trainable params | best step | plateau | train s |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for mf in sorted(val.glob("runs/*/metrics.json")):
         m = json.loads(mf.read_text())
         tc, ti = m["run_info"]["train_config"], m["train_info"]
-        curve = [c["eval_loss"] for c in ti.get("eval_curve") or []]
-        change = f"{curve[-1] / curve[-2] - 1:+.2%}" if len(curve) >= 2 else "-"
+        settled = plateau_status(ti.get("eval_curve") or [], ti["steps"], ti.get("best_step"))
         rows.append(
             f"| {mf.parent.name} | {tc['quantization']} | {_rank_label(tc)} | {tc['seed']} | "
-            f"{ti['metrics']['eval_loss']:.4f} | {ti['num_trainable_params']:,} | {ti['best_step']} | {change} | "
-            f"{ti['train_time']:.0f} |"
+            f"{ti['metrics']['eval_loss']:.4f} | {ti['num_trainable_params']:,} | {ti['best_step']} | "
+            f"{'yes' if settled else 'no'} | {ti['train_time']:.0f} |"
         )
     return "\n".join(rows)
 

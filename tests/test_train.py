@@ -739,3 +739,21 @@ def test_eva_on_every_linear_layer_of_a_classifier(tiny_bert_dir, tiny_data, tmp
         progress=False,
     )
     assert torch.isfinite(torch.tensor(doc["train_info"]["metrics"]["eval_loss"]))
+
+
+def test_plateau_looks_at_the_last_quarter_of_the_run():
+    """A run whose best checkpoint is its last is settled only if the last quarter improved it by at most 1%: under
+    a decaying schedule the last two evaluations barely differ even while the run still improves."""
+    from hessrank.trainer.train import plateau_status
+
+    def curve(*losses: float) -> list[dict]:
+        return [{"step": 25 * (i + 1), "eval_loss": v} for i, v in enumerate(losses)]
+
+    decaying = curve(0.50, 0.45, 0.42, 0.40, 0.390, 0.384, 0.380, 0.378, 0.3745, 0.372, 0.370, 0.369)
+    assert abs(decaying[-2]["eval_loss"] / decaying[-1]["eval_loss"] - 1) < 0.01  # the old two-point test passed it
+    assert not plateau_status(decaying, 300, 300)  # -2.4% over steps 225-300
+    flat = curve(0.50, 0.45, 0.42, 0.40, 0.390, 0.384, 0.380, 0.379, 0.3788, 0.3786, 0.3784, 0.3783)
+    assert plateau_status(flat, 300, 300)  # -0.2% over the last quarter
+    assert plateau_status(decaying, 300, 275)  # early stopping found a minimum
+    assert not plateau_status(curve(0.5), 25, 25)  # one evaluation says nothing
+    assert not plateau_status(curve(0.5, 0.4), 50, 50) and plateau_status(curve(0.5, 0.498), 50, 50)

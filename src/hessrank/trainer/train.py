@@ -470,16 +470,28 @@ def resolve_schedule(cfg: TrainConfig, n_train: int) -> Schedule:
     return Schedule(steps, lr, min(every, steps), round(cfg.warmup_ratio * steps))
 
 
+#: the share of a run's steps at its end over which :func:`plateau_status` looks for improvement
+PLATEAU_WINDOW = 0.25
+
+
 def plateau_status(eval_curve: list[dict[str, Any]], steps: int, best_step: int | None, rel: float = 0.01) -> bool:
     """True when the run reached a plateau of its held-out loss: the best checkpoint came before the last
-    evaluation (early stopping found a minimum), or the last two evaluations differ by less than ``rel``
-    (relative). A run that is False was still improving when it stopped: it measured how fast it learns."""
+    evaluation (early stopping found a minimum), or the held-out loss improved by at most ``rel`` (relative) over
+    the last :data:`PLATEAU_WINDOW` of the run — the last evaluation against the best one at or before step
+    (1 − window)·steps. A run that is False was still improving when it stopped: it measured how fast it learns.
+
+    Over the last quarter, not between the last two evaluations: under a decaying schedule (linear, cosine) the
+    learning rate is near zero at the end, so the last two evaluations of a run that is still improving barely
+    differ (AG News, advice seed 2 under linear decay, session 14: −0.5% over its last evaluation, −2.4% over its
+    last four). With one evaluation only, nothing says it settled (False)."""
     if best_step is not None and best_step < steps:
         return True
-    if len(eval_curve) >= 2:
-        a, b = eval_curve[-2]["eval_loss"], eval_curve[-1]["eval_loss"]
-        return abs(a - b) <= rel * max(abs(a), 1e-12)
-    return False
+    if len(eval_curve) < 2:
+        return False
+    cut = (1 - PLATEAU_WINDOW) * steps
+    before = [e["eval_loss"] for e in eval_curve[:-1] if e["step"] <= cut] or [eval_curve[-2]["eval_loss"]]
+    ref, last = min(before), eval_curve[-1]["eval_loss"]
+    return ref - last <= rel * max(abs(ref), 1e-12)
 
 
 def _per_process(batch_size: int) -> int:
