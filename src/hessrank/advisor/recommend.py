@@ -25,7 +25,8 @@ function below: per-module estimates (:func:`kfac_estimates`, :func:`newton_esti
   joint allocation of :func:`hessrank.advisor.rank.allocate` and a spectral (parameter-counting) floor.
 
 **Allocation.** The cheapest allocation, by predicted decrease per trainable parameter on each module's concave
-curve, whose decrease reaches ``share`` (default 90%) of Σ_m max_r ΔL_m(r); every kept module starts at rank 1.
+curve, whose decrease reaches ``target_share`` (``--share``; default 1 − tolerance = 98%) of Σ_m max_r ΔL_m(r);
+every kept module starts at rank 1.
 Under ``--param-budget`` / ``--memory-budget`` the budget is water-filled on the same curves. **Module selection**
 (``--min-gain-fraction f``, default 0: every analysed module keeps at least rank 1): a module is left without an
 adapter only when its predicted gain is below f × the best module's gain *and* that holds in both held-out halves
