@@ -9,6 +9,7 @@
     .venv/bin/python benchmarks/validate_real.py smollm2-gsm8k
 
     .venv/bin/python benchmarks/validate_real.py cost        # analysis seconds / ladder seconds per case
+    .venv/bin/python benchmarks/validate_real.py retime minilm-movie-all minilm-sst2   # re-time analyses alone
 
     .venv/bin/python benchmarks/validate_real.py summary --out reports/real --report reports/validation.md
 
@@ -160,9 +161,9 @@ def archive(src: Path, dst: Path) -> list[Path]:
     return written
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], quiet: bool = False) -> None:
     print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
 
 
 def partial_table(val: Path) -> str:
@@ -352,6 +353,61 @@ def cost_table(root: Path) -> str:
     return "\n".join(rows)
 
 
+def _advice(rec: dict) -> dict:
+    """What a recommendation advises: the rank per module (0: not adapted), the format, the trainable parameters."""
+    return {
+        "ranks": {m: d["rank"] if d.get("selected", True) else 0 for m, d in rec["modules"].items()},
+        "format": rec["quantization"]["format"],
+        "trainable_parameters": rec["trainable_parameters"],
+    }
+
+
+def retime(cases: list[str], scratch: Path, archived: Path) -> str:
+    """Each case's analysis again, timed alone, against the archived ladder; the advice compared with the archived one.
+
+    The analysis of a validation case is timed while the case runs (``analysis_wall.json``); when the analysis
+    code gets faster after the ladder was trained, this measures the current code on the case's settings without
+    retraining the ladder: a fresh ``analyze`` (into ``scratch/<case>/analysis``, replaced) and ``recommend``, the
+    wall seconds over the archived ``ladder_train_time``, and whether the advice (ranks per module, format,
+    trainable parameters) equals the archived recommendation, i.e. whether the archived validation still judges it.
+    Run it with nothing else on the machine: the seconds are wall-clock.
+    """
+    rows = [
+        "| case | analysis wall s (now) | archived analysis wall s | ladder training s | now / ladder | "
+        "advice as archived |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    hr = [sys.executable, "-m", "hessrank"]
+    for case in cases:
+        c = CASES[case]
+        vj = archived / case / "validation" / "validation.json"
+        if not vj.exists():
+            raise SystemExit(f"{vj}: no archived validation of {case} to compare with")
+        lad = json.loads(vj.read_text())["cost"]["ladder_train_time"]
+        wj = archived / case / "analysis_wall.json"
+        old = json.loads(wj.read_text())["seconds"] if wj.exists() else None
+        out = scratch / case / "analysis"
+        t0 = time.time()
+        run([*hr, "analyze", *c["analyze"], "--out", str(out), "--overwrite", "--quiet"])
+        wall = time.time() - t0
+        run([*hr, "recommend", str(out), *c["recommend"]], quiet=True)
+        now = _advice(json.loads((out / "recommendation.json").read_text()))
+        was = _advice(json.loads((archived / case / "analysis" / "recommendation.json").read_text()))
+        if now == was:
+            same = "yes"
+        else:
+            mods = sorted(set(now["ranks"]) | set(was["ranks"]))
+            diff = [m for m in mods if now["ranks"].get(m) != was["ranks"].get(m)]
+            same = (
+                f"no: {len(diff)} module ranks differ, {now['trainable_parameters']:,} vs "
+                f"{was['trainable_parameters']:,} params, format {now['format']} vs {was['format']}"
+            )
+        rows.append(
+            f"| {case} | {wall:.1f} | {'-' if old is None else f'{old:.0f}'} | {lad:.0f} | {wall / lad:.1%} | {same} |"
+        )
+    return "\n".join(rows)
+
+
 HAND_MARKER = "<!-- written by hand -->"
 
 
@@ -370,13 +426,22 @@ def write_report(generated: str, report: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost", "archive"])
+    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost", "archive", "retime"])
+    ap.add_argument("cases", nargs="*", metavar="CASE", help="retime only: the cases to re-time")
     ap.add_argument("--out", default="runs/real")
     ap.add_argument("--archive", type=Path, default=Path("reports/real"), help="where a case's results are copied")
     ap.add_argument("--report", type=Path, help="summary only: rewrite this report's generated part")
     args = ap.parse_args()
+    if args.cases and args.case != "retime":
+        ap.error(f"extra case names {args.cases} are for retime only")
     if args.case == "cost":
         print(cost_table(Path(args.out)))
+        return
+    if args.case == "retime":
+        unknown = [c for c in args.cases if c not in CASES]
+        if not args.cases or unknown:
+            ap.error(f"retime needs case names out of {', '.join(sorted(CASES))}; got {args.cases}")
+        print(retime(args.cases, Path(args.out) / "retime", args.archive))
         return
     if args.case == "archive":
         for f in archive(Path(args.out), args.archive):

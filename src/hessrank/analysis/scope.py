@@ -143,7 +143,7 @@ def kfac_exact_check(
         dkd = 0.0
         for m, sl in mods.items():
             st = stats[m]
-            step = rank_r_step(eigs[m], sum(st.grads) / len(st.grads), z * ref, min(r, min(st.shape)))
+            step = rank_r_step(eigs[m], sum(st.grads) / len(st.grads), z * ref, min(r, min(st.shape)), st.dtype)
             dkd += float(((st.G @ step) * (step @ st.A)).sum())
             flat = step if tuple(sl.shape) == step.shape else step.T  # Conv1D stores (in, out)
             D[sl.start : sl.stop] = flat.reshape(-1)

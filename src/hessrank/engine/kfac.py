@@ -73,11 +73,18 @@ DEFAULT_GROUPS = 4
 
 @dataclass
 class ModuleStats:
-    """One linear module's K-FAC factors and its true-label gradient per batch group (all float64, CPU)."""
+    """One linear module's K-FAC factors and its true-label gradient per batch group (all float64, CPU).
+
+    ``dtype`` is the precision the factor algebra runs in (:meth:`Eig.of`, :func:`module_curves`,
+    :func:`hessrank.engine.quantization.compensation_curves`): the model's, float32 at least. The sums are float64;
+    the eigendecompositions and SVDs of a float32 model's factors gain nothing from float64 (their rounding, ~1e-7
+    of the largest eigenvalue, is far below the damping of at least 1e-3 of it) and cost 2-3x as much.
+    """
 
     A: torch.Tensor  #: n × n input second moment over real positions
     G: torch.Tensor  #: m × m output-gradient second moment (sampled labels), per loss item
     grads: list[torch.Tensor]  #: per group: the mean-loss gradient of the group's batches (m × n)
+    dtype: torch.dtype = torch.float64  #: the precision of the factor algebra (the model's, float32 at least)
     _eig: Eig | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -137,6 +144,7 @@ class _Sums:
     items: list[float] = field(default_factory=list)
     positions: int = 0
     fisher_items: int = 0
+    dtype: torch.dtype = torch.float32  #: the model's precision, float32 at least (float64 once any input is)
 
     def __post_init__(self) -> None:
         self.items = [0.0] * self.groups
@@ -149,6 +157,8 @@ class _Sums:
         # one batch's products in the model's precision (float32 at least), summed in float64: on a 37-module
         # MiniLM scope the float64 products were most of the statistics' time (the 1536-wide factors)
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if dt == torch.float64:
+            self.dtype = dt
         x = x.reshape(-1, x.shape[-1]).to(dt)
         g = g.reshape(-1, g.shape[-1]).to(dt)
         xx, gg = (x.T @ x).double().cpu(), (g.T @ g).double().cpu()
@@ -165,7 +175,7 @@ class _Sums:
         for name in names:
             A, G = self.factors[name]
             grads = [gs / n for gs, n in zip(self.grads[name], self.items) if gs is not None]
-            out[name] = ModuleStats(A / self.positions, G / self.fisher_items, grads)
+            out[name] = ModuleStats(A / self.positions, G / self.fisher_items, grads, dtype=self.dtype)
         return out
 
 
@@ -275,9 +285,10 @@ class Eig:
 
     @classmethod
     def of(cls, st: ModuleStats) -> Eig:
-        wA, UA = torch.linalg.eigh((st.A + st.A.T) / 2)
-        wG, UG = torch.linalg.eigh((st.G + st.G.T) / 2)
-        return cls(wA.clamp(min=0), UA, wG.clamp(min=0), UG)
+        """``eigh`` of both factors in ``st.dtype`` (the model's precision), kept as float64."""
+        wA, UA = torch.linalg.eigh(((st.A + st.A.T) / 2).to(st.dtype))
+        wG, UG = torch.linalg.eigh(((st.G + st.G.T) / 2).to(st.dtype))
+        return cls(wA.double().clamp(min=0), UA.double(), wG.double().clamp(min=0), UG.double())
 
     @property
     def lambda_max(self) -> float:
@@ -299,10 +310,12 @@ def damping_split(eig: Eig, delta: float) -> tuple[float, float]:
     return pi * s, s / pi
 
 
-def rotate(eig: Eig, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def rotate(eig: Eig, grads: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Each gradient in the factors' eigenbases, U_Gᵀ ∇W_k U_A: the damping-independent part of :func:`whiten`
-    (computed once per module, then scaled for every damping)."""
-    return [eig.UG.T @ g @ eig.UA for g in grads]
+    (computed once per module, then scaled for every damping); in ``dtype`` when given (else the eigenbases')."""
+    dt = dtype or eig.UA.dtype
+    UGt, UA = eig.UG.T.to(dt), eig.UA.to(dt)
+    return [UGt @ g.to(dt) @ UA for g in grads]
 
 
 def whiten(
@@ -316,7 +329,8 @@ def whiten(
     alpha, beta = damping_split(eig, delta)
     sa = (eig.wA + alpha).rsqrt()
     sg = (eig.wG + beta).rsqrt()
-    return [(sg[:, None] * r) * sa[None, :] for r in (rotated if rotated is not None else rotate(eig, grads))]
+    rs = rotated if rotated is not None else rotate(eig, grads)
+    return [(sg.to(r.dtype)[:, None] * r) * sa.to(r.dtype)[None, :] for r in rs]
 
 
 def _splits(groups: int) -> list[tuple[list[int], list[int]]]:
@@ -332,8 +346,14 @@ def _splits(groups: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-#: singular values below this share of the largest carry no direction :func:`_directions` can resolve in float64
-_RELATIVE_CUTOFF = 1e-7
+#: singular values below this many √eps of the largest carry no direction :func:`_directions` can resolve: the
+#: Gram matrix's eigenvalues are exact to about eps·σ₁², so σ is resolved down to about √eps·σ₁ (1e-7 of σ₁ in
+#: float64, 2.4e-3 in float32)
+_CUTOFF_SQRT_EPS = 7.0
+
+
+def _relative_cutoff(dtype: torch.dtype) -> float:
+    return _CUTOFF_SQRT_EPS * float(torch.finfo(dtype).eps) ** 0.5
 
 
 def _directions(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,7 +361,7 @@ def _directions(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     By ``eigh`` of the smaller Gram matrix (DᵀD = V S² Vᵀ, then U = D V S⁻¹, or the transpose), 3–5× faster than
     ``torch.linalg.svd`` on the analysis' module shapes; directions whose singular value is below
-    :data:`_RELATIVE_CUTOFF` of the largest (where U would lose its accuracy) are left out — the cross-fitted
+    :func:`_relative_cutoff` of the largest (where U would lose its accuracy) are left out — the cross-fitted
     energy along them is then 0, as if the direction half had no component there. Any directions that depend on
     the direction half only keep the cross-fitted energies unbiased; these are the SVD's up to sign (u and v flip
     together, which leaves u_lᵀM v_l unchanged).
@@ -351,7 +371,7 @@ def _directions(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w, V = torch.linalg.eigh(X.T @ X)
     s = w.flip(0).clamp(min=0).sqrt()
     V = V.flip(1)
-    k = int((s > s[0] * _RELATIVE_CUTOFF).sum()) if s.numel() and s[0] > 0 else 0
+    k = int((s > s[0] * _relative_cutoff(D.dtype)).sum()) if s.numel() and s[0] > 0 else 0
     U = (X @ V[:, :k]) / s[:k]
     return (U, V[:, :k]) if tall else (V[:, :k], U)
 
@@ -408,15 +428,15 @@ def rank_curve(Ms: Sequence[torch.Tensor], rank_grid: Sequence[int]) -> RankCurv
     halves: list[float] = []
     for s, (P, Q) in enumerate(_splits(K)):
         e = _energies(sum(Ms[i] for i in P) / len(P), Ms, Q)
-        c = 0.5 * torch.cumsum(e, 0)
+        c = 0.5 * torch.cumsum(e.double(), 0)  # the sums in float64 whatever the factor algebra's precision
         curves.append(c)
         if s < 2:
             halves.append(max(0.0, float(c.max())))
     mean = torch.stack(curves).mean(0)
     run = torch.cummax(mean, 0).values
     pairs = list(itertools.combinations(range(K), 2))
-    total = 0.5 * sum(float((Ms[i] * Ms[j]).sum()) for i, j in pairs) / len(pairs)
-    mbar = sum(Ms) / K
+    total = 0.5 * sum(float((Ms[i].double() * Ms[j].double()).sum()) for i, j in pairs) / len(pairs)
+    mbar = sum(M.double() for M in Ms) / K
     return RankCurve(
         ranks,
         tuple(float(run[r - 1]) for r in ranks),
@@ -463,7 +483,7 @@ def module_curves(
     if not ref > 0:
         raise HessrankError("K-FAC: every target module has zero curvature (is the loss constant?)")
     out: dict[str, dict[str, Any]] = {}
-    rotated = {m: rotate(eigs[m], stats[m].grads) for m in stats}
+    rotated = {m: rotate(eigs[m], stats[m].grads, stats[m].dtype) for m in stats}
     for z in z_family:
         delta = z * ref
         out[f"{z:g}"] = {
@@ -479,12 +499,15 @@ def module_curves(
     }
 
 
-def rank_r_step(eig: Eig, grad: torch.Tensor, delta: float, rank: int) -> torch.Tensor:
-    """The K-FAC-optimal rank-r update Δ = −Ḡ^-½ [M]_r Ā^-½ of one module (weight coordinates, m × n)."""
+def rank_r_step(
+    eig: Eig, grad: torch.Tensor, delta: float, rank: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The K-FAC-optimal rank-r update Δ = −Ḡ^-½ [M]_r Ā^-½ of one module (weight coordinates, m × n, float64);
+    the SVD of M in ``dtype`` when given (:attr:`ModuleStats.dtype`)."""
     alpha, beta = damping_split(eig, delta)
-    (M,) = whiten(eig, [grad], delta)
+    (M,) = whiten(eig, [grad], delta, rotate(eig, [grad], dtype))
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    Y = -(U[:, :rank] * S[:rank]) @ Vh[:rank]
+    Y = (-(U[:, :rank] * S[:rank]) @ Vh[:rank]).double()
     sa = (eig.wA + alpha).rsqrt()
     sg = (eig.wG + beta).rsqrt()
     return eig.UG @ ((sg[:, None] * Y) * sa[None, :]) @ eig.UA.T

@@ -194,29 +194,36 @@ def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
 
 
 def compensation_curves(
-    delta: torch.Tensor, A: torch.Tensor, G: torch.Tensor, ranks: Sequence[int], eig: Eig | None = None
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    G: torch.Tensor,
+    ranks: Sequence[int],
+    eig: Eig | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, Any]:
     """Shares of ‖δ‖² (plain SVD) and of the K-FAC quadratic ½‖G^½δA^½‖² (weighted SVD) removed at each rank.
 
     ``eig`` (the factors' eigen-decompositions, :class:`hessrank.engine.kfac.Eig`) saves two ``eigh``: with
     A = U_A Λ_A U_Aᵀ and G = U_G Λ_G U_Gᵀ, G^½δA^½ = U_G (Λ_G^½ U_Gᵀ δ U_A Λ_A^½) U_Aᵀ has the singular values of
-    the middle factor (orthogonal invariance).
+    the middle factor (orthogonal invariance). The SVDs run in ``dtype`` (the model's precision,
+    :attr:`hessrank.engine.kfac.ModuleStats.dtype`); the shares are summed in float64.
     """
-    d = delta.double().cpu()
+    d = delta.detach().cpu().to(dtype)
     o, i = G.shape[0], A.shape[0]
     if d.shape != (o, i):
         if d.shape == (i, o):  # transformers' Conv1D stores (in, out)
             d = d.T
         else:
             raise HessrankError(f"weight shape {tuple(d.shape)} does not match its K-FAC factors ({o} x {i})")
-    s_plain = torch.linalg.svdvals(d)
+    s_plain = torch.linalg.svdvals(d).double()
     e_plain = torch.cumsum(s_plain**2, 0) / (s_plain**2).sum().clamp(min=1e-300)
     if eig is not None:
-        mid = eig.wG.sqrt()[:, None] * (eig.UG.T @ d @ eig.UA) * eig.wA.sqrt()[None, :]
-        s_w = torch.linalg.svdvals(mid)
+        rot = eig.UG.T.to(dtype) @ d @ eig.UA.to(dtype)
+        mid = eig.wG.sqrt().to(dtype)[:, None] * rot * eig.wA.sqrt().to(dtype)[None, :]
+        s_w = torch.linalg.svdvals(mid).double()
     else:
-        Gh, Ah = _psd_sqrt(G.cpu()), _psd_sqrt(A.cpu())
-        s_w = torch.linalg.svdvals(Gh @ d @ Ah)
+        Gh, Ah = _psd_sqrt(G.cpu().double()), _psd_sqrt(A.cpu().double())
+        s_w = torch.linalg.svdvals(Gh @ d.double() @ Ah)
     e_w = torch.cumsum(s_w**2, 0) / (s_w**2).sum().clamp(min=1e-300)
     rmax = len(s_plain)
     rs = [r for r in ranks if r < rmax] + [rmax]
@@ -370,7 +377,7 @@ def _module_rows(
         s, d = mods[m], deltas[m]
         lin = float(bench.g[s.start : s.stop] @ d.reshape(-1).double().to(bench.g.device))
         st = factors[m]
-        comp = compensation_curves(d, st.A, st.G, rank_grid, eig=st.eig)
+        comp = compensation_curves(d, st.A, st.G, rank_grid, eig=st.eig, dtype=st.dtype)
         q_kfac = comp["kfac_quadratic"] * 2
         if m in exact_q:
             q, source = exact_q[m], "exact"
