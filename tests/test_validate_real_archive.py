@@ -39,3 +39,23 @@ def test_archive_keeps_summary_files_only_and_is_idempotent(tmp_path: Path) -> N
     (case / "validation/runs/rank-1/metrics.json").write_text('{"new": 1}')
     assert [p.name for p in vr.archive(tmp_path / "runs", dst)] == ["metrics.json"]
     assert (dst / "minilm-sst2/validation/runs/rank-1/metrics.json").read_text() == '{"new": 1}'
+
+
+def test_advice_compares_ranks_format_and_parameters() -> None:
+    """retime's check that a re-run analysis still gives the archived advice: an unselected module counts as
+    rank 0, and a changed rank, format or parameter count makes the advice differ."""
+    vr = _bench()
+
+    def rec(q: int, v_selected: bool = True, fmt: str = "nf4", params: int = 100) -> dict:
+        return {
+            "modules": {"q": {"rank": q, "selected": True}, "v": {"rank": 2, "selected": v_selected}},
+            "quantization": {"format": fmt},
+            "trainable_parameters": params,
+        }
+
+    base = vr._advice(rec(1))
+    assert base == {"ranks": {"q": 1, "v": 2}, "format": "nf4", "trainable_parameters": 100}
+    assert vr._advice(rec(1)) == base
+    assert vr._advice(rec(1, v_selected=False))["ranks"]["v"] == 0
+    for other in (rec(2), rec(1, fmt="llm.int8"), rec(1, params=101), rec(1, v_selected=False)):
+        assert vr._advice(other) != base
