@@ -76,9 +76,10 @@ class ModuleStats:
     """One linear module's K-FAC factors and its true-label gradient per batch group (all float64, CPU).
 
     ``dtype`` is the precision the factor algebra runs in (:meth:`Eig.of`, :func:`module_curves`,
-    :func:`hessrank.engine.quantization.compensation_curves`): the model's, float32 at least. The sums are float64;
-    the eigendecompositions and SVDs of a float32 model's factors gain nothing from float64 (their rounding, ~1e-7
-    of the largest eigenvalue, is far below the damping of at least 1e-3 of it) and cost 2-3x as much.
+    :func:`hessrank.engine.quantization.compensation_curves`, :func:`rank_r_step`): the model's, float32 at least.
+    The sums are float64; the eigendecompositions and SVDs of a float32 model's factors gain nothing from float64
+    (their rounding, ~1e-7 of the largest eigenvalue, is far below each factor's damping α, β at z ≥ 1e-3; the
+    curves and compensation shares agree with float64 to ~1e-6, ``tests/test_kfac.py``) and cost 2-3x as much.
     """
 
     A: torch.Tensor  #: n × n input second moment over real positions
@@ -324,7 +325,8 @@ def whiten(
     """M_k = Ḡ^-½ ∇W_k Ā^-½ for each group's gradient, expressed in the factors' eigenbases.
 
     The eigenbases are orthogonal, so singular values and inner products are those of Ḡ^-½∇WĀ^-½ itself.
-    ``rotated`` (from :func:`rotate`) skips the two rotations when several dampings whiten the same gradients.
+    ``rotated`` (from :func:`rotate`) skips the two rotations when several dampings whiten the same gradients;
+    the result has the dtype of the rotated gradients.
     """
     alpha, beta = damping_split(eig, delta)
     sa = (eig.wA + alpha).rsqrt()

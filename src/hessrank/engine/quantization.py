@@ -178,7 +178,8 @@ def kfac_factors(
     seed: int = 0,
 ) -> dict[str, ModuleStats]:
     """{module: statistics}: the K-FAC factors A, G of :func:`hessrank.engine.kfac.collect` (labels sampled from
-    the model), float64, with their eigen-decompositions cached (``.eig``).
+    the model), float64, with their eigen-decompositions cached (``.eig``: computed in ``ModuleStats.dtype``, kept
+    as float64).
 
     ``task`` is not needed (the batch's label shape says it) and kept for callers that pass it.
     """
@@ -205,8 +206,9 @@ def compensation_curves(
 
     ``eig`` (the factors' eigen-decompositions, :class:`hessrank.engine.kfac.Eig`) saves two ``eigh``: with
     A = U_A Λ_A U_Aᵀ and G = U_G Λ_G U_Gᵀ, G^½δA^½ = U_G (Λ_G^½ U_Gᵀ δ U_A Λ_A^½) U_Aᵀ has the singular values of
-    the middle factor (orthogonal invariance). The SVDs run in ``dtype`` (the model's precision,
-    :attr:`hessrank.engine.kfac.ModuleStats.dtype`); the shares are summed in float64.
+    the middle factor (orthogonal invariance). With ``eig`` the SVDs run in ``dtype`` (the model's precision,
+    :attr:`hessrank.engine.kfac.ModuleStats.dtype`), without it the weighted one in float64; the shares are summed
+    in float64.
     """
     d = delta.detach().cpu().to(dtype)
     o, i = G.shape[0], A.shape[0]
