@@ -135,9 +135,11 @@ def test_config_validation():
         AnalysisConfig(model="m", data="d", trace_matvecs=3)
 
 
-def test_newton_quantities_recover_low_rank_step():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_newton_quantities_recover_low_rank_step(dtype):
     """With H = I on the top-k subspace spanned by rank-1 matrices, the Newton step's rank is the number of
-    distinct rank-1 directions the gradient excites, and the rank-r curve reaches the full decrease at r."""
+    distinct rank-1 directions the gradient excites, and the rank-r curve reaches the full decrease at r; float32
+    eigenvectors (a float32 model's Lanczos basis) give the same within float32's rounding."""
     torch.manual_seed(0)
     o, i, k = 12, 10, 4
     U = torch.linalg.qr(torch.randn(o, o, dtype=torch.float64))[0]
@@ -145,7 +147,7 @@ def test_newton_quantities_recover_low_rank_step():
     vecs = torch.stack([torch.outer(U[:, j], W[:, j]).reshape(-1) for j in range(k)])  # orthonormal rank-1
     lam = np.array([4.0, 3.0, 2.0, 1.0])
     g = np.array([1.0, -2.0, 0.0, 0.0])  # only two directions have gradient
-    out, arrays = newton_module_quantities(lam, g, {"m": vecs}, {"m": (o, i)}, z_family=(1e-6,))
+    out, arrays = newton_module_quantities(lam, g, {"m": vecs.to(dtype)}, {"m": (o, i)}, z_family=(1e-6,))
     per = out["1e-06"]["per_module"]["m"]
     assert per["energy_rank"]["0.99"] == 2
     curve = dict(zip(per["curve"]["ranks"], per["curve"]["predicted_change"]))
@@ -153,4 +155,4 @@ def test_newton_quantities_recover_low_rank_step():
     assert full == pytest.approx(-(1 / 8 + 4 / 6), rel=1e-5)  # -Σ g²/(2λ)
     assert curve[2] == pytest.approx(full, rel=1e-5) and curve[1] > full
     s = arrays["newton/1e-06/m/singular_values"]
-    assert s[2] < 1e-6 * s[0]
+    assert s[2] < (1e-6 if dtype == torch.float64 else 1e-5) * s[0]

@@ -86,14 +86,16 @@ def newton_module_quantities(
         per: dict[str, Any] = {}
         for m, Vm in vectors_by_module.items():
             o, i = shapes[m]
-            Vm64 = Vm.double()
-            step = (torch.from_numpy(a) @ Vm64).view(o, i)  # Δ restricted to module m
+            # in the eigenvectors' own precision (float32 at least): a float32 Lanczos basis gains nothing from a
+            # float64 SVD, which on a 37-module MiniLM scope cost 2x as much; sums below in float64
+            Vw = Vm if Vm.dtype in (torch.float32, torch.float64) else Vm.float()
+            step = (torch.from_numpy(a).to(Vw.dtype) @ Vw).view(o, i)  # Δ restricted to module m
             U, S, Wh = torch.linalg.svd(step, full_matrices=False)
             # P[i, j] = u_jᵀ V_i|m w_j : coordinate of the j-th singular triplet along eigenvector i
-            Vmat = Vm64.view(-1, o, i)
+            Vmat = Vw.view(-1, o, i)
             P = torch.einsum("oj,koi,ji->kj", U, Vmat, Wh)
-            s = S.numpy()
-            cum_b = np.cumsum(P.numpy() * s[None, :], axis=1)  # b(r) for r = 1..rank
+            s = S.double().numpy()
+            cum_b = np.cumsum(P.double().numpy() * s[None, :], axis=1)  # b(r) for r = 1..rank
             rmax = len(s)
             ranks = [r for r in rank_grid if r < rmax] + [rmax]
             curve = []
