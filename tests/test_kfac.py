@@ -357,3 +357,41 @@ def test_collect_records_the_model_precision():
         stats = collect(model, {"proj": model.proj}, batches, groups=4)
         assert stats["proj"].dtype == want
         assert stats["proj"].A.dtype == torch.float64
+
+
+def test_exact_check_measures_the_rank_r_steps_with_the_exact_hessian():
+    """analysis.scope.kfac_exact_check against dense float64 ground truth on the Kronecker model: for each rank,
+    gᵀD, DᵀHD (one HVP) and DᵀKD = tr(ΔᵀGΔA) of the K-FAC rank-r steps, and a K-FAC scale along the step ≈ 1 where
+    H = A ⊗ G up to G's sampling error."""
+    from types import SimpleNamespace
+
+    from hessrank.analysis.scope import kfac_exact_check
+
+    gen = torch.Generator().manual_seed(0)
+    n_in, n_cls, rows = 5, 4, 6000
+    model = _LinearSoftmax(n_in, n_cls)
+    x, batches = _softmax_batches(gen, rows, n_in, n_cls)
+    model._x = x
+    stats = collect(model, {"proj": model.proj}, batches, groups=4, seed=0)
+    st = stats["proj"]
+    y = batches[0]["labels"]
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(x @ w.reshape(n_cls, n_in).T, y)
+
+    w0 = torch.zeros(n_cls * n_in)
+    H, g = torch.func.hessian(loss_of)(w0), torch.func.grad(loss_of)(w0)
+    sl = SimpleNamespace(module="proj", shape=(n_cls, n_in), start=0, stop=n_cls * n_in)
+    op = SimpleNamespace(
+        slices=[sl], n=n_cls * n_in, device=torch.device("cpu"), dtype=torch.float64, matvec=lambda v: H @ v
+    )
+    out = kfac_exact_check(op, g, stats, ranks=(1, 3), z=1e-2)
+    assert [o["rank"] for o in out] == [1, 3]
+    for o in out:
+        step = rank_r_step(st.eig, sum(st.grads) / 4, 1e-2 * st.eig.lambda_max, o["rank"])
+        d = step.reshape(-1)
+        assert o["g_dot_d"] == pytest.approx(float(g @ d), rel=1e-10)
+        assert o["dHd"] == pytest.approx(float(d @ H @ d), rel=1e-10)
+        assert o["dKd"] == pytest.approx(float(d @ torch.kron(st.G, st.A) @ d), rel=1e-10)
+        assert o["scale_along_step"] == pytest.approx(1.0, rel=0.1)
+        assert o["exact_decrease"] == pytest.approx(0.5 * float(g @ d) ** 2 / float(d @ H @ d), rel=1e-10)

@@ -132,23 +132,33 @@ def kfac_exact_check(
     Σ_m tr(Δ_mᵀ G_m Δ_m A_m). The exact model's best decrease along D is ½(gᵀD)²/DᵀHD (when DᵀHD > 0): a
     rank-r update's decrease certified by the exact Hessian, and DᵀHD/DᵀKD is the K-FAC scale along it.
     """
-    from ..engine.kfac import rank_r_step
+    from ..engine.kfac import rank_r_steps
 
     mods = {s.module: s for s in op.slices if len(s.shape) == 2 and s.module in stats}
     if not mods:
         return []
-    eigs = {m: stats[m].eig for m in mods}
     ref = max(st.eig.lambda_max for st in stats.values())
+    # every module's steps for all ranks from one decomposition; DᵀKD's products in the factors' precision
+    steps: dict[str, dict[int, torch.Tensor]] = {}
+    dkds: dict[str, dict[int, float]] = {}
+    for m in mods:
+        st = stats[m]
+        rs = {r: min(r, min(st.shape)) for r in ranks}
+        by = rank_r_steps(st.eig, sum(st.grads) / len(st.grads), z * ref, sorted(set(rs.values())), st.dtype)
+        steps[m] = {r: by[rs[r]].to(st.dtype) for r in ranks}
+        G, A = st.G.to(st.dtype), st.A.to(st.dtype)
+        dkds[m] = {}
+        for r, step in steps[m].items():
+            dkds[m][r] = float(((G @ step) * (step @ A)).double().sum())
     out = []
     for r in ranks:
         D = torch.zeros(op.n, dtype=torch.float64)
         dkd = 0.0
         for m, sl in mods.items():
-            st = stats[m]
-            step = rank_r_step(eigs[m], sum(st.grads) / len(st.grads), z * ref, min(r, min(st.shape)), st.dtype)
-            dkd += float(((st.G @ step) * (step @ st.A)).sum())
+            step = steps[m][r]
+            dkd += dkds[m][r]
             flat = step if tuple(sl.shape) == step.shape else step.T  # Conv1D stores (in, out)
-            D[sl.start : sl.stop] = flat.reshape(-1)
+            D[sl.start : sl.stop] = flat.reshape(-1).double()
         Dv = D.to(device=op.device, dtype=op.dtype)
         dhd = float(Dv.double() @ op.matvec(Dv).double())
         gd = float(grad.double() @ Dv.double())

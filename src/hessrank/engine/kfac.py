@@ -111,24 +111,32 @@ def _weight_grad(mod: nn.Module) -> torch.Tensor:
 
 
 class _Recorder:
-    """Forward hooks that keep each module's input and the gradient at its output for the current batch."""
+    """Forward hooks that keep each module's input and its output (a node of the graph) for the current batch."""
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.acts: dict[str, torch.Tensor] = {}
-        self.outgrads: dict[str, torch.Tensor] = {}
+        self.outs: dict[str, torch.Tensor] = {}
         self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in modules.items()]
 
     def _hook(self, name: str) -> Any:
         def fwd(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             self.acts[name] = args[0].detach()
             if out.requires_grad:
-                out.register_hook(lambda g: self.outgrads.__setitem__(name, g.detach()))
+                self.outs[name] = out
 
         return fwd
 
+    def output_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """∂loss/∂(each module's output) by ``torch.autograd.grad`` with the outputs as inputs: the backward
+        stops at what they need and computes no weight gradient (a ``.backward()`` would, for every target
+        module, and throw them away); a module off the loss' path gets zeros."""
+        names = list(self.outs)
+        grads = torch.autograd.grad(loss, [self.outs[n] for n in names], allow_unused=True)
+        return {n: (torch.zeros_like(self.outs[n]) if g is None else g) for n, g in zip(names, grads)}
+
     def clear(self) -> None:
         self.acts.clear()
-        self.outgrads.clear()
+        self.outs.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -207,14 +215,13 @@ def _batch_statistics(
             mod.weight.grad = None
         probs = torch.softmax(lg.detach(), -1)
         y = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(lg.device)
-        rec.outgrads.clear()
-        nn.functional.cross_entropy(lg, y, reduction="sum").backward()
+        outgrads = rec.output_grads(nn.functional.cross_entropy(lg, y, reduction="sum"))
     sums.items[k] += int(target.shape[0])
     sums.fisher_items += int(target.shape[0])
     real = batch["attention_mask"].bool()
     sums.positions += int(real.sum())
     for name, mod in modules.items():
-        x, g = rec.acts[name], rec.outgrads[name]
+        x, g = rec.acts[name], outgrads[name]
         if x.dim() == 3:
             x, g = x[real], g[real]
         sums.add_factors(name, x, g)
@@ -501,15 +508,29 @@ def module_curves(
     }
 
 
+def rank_r_steps(
+    eig: Eig, grad: torch.Tensor, delta: float, ranks: Sequence[int], dtype: torch.dtype | None = None
+) -> dict[int, torch.Tensor]:
+    """The K-FAC-optimal rank-r updates Δ_r = −Ḡ^-½ [M]_r Ā^-½ of one module for every r in ``ranks`` (weight
+    coordinates, m × n, float64), from one decomposition of M (:func:`_directions`, in ``dtype`` when given:
+    :attr:`ModuleStats.dtype`); [M]_r = Σ_{l≤r} σ_l u_l v_lᵀ over the directions M resolves."""
+    alpha, beta = damping_split(eig, delta)
+    (M,) = whiten(eig, [grad], delta, rotate(eig, [grad], dtype))
+    U, V = _directions(M)
+    S = ((U.T @ M) * V.T).sum(1)  # σ_l = u_lᵀ M v_l
+    dt = M.dtype
+    sa = (eig.wA + alpha).rsqrt().to(dt)
+    sg = (eig.wG + beta).rsqrt().to(dt)
+    UG, UA = eig.UG.to(dt), eig.UA.to(dt)
+    out = {}
+    for r in ranks:
+        Y = -(U[:, :r] * S[:r]) @ V[:, :r].T
+        out[r] = (UG @ ((sg[:, None] * Y) * sa[None, :]) @ UA.T).double()
+    return out
+
+
 def rank_r_step(
     eig: Eig, grad: torch.Tensor, delta: float, rank: int, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """The K-FAC-optimal rank-r update Δ = −Ḡ^-½ [M]_r Ā^-½ of one module (weight coordinates, m × n, float64);
-    the SVD of M in ``dtype`` when given (:attr:`ModuleStats.dtype`)."""
-    alpha, beta = damping_split(eig, delta)
-    (M,) = whiten(eig, [grad], delta, rotate(eig, [grad], dtype))
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    Y = (-(U[:, :rank] * S[:rank]) @ Vh[:rank]).double()
-    sa = (eig.wA + alpha).rsqrt()
-    sg = (eig.wG + beta).rsqrt()
-    return eig.UG @ ((sg[:, None] * Y) * sa[None, :]) @ eig.UA.T
+    """The K-FAC-optimal rank-r update Δ = −Ḡ^-½ [M]_r Ā^-½ of one module (:func:`rank_r_steps` for one r)."""
+    return rank_r_steps(eig, grad, delta, [rank], dtype)[rank]
