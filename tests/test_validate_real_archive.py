@@ -59,3 +59,25 @@ def test_advice_compares_ranks_format_and_parameters() -> None:
     assert vr._advice(rec(1, v_selected=False))["ranks"]["v"] == 0
     for other in (rec(2), rec(1, fmt="llm.int8"), rec(1, params=101), rec(1, v_selected=False)):
         assert vr._advice(other) != base
+
+
+def test_cost_table_reads_a_retime_only_when_it_gave_the_archived_advice(tmp_path: Path) -> None:
+    """The cost table shows a case's re-timed analysis (analysis_retime.json, written by retime) beside the one
+    timed when it ran, and ignores a re-timing whose advice differed from the archived one."""
+    import json
+
+    vr = _bench()
+    case = tmp_path / "minilm-sst2"
+    (case / "validation").mkdir(parents=True)
+    (case / "validation" / "validation.json").write_text(
+        json.dumps({"cost": {"ladder_train_time": 1000.0, "analysis_seconds": 180.0}})
+    )
+    (case / "analysis_wall.json").write_text('{"seconds": 200.0}')
+    row = next(r for r in vr.cost_table(tmp_path).splitlines() if r.startswith("| minilm-sst2 "))
+    assert "| 20.0% |" in row and row.endswith("| - | - |")
+    rt = {"seconds": 95.0, "commit": "abcdef0123", "advice_as_archived": True}
+    (case / vr.RETIME_FILE).write_text(json.dumps(rt))
+    row = next(r for r in vr.cost_table(tmp_path).splitlines() if r.startswith("| minilm-sst2 "))
+    assert row.endswith("| 95 (abcdef0) | 9.5% |") and "| 20.0% |" in row
+    (case / vr.RETIME_FILE).write_text(json.dumps({"seconds": 95.0, "commit": "abcdef0", "advice_as_archived": False}))
+    assert vr._retimed(case) is None
