@@ -147,26 +147,30 @@ def _softmax_batches(gen: torch.Generator, rows: int, n_in: int, n_cls: int, cop
     return x, [b] * copies
 
 
-def test_predicted_curve_matches_the_exact_optimum_on_a_kronecker_model():
-    """A linear softmax classifier at uniform predictions: H = E[xxᵀ] ⊗ (diag(p) − ppᵀ) exactly. The K-FAC curve from
-    collect() (sampled labels) matches the exact rank-r optimum of torch.func.hessian's quadratic, within the
-    sampling error of G; the Lanczos-style calibration c is ≈ 1."""
+def _kronecker_case(n_in: int = 5, n_cls: int = 4, rows: int = 6000):
+    """The linear softmax classifier at W = 0 (uniform predictions, so H = E[xxᵀ] ⊗ (diag(p) − ppᵀ) exactly): its
+    collect() statistics and the exact Hessian and gradient of the mean CE by torch.func."""
     gen = torch.Generator().manual_seed(0)
-    n_in, n_cls, rows = 5, 4, 6000
     model = _LinearSoftmax(n_in, n_cls)
     x, batches = _softmax_batches(gen, rows, n_in, n_cls)
     model._x = x
     stats = collect(model, {"proj": model.proj}, batches, groups=4, seed=0)
-    st = stats["proj"]
-    # exact Hessian and gradient of the mean CE at W = 0
     y = batches[0]["labels"]
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(x @ w.reshape(n_cls, n_in).T, y)
 
     w0 = torch.zeros(n_cls * n_in)
-    H = torch.func.hessian(loss_of)(w0)
-    g = torch.func.grad(loss_of)(w0)
+    return x, stats, torch.func.hessian(loss_of)(w0), torch.func.grad(loss_of)(w0)
+
+
+def test_predicted_curve_matches_the_exact_optimum_on_a_kronecker_model():
+    """A linear softmax classifier at uniform predictions: H = E[xxᵀ] ⊗ (diag(p) − ppᵀ) exactly. The K-FAC curve from
+    collect() (sampled labels) matches the exact rank-r optimum of torch.func.hessian's quadratic, within the
+    sampling error of G; the Lanczos-style calibration c is ≈ 1."""
+    n_in, n_cls, rows = 5, 4, 6000
+    x, stats, H, g = _kronecker_case(n_in, n_cls, rows)
+    st = stats["proj"]
     assert torch.allclose(st.grads[0].reshape(-1), g, atol=1e-12)  # the group gradient is the mean-loss gradient
     assert torch.allclose(st.A, x.T @ x / rows, atol=1e-12)  # A by its definition
     assert torch.allclose(torch.kron(st.G, st.A), H, rtol=0.05, atol=0.01 * float(H.abs().max()))
@@ -367,20 +371,9 @@ def test_exact_check_measures_the_rank_r_steps_with_the_exact_hessian():
 
     from hessrank.analysis.scope import kfac_exact_check
 
-    gen = torch.Generator().manual_seed(0)
-    n_in, n_cls, rows = 5, 4, 6000
-    model = _LinearSoftmax(n_in, n_cls)
-    x, batches = _softmax_batches(gen, rows, n_in, n_cls)
-    model._x = x
-    stats = collect(model, {"proj": model.proj}, batches, groups=4, seed=0)
+    n_in, n_cls = 5, 4
+    _, stats, H, g = _kronecker_case(n_in, n_cls)
     st = stats["proj"]
-    y = batches[0]["labels"]
-
-    def loss_of(w: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(x @ w.reshape(n_cls, n_in).T, y)
-
-    w0 = torch.zeros(n_cls * n_in)
-    H, g = torch.func.hessian(loss_of)(w0), torch.func.grad(loss_of)(w0)
     sl = SimpleNamespace(module="proj", shape=(n_cls, n_in), start=0, stop=n_cls * n_in)
     op = SimpleNamespace(
         slices=[sl], n=n_cls * n_in, device=torch.device("cpu"), dtype=torch.float64, matvec=lambda v: H @ v

@@ -132,6 +132,9 @@ class _Recorder:
         module, and throw them away); a module off the loss' path gets zeros."""
         names = list(self.outs)
         grads = torch.autograd.grad(loss, [self.outs[n] for n in names], allow_unused=True)
+        off = [n for n, g in zip(names, grads) if g is None]
+        if off:
+            log.warning("K-FAC: %s not on the loss' path (output gradient zero): no curvature", ", ".join(off))
         return {n: (torch.zeros_like(self.outs[n]) if g is None else g) for n, g in zip(names, grads)}
 
     def clear(self) -> None:
