@@ -49,8 +49,12 @@ def _args(text: str) -> list[str]:
 #: that keep the analysis within 10% of the ladder's cost); validation at batch 32 for 300 steps (doubled for a run
 #: still improving, at most twice), 3 seeds, lr 1e-3 (the adapters' default), rank-stable LoRA scaling (the
 #: recommendation's recipe: α/√r, α = 8), on validate's default schedule (linear decay after warm-up).
+#: MiniLM cases: top-4 Lanczos at --tol 2e-2 (session 17; the archived analyses ran at 1e-2). The pairs only fit
+#: one K-FAC scale c per joint scope, whose ratios λᵢ/ρᵢ spread by a factor 3–6 (docs/advisor.md); at 2e-2 every
+#: Ritz value of the four archived cases is within 3% of its 1e-3 reference (benchmarks/lanczos_history.py), and
+#: all-linear MiniLM needs 15 HVPs instead of 22
 _MINILM_ANALYZE = (
-    "--model minilm-l6 --task seq-cls --scope joint --top-k 4 --tol 1e-2 --negative-k 0 --batch-size 16 "
+    "--model minilm-l6 --task seq-cls --scope joint --top-k 4 --tol 2e-2 --negative-k 0 --batch-size 16 "
     "--num-batches 2 --max-length 64 --slq-probes 1 --slq-steps 8 --kfac-batches 16 "
     "--quant-formats llm.int8,nf4,nf4-dq --quant-eval-batches 2"
 )
@@ -293,7 +297,8 @@ def summarize(root: Path) -> str:
             "",
             f"Command: `{cmd}` (stages: `hessrank analyze {' '.join(CASES[case]['analyze'])}`, "
             f"`hessrank recommend {' '.join(CASES[case]['recommend'])}`, "
-            f"`hessrank validate {' '.join(CASES[case]['validate'])}`).",
+            f"`hessrank validate {' '.join(CASES[case]['validate'])}`)."
+            + (f" {note}" if (note := _recipe_note(case, out)) else ""),
             "",
             f"Analysis: {an['model']['name']} on {Path(an['data']['source']).name}, joint scope over "
             f"{len(an['modules'])} modules ({joint['summary']['num_params']:,} parameters), analysis point: "
@@ -335,7 +340,8 @@ def summarize(root: Path) -> str:
     return "\n".join(parts)
 
 
-#: written by :func:`retime` into a case's archive folder: {seconds, commit, advice_as_archived, created}
+#: written by :func:`retime` into a case's archive folder: {seconds, commit, advice_as_archived, analyze_args (the
+#: recipe's analyze flags it ran; absent before session 17), created}
 RETIME_FILE = "analysis_retime.json"
 
 
@@ -383,6 +389,39 @@ def _advice(rec: dict) -> dict:
         "format": rec["quantization"]["format"],
         "trainable_parameters": rec["trainable_parameters"],
     }
+
+
+def recipe_differences(case: str, archived_config: dict) -> dict[str, tuple]:
+    """{field: (archived value, the case's current recipe's value)} where the archived analysis' configuration
+    (``analysis_config.json``'s ``config``) differs from what :data:`CASES` ``[case]["analyze"]`` now runs (the
+    flags parsed by hessrank's own parser; fields added since compare at their defaults)."""
+    from hessrank.analysis import AnalysisConfig
+    from hessrank.cli import build_parser
+    from hessrank.cli_analysis import analysis_config_from_args
+    from hessrank.io import differing_fields
+
+    args = build_parser().parse_args(["analyze", *CASES[case]["analyze"], "--out", "unused"])
+    now = analysis_config_from_args(args).to_dict()
+    was = AnalysisConfig.from_dict(archived_config).to_dict()
+    return {k: (was.get(k), now.get(k)) for k in differing_fields(was, now)}
+
+
+def _recipe_note(case: str, out: Path) -> str | None:
+    """A sentence for a case whose archived analysis ran under other analysis flags than the current recipe."""
+    cfg_file = out / "analysis" / "analysis_config.json"
+    if not cfg_file.exists():
+        return None
+    diff = recipe_differences(case, json.loads(cfg_file.read_text())["config"])
+    if not diff:
+        return None
+    what = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+    rt = _retimed(out)
+    same = (
+        f"; the current recipe's analysis, re-timed at {rt['commit'][:7]}, gives the archived advice"
+        if rt is not None and rt.get("analyze_args") == CASES[case]["analyze"]
+        else "; the current recipe's advice has not been compared with it"
+    )
+    return f"The archived analysis ran with {what}{same}."
 
 
 def _commit() -> str:
@@ -438,7 +477,13 @@ def retime(cases: list[str], scratch: Path, archived: Path) -> str:
         rows.append(
             f"| {case} | {wall:.1f} | {'-' if old is None else f'{old:.0f}'} | {lad:.0f} | {wall / lad:.1%} | {same} |"
         )
-        doc = {"seconds": wall, "commit": _commit(), "advice_as_archived": now == was, "created": time.time()}
+        doc = {
+            "seconds": wall,
+            "commit": _commit(),
+            "advice_as_archived": now == was,
+            "analyze_args": c["analyze"],
+            "created": time.time(),
+        }
         atomic_write(archived / case / RETIME_FILE, lambda f, doc=doc: json.dump(doc, f, indent=1))
     return "\n".join(rows)
 

@@ -36,7 +36,7 @@ def small_cfg(model, data, **kw):
 @pytest.mark.slow
 def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp_path):
     out = tmp_path / "an"
-    cfg = small_cfg(tiny_llama_dir, sentiment_tsv)
+    cfg = small_cfg(tiny_llama_dir, sentiment_tsv, kfac_exact_check=True)
     doc = analyze(cfg, out, progress=False)
     assert doc["schema"] == "hessrank.analysis/1"
     names = [s["name"] for s in doc["scopes"]]
@@ -75,8 +75,8 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
     cal = kf["calibration"]
     assert {"joint", "group:q_proj", "model.layers.0.self_attn.q_proj"} <= set(cal)
     assert cal["joint"]["scale"] > 0 and len(cal["joint"]["ratios"]) == 3
-    # the exact check along the K-FAC steps: one HVP per rank; K-FAC curvature is positive, the exact one need not
-    # be (a random tiny model's Hessian is indefinite), and the certified decrease exists only where it is
+    # the exact check along the K-FAC steps (opt-in): one HVP per rank; K-FAC curvature is positive, the exact one
+    # need not be (a random tiny model's Hessian is indefinite), and the certified decrease exists only where it is
     chk = cal["joint"]["exact_check"]
     assert [c["rank"] for c in chk] == [1, 8] and all(c["dKd"] > 0 for c in chk)
     for c in chk:
@@ -105,7 +105,7 @@ def test_analyze_causal_end_to_end_and_resume(tiny_llama_dir, sentiment_tsv, tmp
 
     # a different configuration in the same folder is refused
     with pytest.raises(HessrankError, match=r"different configuration.*top_k"):
-        analyze(small_cfg(tiny_llama_dir, sentiment_tsv, top_k=4), out, progress=False)
+        analyze(small_cfg(tiny_llama_dir, sentiment_tsv, top_k=4, kfac_exact_check=True), out, progress=False)
 
 
 @pytest.mark.slow
@@ -119,11 +119,19 @@ def test_analyze_seq_cls_fits_head_first(tiny_bert_dir, sentiment_tsv, tmp_path)
         repeats=1,
         data_options={},
         probe_examples=64,
+        negative_k=0,
+        slq_probes=1,
+        trace_matvecs=0,
     )
     doc = analyze(cfg, tmp_path / "an", progress=False)
     point = doc["analysis_point"]
     assert point["kind"] == "pretrained body + fitted head"
     assert point["probe"]["loss_after"] < point["probe"]["loss_before"]
+    # the K-FAC exact check is opt-in: by default every HVP is the top-k Lanczos run's (SLQ's one probe shares it)
+    r0 = doc["scopes"][0]["repeats"][0]
+    assert r0["kfac_exact_check"] is None and doc["kfac"]["calibration"]["joint"]["exact_check"] is None
+    assert r0["kfac_rayleigh"] and doc["kfac"]["calibration"]["joint"]["scale"] > 0
+    assert r0["matvecs"] == r0["lanczos_matvecs"]
 
 
 def test_config_validation():

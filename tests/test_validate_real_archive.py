@@ -81,3 +81,34 @@ def test_cost_table_reads_a_retime_only_when_it_gave_the_archived_advice(tmp_pat
     assert row.endswith("| 95 (abcdef0) | 9.5% |") and "| 20.0% |" in row
     (case / vr.RETIME_FILE).write_text(json.dumps({"seconds": 95.0, "commit": "abcdef0", "advice_as_archived": False}))
     assert vr._retimed(case) is None
+
+
+def test_recipe_note_names_the_flags_an_archived_analysis_ran_with(tmp_path: Path) -> None:
+    """A case whose archived analysis ran under other analyze flags than the recipe now prints (say an older --tol)
+    gets a sentence naming each field with both values, and says whether a re-timing at the current recipe gave
+    the archived advice; an analysis at the current recipe gets none."""
+    import json
+
+    from hessrank.cli import build_parser
+    from hessrank.cli_analysis import analysis_config_from_args
+
+    vr = _bench()
+    case = tmp_path / "minilm-sst2"
+    (case / "analysis").mkdir(parents=True)
+    args = build_parser().parse_args(["analyze", *vr.CASES["minilm-sst2"]["analyze"], "--out", "x"])
+    now = analysis_config_from_args(args).to_dict()
+    cfg_file = case / "analysis" / "analysis_config.json"
+    cfg_file.write_text(json.dumps({"config": now}))
+    assert vr.recipe_differences("minilm-sst2", now) == {} and vr._recipe_note("minilm-sst2", case) is None
+    old = {**now, "tol": now["tol"] / 2}
+    del old["kfac_exact_check"]  # written before the field existed: compares at its default
+    cfg_file.write_text(json.dumps({"config": old}))
+    assert vr.recipe_differences("minilm-sst2", old) == {"tol": (now["tol"] / 2, now["tol"])}
+    note = vr._recipe_note("minilm-sst2", case)
+    assert f"tol {now['tol'] / 2!r} (now {now['tol']!r})" in note and "has not been compared" in note
+    rt = {"seconds": 30.0, "commit": "abcdef0123", "advice_as_archived": True}
+    (case / vr.RETIME_FILE).write_text(json.dumps(rt))
+    assert "has not been compared" in vr._recipe_note("minilm-sst2", case)  # a re-timing of another recipe
+    rt["analyze_args"] = vr.CASES["minilm-sst2"]["analyze"]
+    (case / vr.RETIME_FILE).write_text(json.dumps(rt))
+    assert "re-timed at abcdef0, gives the archived advice" in vr._recipe_note("minilm-sst2", case)

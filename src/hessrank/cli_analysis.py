@@ -36,10 +36,11 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import AnalysisConfig, analyze, summary_lines
+def analysis_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~hessrank.analysis.AnalysisConfig` an ``analyze`` command line describes (parsed ``args``)."""
+    from .analysis import AnalysisConfig
 
-    cfg = AnalysisConfig(
+    return AnalysisConfig(
         model=args.model,
         data=args.data,
         task=args.task,
@@ -71,6 +72,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         quant_eval_batches=args.quant_eval_batches,
         kfac_batches=args.kfac_batches,
         kfac_groups=args.kfac_groups,
+        kfac_exact_check=args.kfac_exact_check,
         pilot_steps=args.pilot_steps,
         pilot_rank=args.pilot_rank,
         pilot_lr=args.pilot_lr,
@@ -78,6 +80,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         pilot_eval_batches=args.pilot_eval_batches,
         data_options=data_options(args),
     )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze, summary_lines
+
+    cfg = analysis_config_from_args(args)
     doc = analyze(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     from .distributed import is_main_process, shutdown
 
@@ -334,6 +342,12 @@ def _register_analyze(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         help="batches for the whole-module K-FAC rank curves (gradients and factors; no HVPs)",
     )
     sp.add_argument("--kfac-groups", type=int, help="groups the K-FAC batches are cross-fitted over")
+    sp.add_argument(
+        "--kfac-exact-check",
+        action=argparse.BooleanOptionalAction,
+        help="opt-in diagnostic: the exact curvature along each scope's K-FAC rank-1 and rank-8 steps (2 HVPs per "
+        "scope; reported in the explanation, the advice does not use it)",
+    )
     sp.add_argument(
         "--pilot-steps",
         type=int,

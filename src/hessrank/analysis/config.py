@@ -78,6 +78,10 @@ class AnalysisConfig:
     quant_eval_batches: int = 8
     kfac_batches: int = 16
     kfac_groups: int = 4
+    #: opt-in diagnostic: the exact quadratic model along each scope's K-FAC rank-1 and rank-8 steps (two HVPs per
+    #: scope and repeat; :func:`hessrank.analysis.scope.kfac_exact_check`). It only adds a sentence to the
+    #: explanation, so it is off by default (analyses before this field existed ran it)
+    kfac_exact_check: bool = False
     #: the pilot LoRA run (:mod:`hessrank.analysis.pilot`, opt-in): steps (0: none), rank, learning rate, batch,
     #: held-out batches
     pilot_steps: int = 0

@@ -272,15 +272,17 @@ def _kfac_fields(
     kfac_stats: dict[str, Any] | None,
     vectors_by_module: dict[str, torch.Tensor],
     shapes: dict[str, tuple[int, int]],
+    exact_check: bool,
 ) -> dict[str, Any]:
-    """``kfac_rayleigh`` and ``kfac_exact_check`` when K-FAC statistics were collected, else nothing."""
+    """``kfac_rayleigh`` when K-FAC statistics were collected, and ``kfac_exact_check`` (null unless asked for:
+    two HVPs, a diagnostic the advice does not use)."""
     if kfac_stats is None:
         return {}
     from ..engine.kfac import rayleigh_quotients
 
     return {
         "kfac_rayleigh": rayleigh_quotients(vectors_by_module, kfac_stats, shapes),
-        "kfac_exact_check": kfac_exact_check(timed, grad, kfac_stats),
+        "kfac_exact_check": kfac_exact_check(timed, grad, kfac_stats) if exact_check else None,
     }
 
 
@@ -303,7 +305,8 @@ def measure_scope(
     """All measurements of one operator; returns JSON-ready results and arrays.
 
     With ``kfac_stats`` (:func:`hessrank.engine.kfac.collect`) it also records the K-FAC Rayleigh quotients of the top
-    eigenvectors (``kfac_rayleigh``, the calibration of :mod:`hessrank.engine.kfac`) and :func:`kfac_exact_check`.
+    eigenvectors (``kfac_rayleigh``, the calibration of :mod:`hessrank.engine.kfac`) and, with
+    ``cfg.kfac_exact_check``, :func:`kfac_exact_check`.
     """
     timed = _Timed(op)
     t0 = time.perf_counter()
@@ -323,7 +326,7 @@ def measure_scope(
 
     modules, split, vectors_by_module, shapes = _split_by_module(op, V)
     newton, arrays = newton_module_quantities(top.eigenvalues, proj, vectors_by_module, shapes)
-    kfac_part = _kfac_fields(timed, grad, kfac_stats, vectors_by_module, shapes)
+    kfac_part = _kfac_fields(timed, grad, kfac_stats, vectors_by_module, shapes, cfg.kfac_exact_check)
     lam_pos = np.clip(top.eigenvalues, 0, None)
     curvature_share = {m: float((lam_pos * split[m]).sum() / max(lam_pos.sum(), 1e-300)) for m in modules}
 
