@@ -450,6 +450,7 @@ def retime(cases: list[str], scratch: Path, archived: Path) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     hr = [sys.executable, "-m", "hessrank"]
+    commit = _commit()  # before the first case writes its file into a tracked folder (which would read as dirty)
     for case in cases:
         c = CASES[case]
         vj = archived / case / "validation" / "validation.json"
@@ -479,7 +480,7 @@ def retime(cases: list[str], scratch: Path, archived: Path) -> str:
         )
         doc = {
             "seconds": wall,
-            "commit": _commit(),
+            "commit": commit,
             "advice_as_archived": now == was,
             "analyze_args": c["analyze"],
             "created": time.time(),
