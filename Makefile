@@ -31,8 +31,8 @@ test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check src tests benchmarks notebooks
 
 demo: install
 	HF_HUB_OFFLINE=1 bash scripts/demo.sh $(DEMO_OUT)
