@@ -102,3 +102,13 @@ def test_a_smaller_rung_that_beats_the_advice_makes_it_beaten_not_too_small():
     ladder = {1: _metrics(0.9, 0, 100), 8: _metrics(1.0, 0, 800)}
     assert _verdict(ValidateConfig(recommendation="x"), adv, 400, ladder, p, rival_params=100)["verdict"] == "beaten"
     assert _verdict(ValidateConfig(recommendation="x"), adv, 400, ladder, p, rival_params=800)["verdict"] == "too small"
+
+
+def test_knee_sentence_names_the_rank_or_says_there_is_none():
+    from hessrank.trainer.validate import knee_sentence
+
+    assert knee_sentence({"knee_rank": 8, "band": 0.0123}) == (
+        "Knee rank r* = 8 (smallest ladder rank within 0.0123 of the best run at the first seed)."
+    )
+    none = knee_sentence({"knee_rank": None, "band": 0.0038})
+    assert "None" not in none and "no ladder rank is within 0.0038" in none

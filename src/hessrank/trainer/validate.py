@@ -768,6 +768,15 @@ def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any
     )
 
 
+def knee_sentence(doc: dict[str, Any]) -> str:
+    """The knee in words; with no knee (``knee_rank`` null) the advice at the first seed beat every rung by more
+    than the band, which the sentence says instead of printing ``None``."""
+    within = f"within {doc['band']:.4f} of the best run at the first seed"
+    if doc.get("knee_rank") is None:
+        return f"Knee rank r*: none — no ladder rank is {within} (the advice is better than every rung)."
+    return f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank {within})."
+
+
 def table_markdown(doc: dict[str, Any]) -> str:
     """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
     rc = doc["recipe"]
@@ -802,10 +811,7 @@ def table_markdown(doc: dict[str, Any]) -> str:
         per = ", ".join(f"{d:+.4f} (seed {s})" for s, d in p["minus_advice"].items())
         rel = "" if p["relative"] is None else f", {p['relative']:+.1%} of the advice's loss"
         lines.append(f"Paired by seed, {doc['rival']} minus advice: {per}; mean {p['mean']:+.4f}{rel}.")
-    lines.append(
-        f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank within {doc['band']:.4f} of the best rung at "
-        "the first seed)."
-    )
+    lines.append(knee_sentence(doc))
     if doc.get("accuracy_note"):
         lines.append(doc["accuracy_note"] + ".")
     if doc["competitors"]:
