@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -198,6 +199,49 @@ def partial_table(val: Path) -> str:
     return "\n".join(rows)
 
 
+def extension_table(val: Path) -> str | None:
+    """Every extended run of a validation beside the shorter training it replaced, from their ``metrics.json``.
+
+    validate judges an extended run by its longest training (the rule in :mod:`hessrank.trainer.validate`, fixed
+    before any of these runs). The table shows what that rule discards: each training's loss on the selection half
+    of the held-out split (at its best checkpoint: what chose the checkpoint) and on the reported half. ``None`` when
+    no run was extended under a decaying schedule (no ``runs/<name>@<steps>`` folders)."""
+    families: dict[str, list[dict]] = {}
+    for mf in sorted(val.glob("runs/*@*/metrics.json")):
+        base = val / "runs" / mf.parent.name.split("@")[0] / "metrics.json"
+        if base.exists():
+            families.setdefault(base.parent.name, [json.loads(base.read_text())]).append(json.loads(mf.read_text()))
+    if not families:
+        return None
+    rows = [
+        "Extended runs beside the trainings they replaced (the verdict uses the longest; selection: the held-out "
+        "half that chose the checkpoint, at the best step; reported: the other half):",
+        "",
+        "| run | planned steps | steps run | best step | selection loss | reported loss | used by the verdict |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    shorter_won, reported_worse = 0, 0
+    for name, trainings in families.items():
+        trainings.sort(key=lambda m: m["run_info"]["train_config"]["steps"])
+        sel, rep = [], []
+        for i, m in enumerate(trainings):
+            ti, steps = m["train_info"], m["run_info"]["train_config"]["steps"]
+            sel.append({e["step"]: e["eval_loss"] for e in ti.get("eval_curve") or []}.get(ti["best_step"], math.nan))
+            rep.append(ti["metrics"]["eval_loss"])
+            rows.append(
+                f"| {name if i == 0 else f'{name}@{steps}'} | {steps} | {ti['steps']} | {ti['best_step']} | "
+                f"{sel[-1]:.4f} | {rep[-1]:.4f} | {'yes' if i == len(trainings) - 1 else 'no'} |"
+            )
+        shorter_won += min(sel[:-1]) < sel[-1]
+        reported_worse += min(rep[:-1]) < rep[-1]
+    rows += [
+        "",
+        f"A shorter training had the lower selection loss in {shorter_won} of {len(families)} extended runs and the "
+        f"lower reported loss in {reported_worse} of {len(families)}.",
+    ]
+    return "\n".join(rows)
+
+
 def _where(root: Path) -> str:
     """Where the runs under ``root`` ran, read from their files: torch builds and training devices."""
     torches = sorted(
@@ -328,6 +372,8 @@ def summarize(root: Path) -> str:
             lines.append(md.strip())
         else:
             lines.append(partial_table(out / "validation"))
+        if (ext := extension_table(out / "validation")) is not None:
+            lines += ["", ext]
         q = rec["quantization"]
         if q.get("candidates"):
             lines.append("")

@@ -112,3 +112,35 @@ def test_recipe_note_names_the_flags_an_archived_analysis_ran_with(tmp_path: Pat
     rt["analyze_args"] = vr.CASES["minilm-sst2"]["analyze"]
     (case / vr.RETIME_FILE).write_text(json.dumps(rt))
     assert "re-timed at abcdef0, gives the archived advice" in vr._recipe_note("minilm-sst2", case)
+
+
+def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(tmp_path: Path) -> None:
+    """A run extended under a decaying schedule (runs/<name>@<steps>) is listed with its shorter training: the
+    selection-half loss at each one's best step, the reported loss, and which one the verdict used (the longest);
+    the closing sentence counts the extended runs whose shorter training was better on each half."""
+    import json
+
+    vr = _bench()
+
+    def metrics(folder: str, steps: int, run: int, best: int, curve: dict[int, float], reported: float) -> None:
+        m = {
+            "run_info": {"train_config": {"steps": steps}},
+            "train_info": {
+                "steps": run,
+                "best_step": best,
+                "eval_curve": [{"step": s, "eval_loss": x} for s, x in curve.items()],
+                "metrics": {"eval_loss": reported},
+            },
+        }
+        (tmp_path / "runs" / folder).mkdir(parents=True)
+        (tmp_path / "runs" / folder / "metrics.json").write_text(json.dumps(m))
+
+    metrics("advice-s0", 100, 100, 100, {50: 0.9, 100: 0.8}, 0.81)  # never extended: not listed
+    assert vr.extension_table(tmp_path) is None
+    metrics("rank-8", 100, 100, 100, {50: 0.9, 100: 0.5}, 0.52)
+    metrics("rank-8@200", 200, 150, 100, {50: 0.9, 100: 0.6, 150: 0.7}, 0.50)
+    table = vr.extension_table(tmp_path)
+    assert "| rank-8 | 100 | 100 | 100 | 0.5000 | 0.5200 | no |" in table
+    assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | yes |" in table
+    assert "advice-s0" not in table
+    assert "lower selection loss in 1 of 1 extended runs and the lower reported loss in 0 of 1" in table
