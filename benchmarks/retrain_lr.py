@@ -1,0 +1,53 @@
+"""Retrain runs of a validation with another learning rate, and print them beside the originals (a diagnostic).
+
+    .venv/bin/python benchmarks/retrain_lr.py VAL --runs advice-s0,rank-32 --lr 4e-3 --out runs/lr4e-3
+
+VAL is a ``hessrank validate`` output folder; each named run's ``runs/<name>/train_config.json`` is read as validate
+wrote it, only ``lr`` is replaced, and the run is trained into ``OUT/<name>`` (resumable) with
+:func:`hessrank.trainer.train.train`. The table gives both runs' held-out loss on the reported half, best step and
+plateau state. Session 19 used it on GSM8K: does a run's distance from another come from the learning rate the
+recipe gives both?
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from hessrank.trainer.train import TrainConfig, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("validation", type=Path, help="a hessrank validate output folder")
+    ap.add_argument("--runs", required=True, help="comma-separated run names under VAL/runs")
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    rows = [
+        f"| run | lr | held-out loss | best step | steps | plateau | lr {args.lr:g}: held-out loss | best step | "
+        "steps | plateau |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for name in args.runs.split(","):
+        folder = args.validation / "runs" / name
+        if not (folder / "metrics.json").is_file():
+            raise SystemExit(f"{folder}: no metrics.json (not a finished run of this validation)")
+        before = json.loads((folder / "metrics.json").read_text())["train_info"]
+        cfg = TrainConfig.from_dict(json.loads((folder / "train_config.json").read_text())["config"])
+        after = train(dataclasses.replace(cfg, lr=args.lr), args.out / name, resume=True, progress=True)["train_info"]
+
+        def cells(ti: dict) -> str:
+            return (
+                f"{ti['metrics']['eval_loss']:.4f} | {ti['best_step']} | {ti['steps']} | "
+                f"{'yes' if ti['plateaued'] else 'no'}"
+            )
+
+        rows.append(f"| {name} | {cfg.lr:g} | {cells(before)} | {cells(after)} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
