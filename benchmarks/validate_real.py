@@ -271,6 +271,7 @@ def scoreboard(root: Path) -> str:
         "analysis / ladder |",
         "|---|---|---:|---:|---|---|---:|",
     ]
+    both, finished = 0, 0
     for case in CASES:
         vj = root / case / "validation" / "validation.json"
         if not vj.exists():
@@ -281,12 +282,14 @@ def scoreboard(root: Path) -> str:
         med = lad[len(lad) // 2] if len(lad) % 2 else (lad[len(lad) // 2 - 1] + lad[len(lad) // 2]) / 2
         comp = {r["run"]: r for r in v.get("competitors") or []}
 
-        def vs(name: str, comp: dict = comp) -> str:
+        def vs(name: str, comp: dict = comp, v: dict = v) -> str:
             r = comp.get(name)
             if r is None:
                 return "-"
             who = {"advice": "advice wins", "tie": "tie"}.get(r["winner"], f"{r['winner']} wins")
-            return f"{who} ({r['minus_advice']:+.4f}; {r['trainable_params']:,} params)"
+            # the criterion: the advice beats or ties it at equal or fewer trainable parameters
+            fewer = ", fewer than the advice" if r["trainable_params"] < v["advice"]["trainable_params"] else ""
+            return f"{who} ({r['minus_advice']:+.4f}; {r['trainable_params']:,} params{fewer})"
 
         wj = root / case / "analysis_wall.json"
         wall = json.loads(wj.read_text())["seconds"] if wj.exists() else v["cost"].get("analysis_seconds")
@@ -294,11 +297,18 @@ def scoreboard(root: Path) -> str:
         rt = _retimed(root / case)
         if rt is not None:
             ratio = f"{rt['seconds'] / v['cost']['ladder_train_time']:.1%} (re-timed; {ratio} when run)"
+        finished += 1
+        both += all(comp.get(n, {}).get("advice_ties_or_beats_at_fewer_params") for n in ("folk-16", "eva"))
         verdict = v["verdict"] + (f" (provisional {v['provisional_verdict']})" if v.get("provisional_verdict") else "")
         rows.append(
             f"| {case} | {verdict} | {v['advice']['trainable_params']:,} | {med:,.0f} | {vs('folk-16')} | "
             f"{vs('eva')} | {ratio} |"
         )
+    rows += [
+        "",
+        f"The advice beats or ties both folk r = 16 and EVA with at most their trainable parameters on {both} of "
+        f"{finished} finished cases (validation.json `competitors[].advice_ties_or_beats_at_fewer_params`).",
+    ]
     return "\n".join(rows)
 
 

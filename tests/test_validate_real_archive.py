@@ -144,3 +144,38 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | yes |" in table
     assert "advice-s0" not in table
     assert "lower selection loss in 1 of 1 extended runs and the lower reported loss in 0 of 1" in table
+
+
+def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_criterion(tmp_path: Path) -> None:
+    """The scoreboard says when folk r = 16 or EVA trained fewer parameters than the advice (a tie then does not
+    meet the advice issue's "at equal or fewer trainable parameters") and counts the cases where the advice beats or
+    ties both at most at their size, from validation.json's competitor flags."""
+    import json
+
+    vr = _bench()
+
+    def case(name: str, eva_params: int, eva_ok: bool) -> None:
+        comp = [
+            {"run": "folk-16", "winner": "tie", "minus_advice": -0.001, "trainable_params": 1000,
+             "advice_ties_or_beats_at_fewer_params": True},
+            {"run": "eva", "winner": "tie", "minus_advice": 0.002, "trainable_params": eva_params,
+             "advice_ties_or_beats_at_fewer_params": eva_ok},
+        ]  # fmt: skip
+        v = {
+            "verdict": "right",
+            "advice": {"trainable_params": 100},
+            "ladder": {"1": {"trainable_params": 50}, "2": {"trainable_params": 100}, "4": {"trainable_params": 200}},
+            "competitors": comp,
+            "cost": {"ladder_train_time": 1000.0, "analysis_seconds": 50.0},
+        }
+        (tmp_path / name / "validation").mkdir(parents=True)
+        (tmp_path / name / "validation" / "validation.json").write_text(json.dumps(v))
+
+    case("minilm-sst2", 120, True)
+    case("minilm-agnews", 90, False)
+    board = vr.scoreboard(tmp_path)
+    sst2 = next(r for r in board.splitlines() if r.startswith("| minilm-sst2 "))
+    agnews = next(r for r in board.splitlines() if r.startswith("| minilm-agnews "))
+    assert "tie (+0.0020; 120 params) |" in sst2
+    assert "tie (+0.0020; 90 params, fewer than the advice) |" in agnews
+    assert "on 1 of 2 finished cases" in board
