@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/retrain_lr.py VAL --runs advice-s0,rank-32 --lr 4e-3 --out runs/lr4e-3
 
-VAL is a ``hessrank validate`` output folder; each named run's ``runs/<name>/train_config.json`` is read as validate
-wrote it, only ``lr`` is replaced, and the run is trained into ``OUT/<name>`` (resumable) with
-:func:`hessrank.trainer.train.train`. The table gives both runs' held-out loss on the reported half, best step and
-plateau state. Session 19 used it on GSM8K: does a run's distance from another come from the learning rate the
-recipe gives both?
+VAL is a ``hessrank validate`` output folder (or its archive under reports/real); each named run's configuration is
+read as validate wrote it (``runs/<name>/train_config.json``, else the copy in its ``metrics.json``), only ``lr`` is
+replaced, and the run is trained into ``OUT/<name>`` (resumable) with :func:`hessrank.trainer.train.train`. The
+table gives both runs' held-out loss on the reported half, best step and plateau state. Session 19 used it on
+GSM8K: does a run's distance from another come from the learning rate the recipe gives both?
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ def main() -> None:
         if not (folder / "metrics.json").is_file():
             raise SystemExit(f"{folder}: no metrics.json (not a finished run of this validation)")
         before = json.loads((folder / "metrics.json").read_text())["train_info"]
-        cfg = TrainConfig.from_dict(json.loads((folder / "train_config.json").read_text())["config"])
+        # the run's own config file; an archived run (reports/real keeps metrics.json only) carries it in run_info
+        made = folder / "train_config.json"
+        held = json.loads(made.read_text())["config"] if made.is_file() else None
+        held = held or json.loads((folder / "metrics.json").read_text())["run_info"]["train_config"]
+        cfg = TrainConfig.from_dict(held)
         after = train(dataclasses.replace(cfg, lr=args.lr), args.out / name, resume=True, progress=True)["train_info"]
 
         def cells(ti: dict) -> str:
