@@ -19,6 +19,12 @@ from pathlib import Path
 from hessrank.trainer.train import TrainConfig, train
 
 
+def _cells(ti: dict) -> str:
+    """Held-out loss, best step, steps run and plateau state of one run's ``train_info``."""
+    settled = "yes" if ti["plateaued"] else "no"
+    return f"{ti['metrics']['eval_loss']:.4f} | {ti['best_step']} | {ti['steps']} | {settled}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("validation", type=Path, help="a hessrank validate output folder")
@@ -35,21 +41,14 @@ def main() -> None:
         folder = args.validation / "runs" / name
         if not (folder / "metrics.json").is_file():
             raise SystemExit(f"{folder}: no metrics.json (not a finished run of this validation)")
-        before = json.loads((folder / "metrics.json").read_text())["train_info"]
+        m = json.loads((folder / "metrics.json").read_text())
         # the run's own config file; an archived run (reports/real keeps metrics.json only) carries it in run_info
         made = folder / "train_config.json"
-        held = json.loads(made.read_text())["config"] if made.is_file() else None
-        held = held or json.loads((folder / "metrics.json").read_text())["run_info"]["train_config"]
-        cfg = TrainConfig.from_dict(held)
+        cfg = TrainConfig.from_dict(
+            json.loads(made.read_text())["config"] if made.is_file() else m["run_info"]["train_config"]
+        )
         after = train(dataclasses.replace(cfg, lr=args.lr), args.out / name, resume=True, progress=True)["train_info"]
-
-        def cells(ti: dict) -> str:
-            return (
-                f"{ti['metrics']['eval_loss']:.4f} | {ti['best_step']} | {ti['steps']} | "
-                f"{'yes' if ti['plateaued'] else 'no'}"
-            )
-
-        rows.append(f"| {name} | {cfg.lr:g} | {cells(before)} | {cells(after)} |")
+        rows.append(f"| {name} | {cfg.lr:g} | {_cells(m['train_info'])} | {_cells(after)} |")
     print("\n".join(rows))
 
 

@@ -220,7 +220,7 @@ def extension_table(val: Path) -> str | None:
         "| run | planned steps | steps run | best step | selection loss | reported loss | used by the verdict |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    shorter_won, reported_worse = 0, 0
+    shorter_by_selection, shorter_by_reported = 0, 0
     for name, trainings in families.items():
         trainings.sort(key=lambda m: m["run_info"]["train_config"]["steps"])
         sel, rep = [], []
@@ -232,12 +232,12 @@ def extension_table(val: Path) -> str | None:
                 f"| {name if i == 0 else f'{name}@{steps}'} | {steps} | {ti['steps']} | {ti['best_step']} | "
                 f"{sel[-1]:.4f} | {rep[-1]:.4f} | {'yes' if i == len(trainings) - 1 else 'no'} |"
             )
-        shorter_won += min(sel[:-1]) < sel[-1]
-        reported_worse += min(rep[:-1]) < rep[-1]
+        shorter_by_selection += min(sel[:-1]) < sel[-1]
+        shorter_by_reported += min(rep[:-1]) < rep[-1]
     rows += [
         "",
-        f"A shorter training had the lower selection loss in {shorter_won} of {len(families)} extended runs and the "
-        f"lower reported loss in {reported_worse} of {len(families)}.",
+        f"A shorter training had the lower selection loss in {shorter_by_selection} of {len(families)} extended runs "
+        f"and the lower reported loss in {shorter_by_reported} of {len(families)}.",
     ]
     return "\n".join(rows)
 
