@@ -348,6 +348,16 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
         assert p.stat().st_mtime_ns == t
     with pytest.raises(HessrankError, match="differs in: lr"):
         validate(dataclasses.replace(cfg, lr=2e-2), out, progress=False)
+    # a run folder holding another training than the plan now gives that run (e.g. an upgrade changed a
+    # competitor's budget) stops the validation naming the run, instead of the run being skipped
+    held_file = out / "runs" / "eva" / "train_config.json"
+    kept = held_file.read_text()
+    changed = json.loads(kept)
+    changed["config"]["rank"] += 1
+    held_file.write_text(json.dumps(changed))
+    with pytest.raises(HessrankError, match=r"run 'eva' was trained with another configuration.*differs in: rank"):
+        validate(cfg, out, progress=False)
+    held_file.write_text(kept)
     # re-running `recommend` rewrites the file (new time stamp, same advice): the validation still resumes
     import time as _time
 
@@ -380,6 +390,11 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert dropped not in runs["advice-s0"].target_modules and dropped not in runs[lowest].target_modules
     assert runs["uniform-all"].target_modules == sorted(rec["modules"])
     assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
+    # the budget competitors get the smallest uniform rank with at least the advice's LoRA parameters
+    per_rank = sum(o + i for o, i in (a.shape for a in facts["rec"].adapted.values()))
+    ru = facts["uniform_budget_rank"]
+    assert ru * per_rank >= facts["advice_params"] and (ru == 1 or (ru - 1) * per_rank < facts["advice_params"])
+    assert runs["eva"].rank == runs["adalora"].rank == ru
     # a rung that trains what the advice trains is recognised whatever the spelling (global rank vs pattern)
     from hessrank.trainer.validate import _training_key
 
@@ -429,6 +444,16 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert row["minus_advice"] == pytest.approx(ua["uniform-all"] - ua["advice-s0"])
     assert doc3["paired"]["n"] == 1 and "one seed" in doc3["why"]
     assert doc3["knee_rank"] in {int(k) for k in doc3["ladder"]}
+
+
+def test_budget_rank_never_gives_a_competitor_fewer_parameters_than_the_advice() -> None:
+    from hessrank.trainer.validate import _uniform_rank_for_params
+
+    shapes = [(384, 384)] * 12  # 9,216 LoRA parameters per unit of uniform rank
+    assert _uniform_rank_for_params(2 * 9216, shapes) == 2  # an exact multiple: that rank
+    assert _uniform_rank_for_params(2 * 9216 + 1, shapes) == 3  # one parameter more: the next rank
+    assert _uniform_rank_for_params(22272, shapes) == 3  # 2.42 units: rounded up, not to the nearest
+    assert _uniform_rank_for_params(5, shapes) == 1
 
 
 @pytest.fixture(scope="module")

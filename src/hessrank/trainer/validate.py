@@ -10,7 +10,8 @@ Runs (each a :func:`hessrank.trainer.train.train` folder under ``VAL/runs/``, so
   the advised modules), ``eva`` (PEFT's EVA initialisation and rank redistribution, ``lora-eva``, at the advice's
   budget), ``adalora`` (AdaLoRA with the advice's final budget), ``uniform-budget`` (one uniform rank at the advice's
   parameter count) and ``uniform-all`` (when the advice leaves analysed modules out: one uniform rank on *every*
-  analysed module at about the advice's budget);
+  analysed module at the advice's budget); "the advice's budget" is the smallest uniform rank with at least the
+  advice's LoRA parameters (:func:`_uniform_rank_for_params`), so no budget competitor trains fewer;
 * ``format-<f>`` — the advised ranks in other weight formats; ``method-<m>`` — other methods.
 
 A planned run that trains exactly what an earlier one trains (same training key) reuses it.
@@ -193,8 +194,13 @@ def _alpha_rule(metrics: dict[str, Any] | None) -> str:
 
 
 def _uniform_rank_for_params(params: int, shapes: list[tuple[int, int]]) -> int:
-    per_rank = sum(o + i for o, i in shapes)
-    return max(1, round(params / max(per_rank, 1)))
+    """The smallest uniform rank r whose LoRA parameters r·Σ(m+n) over modules of ``shapes`` (m×n) reach ``params``.
+
+    A budget competitor (EVA, AdaLoRA, uniform-budget, uniform-all) thus never trains fewer parameters than the
+    advice: a tie or a win of the advice is then one "at equal or fewer trainable parameters" (issue 11's criterion),
+    and rounding gives the competitor, not the advice, the benefit of the doubt."""
+    per_rank = max(sum(o + i for o, i in shapes), 1)
+    return max(1, -(-params // per_rank))
 
 
 def _resolved_steps(cfg: ValidateConfig, base: TrainConfig) -> int:
@@ -367,8 +373,25 @@ class _Runner:
             return self.out / "runs" / name
         return self.out / "runs" / f"{name}@{tc.steps}"
 
+    def _refuse_changed_plan(self, name: str, folder: Path, tc: TrainConfig) -> None:
+        """A run folder that trained something other than what this validation now plans for it (e.g. after an
+        upgrade changed a competitor's budget) is an error naming the run, not a run silently skipped: resume with
+        --overwrite retrains the runs that changed and keeps those that still match."""
+        made = folder / "train_config.json"
+        if self.overwrite or not made.exists():
+            return
+        held = TrainConfig.from_dict(read_json(made)["config"])
+        if _training_key(held) != _training_key(tc):
+            diff = [k for k in differing_fields(held.to_dict(), tc.to_dict()) if k != "steps"]
+            raise HessrankError(
+                f"{folder}: run '{name}' was trained with another configuration than this validation now plans for "
+                f"it (differs in: {', '.join(diff) or 'ranks'}); pass --overwrite to retrain the runs that changed "
+                "(finished runs that still match are kept)"
+            )
+
     def _one(self, name: str, tc: TrainConfig) -> None:
         folder = self.folder(name, tc)
+        self._refuse_changed_plan(name, folder, tc)
         replace = self._replaces(folder, tc)
         try:
             self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
@@ -392,6 +415,8 @@ class _Runner:
         resume rules) and treats them as it would in process. No backend: nothing ahead."""
         if self.backend is None or not jobs:
             return
+        for n, tc in jobs:
+            self._refuse_changed_plan(n, self.folder(n, tc), tc)
         self.backend.prefetch([(n, tc, self.folder(n, tc), self._replaces(self.folder(n, tc), tc)) for n, tc in jobs])
 
     def _distinct(self, runs: dict[str, TrainConfig]) -> list[tuple[str, TrainConfig]]:
