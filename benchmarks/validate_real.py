@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from hessrank.io import atomic_write
+from hessrank.results import minus_advice_text
 from hessrank.trainer.train import plateau_status
 from hessrank.trainer.validate import _rank_label
 
@@ -289,7 +290,7 @@ def scoreboard(root: Path) -> str:
             who = {"advice": "advice wins", "tie": "tie"}.get(r["winner"], f"{r['winner']} wins")
             # the criterion: the advice beats or ties it at equal or fewer trainable parameters
             fewer = ", fewer than the advice" if r["trainable_params"] < v["advice"]["trainable_params"] else ""
-            return f"{who} ({r['minus_advice']:+.4f}; {r['trainable_params']:,} params{fewer})"
+            return f"{who} ({minus_advice_text(r)}; {r['trainable_params']:,} params{fewer})"
 
         wj = root / case / "analysis_wall.json"
         wall = json.loads(wj.read_text())["seconds"] if wj.exists() else v["cost"].get("analysis_seconds")

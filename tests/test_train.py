@@ -329,8 +329,15 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     comp = {r["run"]: r for r in doc["competitors"]}
     assert {"folk-8", "folk-16", "eva", "adalora"} <= set(comp)
     for r in comp.values():
-        assert r["minus_advice"] == pytest.approx(r["eval_loss"] - losses["advice-s0"])
+        assert r["minus_advice_first_seed"] == pytest.approx(r["eval_loss"] - losses["advice-s0"])
         assert r["winner"] in ("advice", "tie", r["run"])
+        # a run whose training was repeated at the other seeds (the rival, and a competitor that trains what the
+        # rival trains) is compared seed by seed, as the verdict compares the rival; any other at the first seed
+        if r["seeds"] > 1:
+            assert r["seeds"] == 3 and r["minus_advice"] == pytest.approx(pr["mean"])
+        else:
+            assert r["minus_advice"] == r["minus_advice_first_seed"]
+    assert comp[doc["rival"]]["seeds"] == 3 and "(paired, 3 seeds)" in md
     assert comp["folk-16"]["trainable_params"] > comp["folk-8"]["trainable_params"]
     # resume: one run lost its result -> only that run is retrained
     victim = out / "runs" / "method-ia3" / "metrics.json"

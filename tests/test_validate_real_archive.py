@@ -156,7 +156,7 @@ def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_crite
 
     def case(name: str, eva_params: int, eva_ok: bool) -> None:
         comp = [
-            {"run": "folk-16", "winner": "tie", "minus_advice": -0.001, "trainable_params": 1000,
+            {"run": "folk-16", "winner": "tie", "minus_advice": -0.001, "trainable_params": 1000, "seeds": 3,
              "advice_ties_or_beats_at_fewer_params": True},
             {"run": "eva", "winner": "tie", "minus_advice": 0.002, "trainable_params": eva_params,
              "advice_ties_or_beats_at_fewer_params": eva_ok},
@@ -178,4 +178,5 @@ def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_crite
     agnews = next(r for r in board.splitlines() if r.startswith("| minilm-agnews "))
     assert "tie (+0.0020; 120 params) |" in sst2
     assert "tie (+0.0020; 90 params, fewer than the advice) |" in agnews
+    assert "tie (-0.0010 (paired, 3 seeds); 1,000 params) |" in sst2  # folk-16 trained at three seeds
     assert "on 1 of 2 finished cases" in board

@@ -410,6 +410,12 @@ class ValidationResult(_Document):
     seconds: float | None = field(default=None, metadata=_md(types=_NUM))
 
 
+def minus_advice_text(row: dict[str, Any]) -> str:
+    """A ``competitors[]`` row's difference from the advice, "(paired, n seeds)" when averaged seed by seed."""
+    n = int(row.get("seeds") or 1)
+    return f"{row['minus_advice']:+.4f}" + (f" (paired, {n} seeds)" if n > 1 else "")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # loaders
 # ----------------------------------------------------------------------------------------------------------

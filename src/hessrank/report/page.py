@@ -32,6 +32,7 @@ from ..results import (
     load_analysis_result,
     load_recommendation,
     load_validation,
+    minus_advice_text,
 )
 from . import plots
 
@@ -285,7 +286,7 @@ def _competitor_table(val: ValidationResult) -> tuple[list[str], list[list[str]]
             r["ranks"],
             f"{r['trainable_params']:,}",
             f"{r['eval_loss']:.4f}",
-            f"{r['minus_advice']:+.4f}",
+            minus_advice_text(r),
             r["winner"],
         ]
         for r in val.competitors or ()
@@ -412,7 +413,11 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
                     ("figure", "ladder"),
                     ("figure", "curves"),
                     ("figure", "methods"),
-                    ("text", "Who wins at which budget (first seed; winner: better by more than the band):"),
+                    (
+                        "text",
+                        "Who wins at which budget (first seed, or paired by seed where a run has more; winner: "
+                        "better by more than the band):",
+                    ),
                     ("table", _competitor_table(val)),
                     ("table", _runs_table(val)),
                 ],
