@@ -179,4 +179,4 @@ def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_crite
     assert "tie (+0.0020; 120 params) |" in sst2
     assert "tie (+0.0020; 90 params, fewer than the advice) |" in agnews
     assert "tie (-0.0010 (paired, 3 seeds); 1,000 params) |" in sst2  # folk-16 trained at three seeds
-    assert "on 1 of 2 finished cases" in board
+    assert "on 1 of the issue's 5 cases (2 finished) and on 1 of 2 finished cases in all" in board
