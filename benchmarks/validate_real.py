@@ -201,37 +201,40 @@ def partial_table(val: Path) -> str:
 
 
 def extension_table(val: Path) -> str | None:
-    """Every extended run of a validation beside the shorter training it replaced, from their ``metrics.json``.
-
-    validate judges an extended run by its longest training (the rule in :mod:`hessrank.trainer.validate`, fixed
-    before any of these runs). The table shows what that rule discards: each training's loss on the selection half
-    of the held-out split (at its best checkpoint: what chose the checkpoint) and on the reported half. ``None`` when
-    no run was extended under a decaying schedule (no ``runs/<name>@<steps>`` folders)."""
-    families: dict[str, list[dict]] = {}
+    """Every extended run of a validation beside the other trainings of its configuration, from their
+    ``metrics.json``: each training's loss on the selection half of the held-out split (at its best checkpoint: what
+    chose the checkpoint) and on the reported half, and which one the verdict used (validation.json's
+    ``runs[].folder``: since session 20 the training with the lower selection loss, before it the longest).
+    ``None`` when no run was extended under a decaying schedule (no ``runs/<name>@<steps>`` folders)."""
+    families: dict[str, list[tuple[str, dict]]] = {}
     for mf in sorted(val.glob("runs/*@*/metrics.json")):
         base = val / "runs" / mf.parent.name.split("@")[0] / "metrics.json"
         if base.exists():
-            families.setdefault(base.parent.name, [json.loads(base.read_text())]).append(json.loads(mf.read_text()))
+            fam = families.setdefault(base.parent.name, [(f"runs/{base.parent.name}", json.loads(base.read_text()))])
+            fam.append((f"runs/{mf.parent.name}", json.loads(mf.read_text())))
     if not families:
         return None
+    vj = val / "validation.json"
+    used = {r["run"]: r.get("folder") for r in json.loads(vj.read_text())["runs"]} if vj.exists() else {}
     rows = [
-        "Extended runs beside the trainings they replaced (the verdict uses the longest; selection: the held-out "
-        "half that chose the checkpoint, at the best step; reported: the other half):",
+        "Extended runs beside the other trainings of their configuration (selection: the held-out half that chose "
+        "the checkpoint, at the best step; reported: the other half; the verdict uses the training named in "
+        "validation.json):",
         "",
         "| run | planned steps | steps run | best step | selection loss | reported loss | used by the verdict |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     shorter_by_selection, shorter_by_reported = 0, 0
     for name, trainings in families.items():
-        trainings.sort(key=lambda m: m["run_info"]["train_config"]["steps"])
+        trainings.sort(key=lambda fm: fm[1]["run_info"]["train_config"]["steps"])
         sel, rep = [], []
-        for i, m in enumerate(trainings):
+        for i, (folder, m) in enumerate(trainings):
             ti, steps = m["train_info"], m["run_info"]["train_config"]["steps"]
             sel.append({e["step"]: e["eval_loss"] for e in ti.get("eval_curve") or []}.get(ti["best_step"], math.nan))
             rep.append(ti["metrics"]["eval_loss"])
             rows.append(
                 f"| {name if i == 0 else f'{name}@{steps}'} | {steps} | {ti['steps']} | {ti['best_step']} | "
-                f"{sel[-1]:.4f} | {rep[-1]:.4f} | {'yes' if i == len(trainings) - 1 else 'no'} |"
+                f"{sel[-1]:.4f} | {rep[-1]:.4f} | {'yes' if used.get(name) == folder else 'no'} |"
             )
         shorter_by_selection += min(sel[:-1]) < sel[-1]
         shorter_by_reported += min(rep[:-1]) < rep[-1]

@@ -463,6 +463,14 @@ def test_budget_rank_never_gives_a_competitor_fewer_parameters_than_the_advice()
     assert _uniform_rank_for_params(5, shapes) == 1
 
 
+def test_selection_loss_is_the_loss_that_chose_the_checkpoint() -> None:
+    from hessrank.trainer.validate import _selection_loss
+
+    ti = {"best_step": 4, "eval_curve": [{"step": 2, "eval_loss": 0.5}, {"step": 4, "eval_loss": 0.4}]}
+    assert _selection_loss({"train_info": ti | {"metrics": {"eval_loss": 0.45}}}) == 0.4  # not the reported 0.45
+    assert _selection_loss({"train_info": {"best_step": 4, "metrics": {"eval_loss": 0.45}}}) == 0.45  # no curve
+
+
 @pytest.fixture(scope="module")
 def tiny_rec(tiny_llama_dir, tmp_path_factory):
     """A recommendation for the tiny Llama on the tiny sentiment data (analysis at the smallest settings)."""
@@ -490,11 +498,14 @@ def tiny_rec(tiny_llama_dir, tmp_path_factory):
 def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_rec, tmp_path, monkeypatch):
     """A run still improving at its end is extended once, steps doubled: under the default linear schedule it is
     retrained from the start in ``runs/<name>@<steps>`` (its learning rate at every step depends on the total) and
-    the shorter run is kept; under a constant schedule it resumes in its own folder. A resume retrains nothing."""
+    the shorter run is kept; the training judged is the one with the lower selection-half loss. Under a constant
+    schedule it resumes in its own folder. A resume retrains nothing."""
     import hessrank.trainer.validate as val
 
-    # "still improving" decided by length, so that exactly the 4-step runs are extended, whatever their curves
+    # "still improving" decided by length, so that exactly the 4-step runs are extended, whatever their curves;
+    # and the longer training did better on the selection half (the other way round is tested below)
     monkeypatch.setattr(val, "_plateaued", lambda m: m["train_info"]["steps"] >= 8)
+    monkeypatch.setattr(val, "_selection_loss", lambda m: -m["train_info"]["steps"])
     cfg = val.ValidateConfig(
         recommendation=str(tiny_rec),
         steps=4,
@@ -530,6 +541,16 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
     assert val.validate(cfg, tmp_path / "lin", progress=False)["verdict"] == doc["verdict"]
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
+    assert not row["shorter_training_kept"]
+    # when the shorter training did better on the selection half, it is the one judged (the reported half never
+    # decides), and the run counts as settled: more steps did not help it. A resume: nothing is retrained
+    monkeypatch.setattr(val, "_selection_loss", lambda m: m["train_info"]["steps"])
+    kept = val.validate(cfg, tmp_path / "lin", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
+    krow = next(r for r in kept["runs"] if r["run"] == "advice-s0")
+    assert krow["folder"] == "runs/advice-s0" and krow["steps"] == 4 and krow["shorter_training_kept"]
+    assert krow["eval_loss"] == pytest.approx(short["train_info"]["metrics"]["eval_loss"])
+    assert kept["verdict"] != "inconclusive" and not kept["unsettled_runs"]
 
     const = dataclasses.replace(cfg, lr_scheduler="constant_with_warmup")
     cdoc = val.validate(const, tmp_path / "const", progress=False)

@@ -116,7 +116,7 @@ def test_recipe_note_names_the_flags_an_archived_analysis_ran_with(tmp_path: Pat
 
 def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(tmp_path: Path) -> None:
     """A run extended under a decaying schedule (runs/<name>@<steps>) is listed with its shorter training: the
-    selection-half loss at each one's best step, the reported loss, and which one the verdict used (the longest);
+    selection-half loss at each one's best step, the reported loss, and which one the verdict used (validation.json);
     the closing sentence counts the extended runs whose shorter training was better on each half."""
     import json
 
@@ -139,9 +139,11 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     assert vr.extension_table(tmp_path) is None
     metrics("rank-8", 100, 100, 100, {50: 0.9, 100: 0.5}, 0.52)
     metrics("rank-8@200", 200, 150, 100, {50: 0.9, 100: 0.6, 150: 0.7}, 0.50)
+    # which training the verdict used is validation.json's runs[].folder (the lower selection loss since session 20)
+    (tmp_path / "validation.json").write_text(json.dumps({"runs": [{"run": "rank-8", "folder": "runs/rank-8"}]}))
     table = vr.extension_table(tmp_path)
-    assert "| rank-8 | 100 | 100 | 100 | 0.5000 | 0.5200 | no |" in table
-    assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | yes |" in table
+    assert "| rank-8 | 100 | 100 | 100 | 0.5000 | 0.5200 | yes |" in table
+    assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | no |" in table
     assert "advice-s0" not in table
     assert "lower selection loss in 1 of 1 extended runs and the lower reported loss in 0 of 1" in table
 

@@ -21,7 +21,9 @@ A planned run that trains exactly what an earlier one trains (same training key)
 uses by default and transformers' ``Trainer`` too: linear decay after warm-up (``lr_scheduler``), so the verdict is
 about the recipe a user trains the advice with. A run still improving at its last evaluation is *extended* up to
 ``max_extensions`` times: retrained from the start with doubled steps in ``runs/<name>@<steps>`` (under a decaying
-schedule the learning rate at every step depends on the total step count, so a longer run is a new training).
+schedule the learning rate at every step depends on the total step count, so a longer run is a new training); the
+run is then judged by whichever of its trainings has the lower loss on the selection half of the held-out split at
+its best checkpoint (``_Runner._judge``), so an extension never replaces a run by one that did worse.
 ``--lr-scheduler constant_with_warmup`` (or ``constant``) keeps the rate constant after warm-up; an extension then
 resumes the run from its last checkpoint with doubled steps in its own folder, which is exact and cheaper, but
 under a constant rate a run's best checkpoint moves more from one evaluation to the next (MiniLM / AG News: a single
@@ -309,6 +311,14 @@ def _acc(m: dict[str, Any]) -> float | None:
     return m["train_info"]["metrics"].get("accuracy")
 
 
+def _selection_loss(m: dict[str, Any]) -> float:
+    """A training's held-out loss at its best checkpoint on the examples that chose it (the selection half with
+    ``selection_fraction`` > 0, else the whole held-out split): its ``eval_curve`` entry at ``best_step``."""
+    ti = m["train_info"]
+    at = {e["step"]: e["eval_loss"] for e in ti.get("eval_curve") or []}
+    return float(at.get(ti.get("best_step"), ti["metrics"]["eval_loss"]))
+
+
 def _plateaued(m: dict[str, Any]) -> bool:
     ti = m["train_info"]
     return plateau_status(ti.get("eval_curve") or [], ti["steps"], ti.get("best_step"))
@@ -364,6 +374,8 @@ class _Runner:
         self.extended: dict[str, int] = {}
         self.planned_steps: dict[str, int] = {}  #: run -> the step count it was planned with
         self.folders: dict[str, Path] = {}  #: run -> the folder of the training its result comes from
+        self.trainings: dict[str, dict[Path, dict[str, Any]]] = {}  #: run -> {folder: metrics} of each training
+        self.shorter_kept: set[str] = set()  #: runs whose extension did worse on the selection half (see _judge)
 
     def folder(self, name: str, tc: TrainConfig) -> Path:
         """``runs/<name>``; a run extended under a decaying schedule is a new training from the start, kept beside
@@ -396,6 +408,7 @@ class _Runner:
         try:
             self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
             self.configs[name], self.folders[name] = tc, folder
+            self.trainings.setdefault(name, {})[folder] = self.results[name]
         except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
             self.errors[name] = str(e)
             log.warning("run %s skipped: %s", name, e)
@@ -467,7 +480,28 @@ class _Runner:
                 log.info("extending %s to %d steps (still improving at its last evaluation)", n, longer.steps)
                 self.extended[n] = self.extended.get(n, 0) + 1
                 self._one(n, longer)
+        self._judge([n for n in runs if n in self.results and n not in self.alias])
         self._share_aliases()
+
+    def _judge(self, names: list[str]) -> None:
+        """Each extended run is judged by the training (the planned one or an extension, each its own folder under
+        a decaying schedule) whose best checkpoint has the lowest loss on the *selection* half of the held-out
+        split — the criterion early stopping already chose each training's checkpoint by, extended to the
+        trainings of one configuration. An extension thus replaces a run only by one that did better on the
+        examples that choose; the reported half never decides. A run kept at a shorter training is settled: more
+        steps did not help it (:attr:`shorter_kept`). The extension chain itself (and the rival's other seeds)
+        follows the longest training's configuration (:attr:`configs`).
+
+        Until session 20 the longest training was judged; over the 8 extended runs of the archived SmolLM2 and
+        AG News validations a shorter training had the lower selection loss in 7 (reports/validation.md)."""
+        for n in names:
+            tr = self.trainings.get(n, {})
+            if len(tr) < 2:
+                continue
+            best = min(tr, key=lambda f: (_selection_loss(tr[f]), -int(tr[f]["train_info"]["steps"])))
+            if best != self.folders[n]:
+                self.results[n], self.folders[n] = tr[best], best
+                self.shorter_kept.add(n)
 
     def _share_aliases(self) -> None:
         for name, same in self.alias.items():
@@ -475,6 +509,8 @@ class _Runner:
                 self.results[name], self.configs[name] = self.results[same], self.configs[same]
                 self.folders[name] = self.folders[same]
                 self.extended[name] = self.extended.get(same, 0)
+                if same in self.shorter_kept:
+                    self.shorter_kept.add(name)
 
 
 def validate(
@@ -696,6 +732,7 @@ def _rows(runner: _Runner) -> list[dict[str, Any]]:
                 "best_step": ti["best_step"],
                 "plateaued": _plateaued(m),
                 "extended": runner.extended.get(name, 0),
+                "shorter_training_kept": name in runner.shorter_kept,
                 "folder": runner.folders[name].relative_to(runner.out).as_posix(),
                 "train_time": ti["train_time"],
                 "peak_memory_bytes": ti["peak_memory_bytes"],
@@ -719,8 +756,8 @@ def summarise(
     rival_params = int(results[rival]["train_info"]["num_trainable_params"]) if rival else None
     v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params)
     judged = {f"rank-{r}": m for r, m in ladder.items()} | {f"advice-s{_seed(m)}": m for m in advice}
-    judged |= {f"rival-s{_seed(m)}": m for m in rival_runs}
-    unsettled = sorted(k for k, m in judged.items() if not _plateaued(m))
+    judged |= {k: m for k, m in results.items() if k.startswith("rival-")}  # the rival at the first seed is a rung
+    unsettled = sorted(k for k, m in judged.items() if not _plateaued(m) and k not in runner.shorter_kept)
     verdict, provisional, why = v["verdict"], None, v["why"]
     if unsettled:
         provisional, verdict = verdict, "inconclusive"
