@@ -551,6 +551,11 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     assert krow["folder"] == "runs/advice-s0" and krow["steps"] == 4 and krow["shorter_training_kept"]
     assert krow["eval_loss"] == pytest.approx(short["train_info"]["metrics"]["eval_loss"])
     assert kept["verdict"] != "inconclusive" and not kept["unsettled_runs"]
+    # the ladder's cost counts every training of its rung (what running it under this protocol costs)
+    rung = next(r for r in kept["runs"] if r["run"].startswith("rank-"))
+    base = rung["folder"].split("@")[0].removeprefix("runs/")
+    spent = [json.loads(f.read_text())["train_info"]["train_time"] for f in runs.glob(f"{base}*/metrics.json")]
+    assert len(spent) == 2 and kept["cost"]["ladder_train_time"] == pytest.approx(sum(spent))
 
     const = dataclasses.replace(cfg, lr_scheduler="constant_with_warmup")
     cdoc = val.validate(const, tmp_path / "const", progress=False)

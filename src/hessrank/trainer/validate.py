@@ -503,6 +503,13 @@ class _Runner:
                 self.results[n], self.folders[n] = tr[best], best
                 self.shorter_kept.add(n)
 
+    def compute_seconds(self, name: str) -> float:
+        """Training seconds of every training of run ``name`` (the planned one and its extensions: what running it
+        under this protocol costs), or of the run it reuses."""
+        src = self.alias.get(name, name)
+        tr = self.trainings.get(src) or {self.folders[src]: self.results[src]}
+        return float(sum(m["train_info"]["train_time"] for m in tr.values()))
+
     def _share_aliases(self) -> None:
         for name, same in self.alias.items():
             if same in self.results:
@@ -826,7 +833,7 @@ def summarise(
         "quantization_after_training": _quant_after_training(cfg, facts, results),
         "cost": {
             "advice_train_time": float(np.mean([m["train_info"]["train_time"] for m in advice])),
-            "ladder_train_time": sum(m["train_info"]["train_time"] for m in ladder.values()),
+            "ladder_train_time": sum(runner.compute_seconds(f"rank-{r}") for r in ladder),
             "analysis_seconds": an_seconds,
             "analysis_settings": {k: rec.analysis["config"].get(k) for k in ("top_k", "batch_size", "num_batches")},
         },
