@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 from hessrank.io import atomic_write
 from hessrank.results import minus_advice_text
 from hessrank.trainer.train import plateau_status
-from hessrank.trainer.validate import _rank_label
+from hessrank.trainer.validate import _rank_label, _selection_loss
 
 
 def _args(text: str) -> list[str]:
@@ -230,7 +229,7 @@ def extension_table(val: Path) -> str | None:
         sel, rep = [], []
         for i, (folder, m) in enumerate(trainings):
             ti, steps = m["train_info"], m["run_info"]["train_config"]["steps"]
-            sel.append({e["step"]: e["eval_loss"] for e in ti.get("eval_curve") or []}.get(ti["best_step"], math.nan))
+            sel.append(_selection_loss(m))
             rep.append(ti["metrics"]["eval_loss"])
             rows.append(
                 f"| {name if i == 0 else f'{name}@{steps}'} | {steps} | {ti['steps']} | {ti['best_step']} | "

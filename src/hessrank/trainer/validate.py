@@ -319,6 +319,16 @@ def _selection_loss(m: dict[str, Any]) -> float:
     return float(at.get(ti.get("best_step"), ti["metrics"]["eval_loss"]))
 
 
+def _trained_otherwise(folder: Path, tc: TrainConfig) -> TrainConfig | None:
+    """The configuration run folder ``folder`` trained, when it trains something other than ``tc`` (training keys
+    differ: steps alone do not); None for an empty folder or the same training."""
+    made = folder / "train_config.json"
+    if not made.exists():
+        return None
+    held = TrainConfig.from_dict(read_json(made)["config"])
+    return held if _training_key(held) != _training_key(tc) else None
+
+
 def _plateaued(m: dict[str, Any]) -> bool:
     ti = m["train_info"]
     return plateau_status(ti.get("eval_curve") or [], ti["steps"], ti.get("best_step"))
@@ -340,14 +350,11 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
     # the advice is what its runs train: compare with what the advice runs already made trained (re-running
     # `recommend` on the same analysis rewrites the file, its time stamp, and must not block a resume)
     for name, tc in runs.items():
-        made = out / "runs" / name / "train_config.json"
-        if name.startswith("advice-") and made.exists():
-            held = TrainConfig.from_dict(read_json(made)["config"])
-            if _training_key(held) != _training_key(tc):
-                raise HessrankError(
-                    f"{out}: the advice in {cfg.recommendation} changed since this validation started ({name} "
-                    "trained a different configuration); pass --overwrite to validate the new advice"
-                )
+        if name.startswith("advice-") and _trained_otherwise(out / "runs" / name, tc) is not None:
+            raise HessrankError(
+                f"{out}: the advice in {cfg.recommendation} changed since this validation started ({name} "
+                "trained a different configuration); pass --overwrite to validate the new advice"
+            )
 
 
 #: the schedule of a validation folder written before ``lr_scheduler`` was a field (every run then trained on it)
@@ -389,11 +396,8 @@ class _Runner:
         """A run folder that trained something other than what this validation now plans for it (e.g. after an
         upgrade changed a competitor's budget) is an error naming the run, not a run silently skipped: resume with
         --overwrite retrains the runs that changed and keeps those that still match."""
-        made = folder / "train_config.json"
-        if self.overwrite or not made.exists():
-            return
-        held = TrainConfig.from_dict(read_json(made)["config"])
-        if _training_key(held) != _training_key(tc):
+        held = None if self.overwrite else _trained_otherwise(folder, tc)
+        if held is not None:
             diff = [k for k in differing_fields(held.to_dict(), tc.to_dict()) if k != "steps"]
             raise HessrankError(
                 f"{folder}: run '{name}' was trained with another configuration than this validation now plans for "
@@ -416,12 +420,7 @@ class _Runner:
     def _replaces(self, folder: Path, tc: TrainConfig) -> bool:
         """With --overwrite a run folder that trained another configuration is replaced; the same training (an
         extension differs in steps only) resumes."""
-        made = folder / "train_config.json"
-        return (
-            self.overwrite
-            and made.exists()
-            and _training_key(TrainConfig.from_dict(read_json(made)["config"])) != _training_key(tc)
-        )
+        return self.overwrite and _trained_otherwise(folder, tc) is not None
 
     def _prefetch(self, jobs: list[tuple[str, TrainConfig]]) -> None:
         """Let the backend train ``jobs`` ahead, in parallel; the logic below then finds them finished (train's
