@@ -518,6 +518,7 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
         max_extensions=1,
         max_train=120,
         max_eval=40,
+        lr_grid=(1.0,),
     )
     assert cfg.lr_scheduler == "linear"
     doc = val.validate(cfg, tmp_path / "lin", progress=False)
@@ -573,6 +574,67 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     assert val.validate(const, tmp_path / "const", progress=False)["verdict"] == cdoc["verdict"]
     with pytest.raises(HessrankError, match="differs in: lr_scheduler"):
         val.validate(cfg, tmp_path / "const", progress=False)
+
+
+def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, monkeypatch):
+    """Every run (advice, rungs, the rival's other seeds) trains at each rate of ``lr_grid`` and is judged by the
+    training with the lower selection-half loss; the recipe's rate stays the 1x; the cost counts every rate; a
+    resume retrains nothing; a folder validated at one rate is extended by the grid, its runs reused."""
+    import hessrank.trainer.validate as val
+
+    cfg = val.ValidateConfig(
+        recommendation=str(tiny_rec),
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        lr=1e-2,
+        seeds=(0, 1),
+        multipliers=(2.0,),
+        competitors=(),
+        max_extensions=0,
+        max_train=120,
+        max_eval=40,
+        lr_grid=(1.0,),
+    )
+    out = tmp_path / "val"
+    one = val.validate(cfg, out, progress=False)
+    runs = out / "runs"
+    assert not list(runs.glob("*~lr*")) and one["rival"] is not None
+    assert {r["lr_multiple"] for r in one["runs"]} == {1.0}
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+
+    def lr_of(m):
+        return m["run_info"]["schedule"]["lr"]
+
+    # the doubled rate "does better on the selection half" (decided here, not by the tiny runs' curves)
+    monkeypatch.setattr(val, "_selection_loss", lambda m: -lr_of(m))
+    grid = dataclasses.replace(cfg, lr_grid=(1.0, 2.0))
+    doc = val.validate(grid, out, progress=False)  # extends the folder: the 1x runs are reused as they are
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    names = {r["run"] for r in doc["runs"]}
+    assert names == {r["run"] for r in one["runs"]}  # the rates are folded into their runs, not rows of their own
+    assert {p.name for p in runs.glob("*~lr2x")} == {f"{n}~lr2x" for n in names}
+    for r in doc["runs"]:
+        m = json.loads((out / r["folder"] / "metrics.json").read_text())
+        assert r["lr_multiple"] == 2.0 and r["folder"] == f"runs/{r['run']}~lr2x"
+        assert lr_of(m) == pytest.approx(2e-2) and r["eval_loss"] == pytest.approx(
+            m["train_info"]["metrics"]["eval_loss"]
+        )
+    assert doc["recipe"]["lr"] == pytest.approx(1e-2) and doc["recipe"]["lr_grid"] == [1.0, 2.0]
+    md = (out / "validation.md").read_text()
+    assert "lr 0.01 × {1, 2}" in md and "| lr × |" in md
+    rung = f"rank-{doc['ladder'] and next(iter(doc['ladder']))}"
+    spent = [json.loads(f.read_text())["train_info"]["train_time"] for f in runs.glob(f"{rung}*/metrics.json")]
+    assert len(spent) == 2 and doc["cost"]["ladder_train_time"] == pytest.approx(sum(spent))
+    # the other way round: the recipe's own rate is kept; a resume retrains nothing
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    monkeypatch.setattr(val, "_selection_loss", lambda m: lr_of(m))
+    kept = val.validate(grid, out, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
+    assert all(r["lr_multiple"] == 1.0 and "~" not in r["folder"] for r in kept["runs"])
+    assert kept["paired"]["n"] == 2
+    with pytest.raises(HessrankError, match=r"lr-grid must be positive multiples .* including 1"):
+        dataclasses.replace(cfg, lr_grid=(2.0,))
 
 
 @pytest.mark.slow

@@ -206,6 +206,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str | tuple[float, ...], flag: str) -> tuple[float, ...]:
+    """``"1,2"`` as ``(1.0, 2.0)`` (a tuple passes through: the config's default); a clear error naming ``flag``."""
+    if not isinstance(text, str):
+        return tuple(text)
+    from .errors import HessrankError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise HessrankError(f"{flag} takes comma-separated numbers, got '{text}'") from None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,6 +246,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         selection_fraction=args.selection_fraction,
         lr_scheduler=args.lr_scheduler,
+        lr_grid=_floats(args.lr_grid, "--lr-grid"),
         device=args.device,
     )
     backend = None
@@ -513,6 +526,11 @@ def _register_validate(sub: argparse._SubParsersAction) -> None:  # type: ignore
         choices=LR_SCHEDULERS,
         help="the recipe's learning-rate schedule (default linear, as train's; a run still improving is then "
         "retrained with doubled steps; under constant_with_warmup or constant it is resumed instead)",
+    )
+    sp.add_argument(
+        "--lr-grid",
+        help="multiples of --lr every run is trained at; each run keeps the rate whose best checkpoint has the "
+        "lowest selection loss (default 1,2; 1 trains every run at --lr only, half the cost)",
     )
     sp.add_argument("--device")
     g = sp.add_argument_group("execution (the result does not depend on it)")

@@ -24,6 +24,14 @@ about the recipe a user trains the advice with. A run still improving at its las
 schedule the learning rate at every step depends on the total step count, so a longer run is a new training); the
 run is then judged by whichever of its trainings has the lower loss on the selection half of the held-out split at
 its best checkpoint (``_Runner._judge``), so an extension never replaces a run by one that did worse.
+**Learning rate.** Every run (advice, rungs, competitors, the rival's seeds) is trained at each rate of the grid
+``lr_grid`` × the recipe's rate (default {1, 2}: ``runs/<name>`` and ``runs/<name>~lr2x``), each extended on its
+own, and is judged by the training — over every rate and every extension — whose best checkpoint has the lowest
+selection-half loss (``_Runner._merge_rates``): the comparison is then between configurations each at its better
+rate, not between how well one rate suits each of them. Why: with one rate for every run (rank-stable scaling
+α/√r), doubling it moved SmolLM2/GSM8K's 248,832-parameter advice five times as far as the 1,843,200-parameter
+rank 32 (0.8523 → 0.8363 against 0.8295 → 0.8262 at seed 0, reports/validation.md): the verdict measured how
+well one rate suits each adapter as much as rank. The grid doubles the training cost of a validation.
 ``--lr-scheduler constant_with_warmup`` (or ``constant``) keeps the rate constant after warm-up; an extension then
 resumes the run from its last checkpoint with doubled steps in its own folder, which is exact and cheaper, but
 under a constant rate a run's best checkpoint moves more from one evaluation to the next (MiniLM / AG News: a single
@@ -68,7 +76,7 @@ from ..io import (
     write_json,
 )
 from ..results import Recommendation, minus_advice_text
-from .train import EXTENDABLE_SCHEDULERS, RSLORA_ALPHA, TrainConfig, plateau_status, train
+from .train import DEFAULT_LR, EXTENDABLE_SCHEDULERS, RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +113,9 @@ class ValidateConfig:
     #: default to. Under a decaying schedule an extension retrains from the start with doubled steps; under a
     #: constant one (constant_with_warmup, constant) it resumes from the last checkpoint (see the module docstring)
     lr_scheduler: str = "linear"
+    #: multiples of ``lr`` every run is trained at (each run keeps the one whose best checkpoint has the lowest
+    #: selection-half loss; see the module docstring). Must hold 1 (the recipe's own rate, ``runs/<name>``)
+    lr_grid: tuple[float, ...] = (1.0, 2.0)
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  #: further TrainConfig overrides for every run
 
@@ -122,6 +133,10 @@ class ValidateConfig:
             raise HessrankError(f"max-extensions must be >= 0, got {self.max_extensions}")
         if not 0 <= self.selection_fraction < 1:
             raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
+        if 1.0 not in self.lr_grid or any(not m > 0 for m in self.lr_grid):
+            raise HessrankError(
+                f"lr-grid must be positive multiples of the learning rate including 1, got {list(self.lr_grid)}"
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
 
@@ -162,8 +177,23 @@ def _extension_text(lr_scheduler: str, max_extensions: int) -> str:
 
 
 EXTENDING_FIELDS = frozenset(
-    {"seeds", "multipliers", "formats", "methods", "competitors", "tolerance", "max_extensions"}
+    {"seeds", "multipliers", "formats", "methods", "competitors", "tolerance", "max_extensions", "lr_grid"}
 )
+
+#: the learning-rate grid of a validation folder written before ``lr_grid`` was a field (one rate for every run)
+LR_GRID_BEFORE_THE_FIELD = (1.0,)
+
+
+def _rate_name(name: str, multiple: float) -> str:
+    """The run name of ``name`` trained at ``multiple`` × the recipe's learning rate: ``rank-8~lr2x``."""
+    return name if multiple == 1.0 else f"{name}~lr{multiple:g}x"
+
+
+def _with_rate(tc: TrainConfig, multiple: float) -> TrainConfig:
+    """``tc`` at ``multiple`` × its learning rate (the method's default when ``tc.lr`` is None)."""
+    if multiple == 1.0:
+        return tc
+    return dataclasses.replace(tc, lr=multiple * (tc.lr if tc.lr is not None else DEFAULT_LR[tc.method]))
 
 
 def _training_key(tc: TrainConfig) -> str:
@@ -363,8 +393,10 @@ SCHEDULE_BEFORE_THE_FIELD = "constant_with_warmup"
 
 def _normalise(config: dict[str, Any]) -> dict[str, Any]:
     """A stored validation config read through :class:`ValidateConfig` (missing fields at their defaults, except
-    a missing ``lr_scheduler``: such a folder was trained on :data:`SCHEDULE_BEFORE_THE_FIELD`)."""
-    return ValidateConfig.from_dict({"lr_scheduler": SCHEDULE_BEFORE_THE_FIELD} | config).to_dict()
+    a missing ``lr_scheduler``: such a folder was trained on :data:`SCHEDULE_BEFORE_THE_FIELD`; a missing ``lr_grid``:
+    :data:`LR_GRID_BEFORE_THE_FIELD`)."""
+    old = {"lr_scheduler": SCHEDULE_BEFORE_THE_FIELD, "lr_grid": list(LR_GRID_BEFORE_THE_FIELD)}
+    return ValidateConfig.from_dict(old | config).to_dict()
 
 
 class _Runner:
@@ -383,6 +415,7 @@ class _Runner:
         self.folders: dict[str, Path] = {}  #: run -> the folder of the training its result comes from
         self.trainings: dict[str, dict[Path, dict[str, Any]]] = {}  #: run -> {folder: metrics} of each training
         self.shorter_kept: set[str] = set()  #: runs whose extension did worse on the selection half (see _judge)
+        self.rate: dict[str, float] = {}  #: run -> the multiple of the recipe's rate its result was trained at
 
     def folder(self, name: str, tc: TrainConfig) -> Path:
         """``runs/<name>``; a run extended under a decaying schedule is a new training from the start, kept beside
@@ -443,6 +476,45 @@ class _Runner:
         return out
 
     def run_all(self, runs: dict[str, TrainConfig]) -> None:
+        """Train ``runs`` at every rate of the grid (:meth:`_merge_rates`), then each run is the best of its rates."""
+        grid = sorted(self.cfg.lr_grid, key=lambda m: (m != 1.0, m))
+        self._run_rates({_rate_name(n, m): _with_rate(tc, m) for n, tc in runs.items() for m in grid})
+        self._merge_rates(runs, grid)
+
+    def _merge_rates(self, runs: dict[str, TrainConfig], grid: list[float]) -> None:
+        """Each run of ``runs`` becomes the training, over all its rates (``runs/<name>~lr<m>x``) and their
+        extensions, whose best checkpoint has the lowest selection-half loss — the rule :meth:`_judge` applies to
+        one rate's extensions, extended to the rates of the grid. Its :attr:`configs` entry stays at the recipe's
+        rate (the rival's other seeds are planned from it and get the grid again); the other rates' entries are
+        folded in (:attr:`trainings` of the run holds them all, so :meth:`compute_seconds` counts them)."""
+        for n in runs:
+            for m in grid:
+                v = _rate_name(n, m)
+                if n in self.alias or v == n or v not in self.results:
+                    continue
+                if n not in self.results or _selection_loss(self.results[v]) < _selection_loss(self.results[n]):
+                    self.configs.setdefault(n, dataclasses.replace(self.configs[v], lr=runs[n].lr))
+                    self.results[n], self.folders[n], self.rate[n] = self.results[v], self.folders[v], m
+                    self.extended[n] = self.extended.get(v, 0)
+                    self.shorter_kept.discard(n)
+                    if v in self.shorter_kept:
+                        self.shorter_kept.add(n)
+                self.trainings.setdefault(n, {}).update(self.trainings.get(v, {}))
+            self.rate.setdefault(n, 1.0)
+        for n in runs:
+            if n in self.results:
+                self.errors.pop(n, None)  # a rate that failed does not fail a run another rate trained
+            for m in grid:
+                v = _rate_name(n, m)
+                if v != n:
+                    if v in self.errors and n not in self.results:
+                        self.errors.setdefault(n, self.errors[v])
+                    for d in (self.results, self.configs, self.folders, self.extended, self.errors, self.alias):
+                        d.pop(v, None)
+                    self.shorter_kept.discard(v)
+        self._share_aliases()
+
+    def _run_rates(self, runs: dict[str, TrainConfig]) -> None:
         """Train ``runs``; a run that trains what an earlier run trains (and has no folder of its own) reuses it;
         then extend every run still improving, doubling its steps, up to ``max_extensions`` times (resumed under a
         constant schedule, retrained from the start under a decaying one: :meth:`folder`)."""
@@ -515,6 +587,7 @@ class _Runner:
                 self.results[name], self.configs[name] = self.results[same], self.configs[same]
                 self.folders[name] = self.folders[same]
                 self.extended[name] = self.extended.get(same, 0)
+                self.rate[name] = self.rate.get(same, 1.0)
                 if same in self.shorter_kept:
                     self.shorter_kept.add(name)
 
@@ -718,6 +791,14 @@ def _quant_after_training(cfg: ValidateConfig, facts: dict[str, Any], results: d
     return out
 
 
+def _recipe_lr(runner: _Runner, name: str, lr: float | None) -> float | None:
+    """The recipe's learning rate (the grid's 1×): ``lr``, or the rate run ``name`` resolved it to."""
+    if lr is not None or name not in runner.results:
+        return lr
+    at = runner.results[name]["run_info"].get("schedule", {}).get("lr")
+    return None if at is None else float(at) / runner.rate.get(name, 1.0)
+
+
 def _rows(runner: _Runner) -> list[dict[str, Any]]:
     rows = []
     for name, m in runner.results.items():
@@ -739,6 +820,7 @@ def _rows(runner: _Runner) -> list[dict[str, Any]]:
                 "plateaued": _plateaued(m),
                 "extended": runner.extended.get(name, 0),
                 "shorter_training_kept": name in runner.shorter_kept,
+                "lr_multiple": runner.rate.get(name, 1.0),
                 "folder": runner.folders[name].relative_to(runner.out).as_posix(),
                 "train_time": ti["train_time"],
                 "peak_memory_bytes": ti["peak_memory_bytes"],
@@ -782,9 +864,8 @@ def summarise(
         "config": cfg.to_dict(),
         "recipe": {
             "steps": facts["steps"],
-            "lr": runner.results[f"advice-s{s0}"]["run_info"].get("schedule", {}).get("lr", cfg.lr)
-            if f"advice-s{s0}" in results
-            else cfg.lr,
+            "lr": _recipe_lr(runner, f"advice-s{s0}", cfg.lr),
+            "lr_grid": list(cfg.lr_grid),
             "lr_scheduler": cfg.lr_scheduler,
             "batch_size": cfg.batch_size,
             "alpha": _alpha_rule(results.get(f"advice-s{s0}")),
@@ -870,10 +951,18 @@ def table_markdown(doc: dict[str, Any]) -> str:
     """The validation as Markdown: the runs, the verdict, who wins at which budget, the cost."""
     rc = doc["recipe"]
     ext = str(rc["extensions"]).removeprefix("steps ")
+    grid = [float(m) for m in rc.get("lr_grid") or [1.0]]
+    rates = (
+        f"lr {rc['lr']} × {{{', '.join(f'{m:g}' for m in grid)}}} ({rc['lr_scheduler']}; each run at the rate whose "
+        "best checkpoint has the lower selection loss)"
+        if len(grid) > 1
+        else f"lr {rc['lr']} ({rc['lr_scheduler']})"
+    )
+    lr_col = len(grid) > 1
     lines = [
         "# hessrank validation",
         "",
-        f"Recipe: {rc['steps']} steps ({ext}), lr {rc['lr']} ({rc['lr_scheduler']}), batch {rc['batch_size']}, "
+        f"Recipe: {rc['steps']} steps ({ext}), {rates}, batch {rc['batch_size']}, "
         f"alpha = {rc['alpha']}, early stopping on the held-out loss"
         + (
             f" (checkpoint chosen on the first {doc['config']['selection_fraction']:g} of the held-out split, "
@@ -883,15 +972,17 @@ def table_markdown(doc: dict[str, Any]) -> str:
         )
         + f", seeds {rc['seeds']}.",
         "",
-        "| run | method | format | rank | seed | held-out loss | accuracy | trainable params | steps | best step | "
-        "plateau | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| run | method | format | rank | seed | "
+        + ("lr × | " if lr_col else "")
+        + "held-out loss | accuracy | trainable params | steps | best step | plateau | train s |",
+        "|---|---|---|---:|---:|" + ("---:|" if lr_col else "") + "---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in sorted(doc["runs"], key=lambda r: r["run"]):
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['run']} | {r['method']} | {r['quantization']} | {r['ranks']} | {r['seed']} | "
-            f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['steps']} | {r['best_step']} | "
+            + (f"{r.get('lr_multiple', 1.0):g} | " if lr_col else "")
+            + f"{r['eval_loss']:.4f} | {acc} | {r['trainable_params']:,} | {r['steps']} | {r['best_step']} | "
             f"{'yes' if r['plateaued'] else 'no'} | {r['train_time']:.0f} |"
         )
     lines += ["", f"**Verdict: {doc['verdict']}** — {doc['why']}."]
