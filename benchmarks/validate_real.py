@@ -199,49 +199,75 @@ def partial_table(val: Path) -> str:
     return "\n".join(rows)
 
 
+def _family(folder: str) -> str:
+    """The run a training folder belongs to: ``rank-8`` for ``rank-8``, ``rank-8@400``, ``rank-8~lr2x@400``."""
+    return folder.split("@")[0].split("~")[0]
+
+
+def _rate(folder: str) -> float:
+    """The learning-rate multiple a training folder ran at: 2 for ``rank-8~lr2x@400``, 1 without ``~lr``."""
+    tail = folder.split("@")[0].partition("~lr")[2]
+    return float(tail.removesuffix("x")) if tail else 1.0
+
+
 def extension_table(val: Path) -> str | None:
-    """Every extended run of a validation beside the other trainings of its configuration, from their
-    ``metrics.json``: each training's loss on the selection half of the held-out split (at its best checkpoint: what
-    chose the checkpoint) and on the reported half, and which one the verdict used (validation.json's
-    ``runs[].folder``: since session 20 the training with the lower selection loss, before it the longest).
-    ``None`` when no run was extended under a decaying schedule (no ``runs/<name>@<steps>`` folders)."""
+    """Every run with more than one training — extended (``runs/<name>@<steps>``) or trained at other rates of the
+    learning-rate grid (``runs/<name>~lr<m>x``) — beside its other trainings, from their ``metrics.json``: each
+    training's loss on the selection half of the held-out split (at its best checkpoint: what chose the checkpoint)
+    and on the reported half, and which one the verdict used (validation.json's ``runs[].folder``: since session 20
+    the training with the lower selection loss, before it the longest). ``None`` when every run has one training."""
     families: dict[str, list[tuple[str, dict]]] = {}
-    for mf in sorted(val.glob("runs/*@*/metrics.json")):
-        base = val / "runs" / mf.parent.name.split("@")[0] / "metrics.json"
-        if base.exists():
-            fam = families.setdefault(base.parent.name, [(f"runs/{base.parent.name}", json.loads(base.read_text()))])
-            fam.append((f"runs/{mf.parent.name}", json.loads(mf.read_text())))
+    for mf in sorted(val.glob("runs/*/metrics.json")):
+        families.setdefault(_family(mf.parent.name), []).append((mf.parent.name, json.loads(mf.read_text())))
+    families = {k: v for k, v in families.items() if len(v) > 1}
     if not families:
         return None
+    graded = any(_rate(f) != 1.0 for fam in families.values() for f, _ in fam)
     vj = val / "validation.json"
     used = {r["run"]: r.get("folder") for r in json.loads(vj.read_text())["runs"]} if vj.exists() else {}
     rows = [
-        "Extended runs beside the other trainings of their configuration (selection: the held-out half that chose "
-        "the checkpoint, at the best step; reported: the other half; the verdict uses the training named in "
-        "validation.json):",
+        "Runs with more than one training (extended, or at other rates of the learning-rate grid) beside each other "
+        "(selection: the held-out half that chose the checkpoint, at the best step; reported: the other half; the "
+        "verdict uses the training named in validation.json):",
         "",
-        "| run | planned steps | steps run | best step | selection loss | reported loss | used by the verdict |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| run | " + ("lr × | " if graded else "") + "planned steps | steps run | best step | selection loss | "
+        "reported loss | used by the verdict |",
+        "|---|" + ("---:|" if graded else "") + "---:|---:|---:|---:|---:|---|",
     ]
-    shorter_by_selection, shorter_by_reported = 0, 0
+    extended, shorter_by_selection, shorter_by_reported = 0, 0, 0
+    rated, higher_rate_kept = 0, 0
     for name, trainings in families.items():
-        trainings.sort(key=lambda fm: fm[1]["run_info"]["train_config"]["steps"])
-        sel, rep = [], []
-        for i, (folder, m) in enumerate(trainings):
-            ti, steps = m["train_info"], m["run_info"]["train_config"]["steps"]
-            sel.append(_selection_loss(m))
-            rep.append(ti["metrics"]["eval_loss"])
-            rows.append(
-                f"| {name if i == 0 else f'{name}@{steps}'} | {steps} | {ti['steps']} | {ti['best_step']} | "
-                f"{sel[-1]:.4f} | {rep[-1]:.4f} | {'yes' if used.get(name) == folder else 'no'} |"
-            )
-        shorter_by_selection += min(sel[:-1]) < sel[-1]
-        shorter_by_reported += min(rep[:-1]) < rep[-1]
-    rows += [
-        "",
-        f"A shorter training had the lower selection loss in {shorter_by_selection} of {len(families)} extended runs "
-        f"and the lower reported loss in {shorter_by_reported} of {len(families)}.",
-    ]
+        trainings.sort(key=lambda fm: (_rate(fm[0]), fm[1]["run_info"]["train_config"]["steps"]))
+        best: dict[float, float] = {}
+        for rate in sorted({_rate(f) for f, _ in trainings}):
+            chain = [(f, m) for f, m in trainings if _rate(f) == rate]
+            sel = [_selection_loss(m) for _, m in chain]
+            rep = [m["train_info"]["metrics"]["eval_loss"] for _, m in chain]
+            best[rate] = min(sel)
+            for folder, m in chain:
+                ti, steps = m["train_info"], m["run_info"]["train_config"]["steps"]
+                rows.append(
+                    f"| {folder} | " + (f"{rate:g} | " if graded else "") + f"{steps} | {ti['steps']} | "
+                    f"{ti['best_step']} | {_selection_loss(m):.4f} | {ti['metrics']['eval_loss']:.4f} | "
+                    f"{'yes' if used.get(name) == f'runs/{folder}' else 'no'} |"
+                )
+            if len(chain) > 1:
+                extended += 1
+                shorter_by_selection += min(sel[:-1]) < sel[-1]
+                shorter_by_reported += min(rep[:-1]) < rep[-1]
+        if len(best) > 1:
+            rated += 1
+            higher_rate_kept += min(best, key=lambda r: best[r]) != 1.0
+    rows.append("")
+    if extended:
+        rows.append(
+            f"A shorter training had the lower selection loss in {shorter_by_selection} of {extended} extended runs "
+            f"and the lower reported loss in {shorter_by_reported} of {extended}."
+        )
+    if rated:
+        rows.append(
+            f"Another rate than the recipe's had the lower selection loss in {higher_rate_kept} of {rated} runs."
+        )
     return "\n".join(rows)
 
 
@@ -366,7 +392,8 @@ def summarize(root: Path) -> str:
             f"Command: `{cmd}` (stages: `hessrank analyze {' '.join(CASES[case]['analyze'])}`, "
             f"`hessrank recommend {' '.join(CASES[case]['recommend'])}`, "
             f"`hessrank validate {' '.join(CASES[case]['validate'])}`)."
-            + (f" {note}" if (note := _recipe_note(case, out)) else ""),
+            + (f" {note}" if (note := _recipe_note(case, out)) else "")
+            + (f" {gnote}" if (gnote := _grid_note(out)) else ""),
             "",
             f"Analysis: {an['model']['name']} on {Path(an['data']['source']).name}, joint scope over "
             f"{len(an['modules'])} modules ({joint['summary']['num_params']:,} parameters), analysis point: "
@@ -492,6 +519,24 @@ def _recipe_note(case: str, out: Path) -> str | None:
         else "; the current recipe's advice has not been compared with it"
     )
     return f"The archived analysis ran with {what}{same}."
+
+
+def _grid_note(out: Path) -> str | None:
+    """A sentence for a case validated at fewer learning rates than ``validate`` now trains every run at (its stored
+    config's ``lr_grid``; absent before session 21: one rate)."""
+    from hessrank.trainer.validate import LR_GRID_BEFORE_THE_FIELD, ValidateConfig
+
+    f = out / "validation" / "validate_config.json"
+    if not f.exists():
+        return None
+    held = [float(m) for m in json.loads(f.read_text())["config"].get("lr_grid", LR_GRID_BEFORE_THE_FIELD)]
+    now = [float(m) for m in ValidateConfig.__dataclass_fields__["lr_grid"].default]
+    if set(now) <= set(held):
+        return None
+    return (
+        f"Validated at the learning-rate multiples {held} of the recipe's rate (validate now trains every run at "
+        f"{now} by default, since session 21); rerunning the case resumes this folder and trains the other rates."
+    )
 
 
 def _commit() -> str:

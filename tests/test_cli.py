@@ -114,6 +114,8 @@ def test_analyze_bad_inputs_one_line(argv, needle, tmp_path, capsys, monkeypatch
         (["analyze", "--data", "movie-reviews", "--out", "X"], "--model is required"),
         (["train", "--model", "m", "--data", "d", "--steps", "0", "--out", "R"], "steps must be at least 1"),
         (["validate", "/no/such/recommendation.json", "--out", "V"], "recommendation file not found"),
+        (["validate", "DIR", "--lr-grid", "1,x", "--out", "V"], "--lr-grid takes comma-separated numbers, got '1,x'"),
+        (["validate", "DIR", "--lr-grid", "2", "--out", "V"], "lr-grid must be positive multiples"),
         (
             ["analyze", "--model", "minilm-l6", "--data", "movie-reviews", "--quant-formats", "int3", "--out", "X"],
             "quantization format 'int3'",

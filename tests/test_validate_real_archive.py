@@ -146,6 +146,13 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | no |" in table
     assert "advice-s0" not in table
     assert "lower selection loss in 1 of 1 extended runs and the lower reported loss in 0 of 1" in table
+    # the learning-rate grid (session 21): a run's other rates are its trainings too, in a column of their own
+    metrics("rank-8~lr2x", 100, 100, 75, {50: 0.7, 75: 0.45, 100: 0.5}, 0.48)
+    (tmp_path / "validation.json").write_text(json.dumps({"runs": [{"run": "rank-8", "folder": "runs/rank-8~lr2x"}]}))
+    table = vr.extension_table(tmp_path)
+    assert "| rank-8 | 1 | 100 | 100 | 100 | 0.5000 | 0.5200 | no |" in table
+    assert "| rank-8~lr2x | 2 | 100 | 100 | 75 | 0.4500 | 0.4800 | yes |" in table
+    assert "Another rate than the recipe's had the lower selection loss in 1 of 1 runs." in table
 
 
 def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_criterion(tmp_path: Path) -> None:
@@ -182,3 +189,18 @@ def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_crite
     assert "tie (+0.0020; 90 params, fewer than the advice) |" in agnews
     assert "tie (-0.0010 (paired, 3 seeds); 1,000 params) |" in sst2  # folk-16 trained at three seeds
     assert "on 1 of the issue's 5 cases (2 finished) and on 1 of 2 finished cases in all" in board
+
+
+def test_grid_note_names_a_case_validated_at_fewer_rates_than_validate_now_trains(tmp_path: Path) -> None:
+    """A validation folder from before the learning-rate grid (no lr_grid stored: one rate) gets a sentence in the
+    report; one validated at the current default grid gets none."""
+    import json
+
+    vr = _bench()
+    assert vr._grid_note(tmp_path) is None
+    (tmp_path / "validation").mkdir()
+    cfg = tmp_path / "validation" / "validate_config.json"
+    cfg.write_text(json.dumps({"config": {"steps": 100}}))
+    assert "multiples [1.0] of the recipe's rate" in vr._grid_note(tmp_path)
+    cfg.write_text(json.dumps({"config": {"steps": 100, "lr_grid": [1.0, 2.0]}}))
+    assert vr._grid_note(tmp_path) is None
