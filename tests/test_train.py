@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -574,6 +575,50 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     assert val.validate(const, tmp_path / "const", progress=False)["verdict"] == cdoc["verdict"]
     with pytest.raises(HessrankError, match="differs in: lr_scheduler"):
         val.validate(cfg, tmp_path / "const", progress=False)
+
+
+def test_the_rivals_other_seeds_follow_its_protocol_and_an_old_longer_folder_becomes_their_extension(
+    tiny_rec, tmp_path, monkeypatch
+):
+    """The rival's other seeds start at the planned steps and are extended like its first seed (until session 21
+    they trained at its longest training's steps). A rival seed's folder from then (the 8-step training in
+    runs/rival-s1) is moved to runs/rival-s1@8 — its extension — and reused there; the planned run trains anew."""
+    import hessrank.trainer.validate as val
+
+    monkeypatch.setattr(val, "_plateaued", lambda m: m["train_info"]["steps"] >= 8)
+    monkeypatch.setattr(val, "_selection_loss", lambda m: -m["train_info"]["steps"])
+    cfg = val.ValidateConfig(
+        recommendation=str(tiny_rec),
+        steps=4,
+        eval_every=2,
+        batch_size=8,
+        lr=1e-2,
+        seeds=(0, 1),
+        multipliers=(2.0,),
+        competitors=(),
+        max_extensions=1,
+        max_train=120,
+        max_eval=40,
+        lr_grid=(1.0,),
+    )
+    out = tmp_path / "val"
+    doc = val.validate(cfg, out, progress=False)
+    runs = out / "runs"
+
+    def steps(folder: str) -> int:
+        return json.loads((runs / folder / "metrics.json").read_text())["train_info"]["steps"]
+
+    assert doc["rival"] is not None and steps("rival-s1") == 4 and steps("rival-s1@8") == 8
+    row = next(r for r in doc["runs"] if r["run"] == "rival-s1")
+    assert row["extended"] == 1 and row["folder"] == "runs/rival-s1@8"
+    # the layout validations wrote until session 21: the rival seed trained once, at the longest steps
+    shutil.rmtree(runs / "rival-s1")
+    (runs / "rival-s1@8").rename(runs / "rival-s1")
+    stamp = (runs / "rival-s1" / "metrics.json").stat().st_mtime_ns
+    again = val.validate(cfg, out, progress=False)
+    assert steps("rival-s1") == 4 and steps("rival-s1@8") == 8
+    assert (runs / "rival-s1@8" / "metrics.json").stat().st_mtime_ns == stamp  # moved, not retrained
+    assert next(r for r in again["runs"] if r["run"] == "rival-s1")["eval_loss"] == row["eval_loss"]
 
 
 def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, monkeypatch):

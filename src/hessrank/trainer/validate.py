@@ -5,7 +5,8 @@ Runs (each a :func:`hessrank.trainer.train.train` folder under ``VAL/runs/``, so
 * ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed (default 3);
 * ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
   same target modules);
-* ``rival-s<seed>`` — the closest rival (the best rank run at the first seed) again with the other seeds;
+* ``rival-s<seed>`` — the closest rival (the best rank run at the first seed) again with the other seeds, under the
+  same protocol (planned steps, extensions, rates);
 * competitors (``--competitors``, default all): ``folk-8`` / ``folk-16`` (the folk rule: uniform r = 8 and 16 on
   the advised modules), ``eva`` (PEFT's EVA initialisation and rank redistribution, ``lora-eva``, at the advice's
   budget), ``adalora`` (AdaLoRA with the advice's final budget), ``uniform-budget`` (one uniform rank at the advice's
@@ -441,6 +442,7 @@ class _Runner:
     def _one(self, name: str, tc: TrainConfig) -> None:
         folder = self.folder(name, tc)
         self._refuse_changed_plan(name, folder, tc)
+        self._move_longer_aside(folder, tc)
         replace = self._replaces(folder, tc)
         try:
             self.results[name] = train(tc, folder, resume=True, overwrite=replace, progress=self.progress)
@@ -449,6 +451,26 @@ class _Runner:
         except HessrankError as e:  # e.g. BitFit on a model without biases: recorded, not fatal
             self.errors[name] = str(e)
             log.warning("run %s skipped: %s", name, e)
+
+    def _move_longer_aside(self, folder: Path, tc: TrainConfig) -> None:
+        """Under a decaying schedule, a run's own folder holding the same training planned *longer* than ``tc`` (a
+        rival seed trained at its rival's longest steps, as validations did until session 21) is that training's
+        extension: it moves to ``runs/<name>@<its steps>``, where the extension chain finds it finished, and the
+        planned run trains in ``runs/<name>``. Nothing is deleted."""
+        made = folder / "train_config.json"
+        if resumable(tc.lr_scheduler) or not made.exists() or _trained_otherwise(folder, tc) is not None:
+            return
+        held = int(TrainConfig.from_dict(read_json(made)["config"]).steps or 0)
+        if tc.steps is None or held <= int(tc.steps):
+            return
+        target = folder.with_name(f"{folder.name}@{held}")
+        if target.exists():
+            raise HessrankError(
+                f"{folder}: holds a {held}-step training of run '{folder.name}', planned at {tc.steps} steps, and "
+                f"{target} exists too; move one of them away"
+            )
+        log.info("%s holds the %d-step training of this run: moved to %s (its extension)", folder, held, target)
+        folder.rename(target)
 
     def _replaces(self, folder: Path, tc: TrainConfig) -> bool:
         """With --overwrite a run folder that trained another configuration is replaced; the same training (an
@@ -462,6 +484,7 @@ class _Runner:
             return
         for n, tc in jobs:
             self._refuse_changed_plan(n, self.folder(n, tc), tc)
+            self._move_longer_aside(self.folder(n, tc), tc)
         self.backend.prefetch([(n, tc, self.folder(n, tc), self._replaces(self.folder(n, tc), tc)) for n, tc in jobs])
 
     def _distinct(self, runs: dict[str, TrainConfig]) -> list[tuple[str, TrainConfig]]:
@@ -560,8 +583,8 @@ class _Runner:
         split — the criterion early stopping already chose each training's checkpoint by, extended to the
         trainings of one configuration. An extension thus replaces a run only by one that did better on the
         examples that choose; the reported half never decides. A run kept at a shorter training is settled: more
-        steps did not help it (:attr:`shorter_kept`). The extension chain itself (and the rival's other seeds)
-        follows the longest training's configuration (:attr:`configs`).
+        steps did not help it (:attr:`shorter_kept`). The extension chain itself follows the longest training's
+        configuration (:attr:`configs`); the rival's other seeds start from its planned steps.
 
         Until session 20 the longest training was judged; over the 8 extended runs of the archived SmolLM2 and
         AG News validations a shorter training had the lower selection loss in 7 (reports/validation.md)."""
@@ -635,7 +658,9 @@ def _validate(
     # the closest rival gets the other seeds too (a rung identical to the advice is the advice, not a rival)
     rival = closest_rival(runner.results, {k: _training_key(v) for k, v in runner.configs.items()}, first)
     if rival is not None:
-        base = runner.configs[rival]
+        # the rival's other seeds follow the protocol its first seed did: the planned steps, extended when still
+        # improving, judged by the selection half (until session 21 they trained at its longest training's steps)
+        base = dataclasses.replace(runner.configs[rival], steps=runner.planned_steps[rival])
         runner.run_all({f"rival-s{s}": dataclasses.replace(base, seed=s) for s in cfg.seeds[1:]})
     doc = summarise(cfg, facts, runner, rival, started)
     write_json(out / "validation.json", doc)
