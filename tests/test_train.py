@@ -577,6 +577,38 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
         val.validate(cfg, tmp_path / "const", progress=False)
 
 
+def test_train_lr_grid_trains_each_rate_and_keeps_the_lowest_selection_loss(
+    tiny_llama_dir, tiny_data, tmp_path, capsys
+):
+    """``hessrank train --lr-grid 1,3``: one run folder per rate (OUT/lr1x, OUT/lr3x at 3x the rate), lr_grid.json
+    naming the one whose best checkpoint has the lowest selection-half loss; a rerun resumes (retrains nothing); a
+    folder holding a single run is refused."""
+    from hessrank.cli import main
+    from hessrank.trainer.rates import selection_loss
+
+    out = tmp_path / "grid"
+    argv = [
+        "train", "--model", str(tiny_llama_dir), "--data", str(tiny_data), "--task", "causal-lm", "--steps", "4",
+        "--eval-every", "2", "--batch-size", "8", "--max-length", "24", "--lr", "1e-2", "--target-modules",
+        "q_proj,v_proj", "--label-names", "negative,positive", "--template", "Review: {text}\\nSentiment:",
+        "--selection-fraction", "0.5", "--lr-grid", "1,3", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "lr_grid.json").read_text())
+    assert doc["schema"] == "hessrank.lr_grid/1" and [r["folder"] for r in doc["rates"]] == ["lr1x", "lr3x"]
+    ms = {f: json.loads((out / f / "metrics.json").read_text()) for f in ("lr1x", "lr3x")}
+    assert ms["lr3x"]["run_info"]["schedule"]["lr"] == pytest.approx(3e-2)
+    assert ms["lr1x"]["run_info"]["schedule"]["lr"] == pytest.approx(1e-2)
+    assert doc["chosen"] == min(ms, key=lambda f: selection_loss(ms[f]))
+    assert "<- chosen" in capsys.readouterr().out
+    stamps = {f: (out / f / "metrics.json").stat().st_mtime_ns for f in ms}
+    assert main(argv) == 0
+    assert {f: (out / f / "metrics.json").stat().st_mtime_ns for f in ms} == stamps
+    single = [a if a != str(out) else str(out / "lr1x") for a in argv]
+    assert main(single) == 2  # OUT/lr1x holds one run: not a grid folder
+    assert "holds a single training run" in capsys.readouterr().err
+
+
 def test_the_rivals_other_seeds_follow_its_protocol_and_an_old_longer_folder_becomes_their_extension(
     tiny_rec, tmp_path, monkeypatch
 ):

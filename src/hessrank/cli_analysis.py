@@ -187,6 +187,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict(
             {"model": args.model, "data": args.data, "task": args.task, "data_options": opts, **over}
         )
+    grid = _floats(args.lr_grid, "--lr-grid") if args.lr_grid else (1.0,)
+    if grid != (1.0,):
+        return _train_rates(cfg, args, grid)
     doc = train(cfg, args.out, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     from .distributed import is_main_process, shutdown
 
@@ -203,6 +206,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{ti['tokens_per_sec']:.0f} tokens/s; peak memory {ti['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     print(f"wrote {args.out}/metrics.json and {args.out}/adapter/")
+    return 0
+
+
+def _train_rates(cfg: Any, args: argparse.Namespace, grid: tuple[float, ...]) -> int:
+    """``hessrank train --lr-grid``: one run folder per rate under OUT, the lowest selection loss chosen."""
+    from .trainer.rates import train_rates
+
+    from .distributed import is_main_process, shutdown
+
+    doc = train_rates(cfg, args.out, grid, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
+    shutdown()  # under torchrun: every rank is done
+    if not is_main_process():
+        return 0
+    for r in doc["rates"]:
+        print(
+            f"lr {r['lr']:g} ({r['multiple']:g}x): selection loss {r['selection_loss']:.4f}, held-out loss "
+            f"{r['eval_loss']:.4f}, best step {r['best_step']} of {r['steps']}"
+            + ("  <- chosen" if r["folder"] == doc["chosen"] else "")
+        )
+    print(f"wrote {args.out}/lr_grid.json; the chosen adapter: {args.out}/{doc['chosen']}/adapter/")
     return 0
 
 
@@ -474,6 +497,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="scale LoRA by alpha/sqrt(r) (default with --recommendation, alpha 8; else alpha/r with alpha 2r)",
     )
     o.add_argument("--lr-scheduler", default=None, help="linear (default), cosine, constant, constant_with_warmup")
+    o.add_argument(
+        "--lr-grid",
+        default=None,
+        help="train at these multiples of the learning rate (e.g. 1,2, as validate does) into OUT/lr<m>x/ and keep "
+        "the one with the lowest selection loss (OUT/lr_grid.json); pair with --selection-fraction 0.5 so the loss "
+        "it reports is not the one it chose by",
+    )
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--device", default=None)
     sp.add_argument("--out", default=None, help="output folder (required)")

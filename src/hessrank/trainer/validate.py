@@ -77,7 +77,10 @@ from ..io import (
     write_json,
 )
 from ..results import Recommendation, minus_advice_text
-from .train import DEFAULT_LR, EXTENDABLE_SCHEDULERS, RSLORA_ALPHA, TrainConfig, plateau_status, train
+from .rates import check_grid
+from .rates import selection_loss as _selection_loss
+from .rates import with_rate as _with_rate
+from .train import EXTENDABLE_SCHEDULERS, RSLORA_ALPHA, TrainConfig, plateau_status, train
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +137,7 @@ class ValidateConfig:
             raise HessrankError(f"max-extensions must be >= 0, got {self.max_extensions}")
         if not 0 <= self.selection_fraction < 1:
             raise HessrankError(f"selection-fraction must be in [0, 1), got {self.selection_fraction}")
-        if 1.0 not in self.lr_grid or any(not m > 0 for m in self.lr_grid):
-            raise HessrankError(
-                f"lr-grid must be positive multiples of the learning rate including 1, got {list(self.lr_grid)}"
-            )
+        check_grid(self.lr_grid)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise HessrankError(f"lr-scheduler '{self.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
 
@@ -188,13 +188,6 @@ LR_GRID_BEFORE_THE_FIELD = (1.0,)
 def _rate_name(name: str, multiple: float) -> str:
     """The run name of ``name`` trained at ``multiple`` × the recipe's learning rate: ``rank-8~lr2x``."""
     return name if multiple == 1.0 else f"{name}~lr{multiple:g}x"
-
-
-def _with_rate(tc: TrainConfig, multiple: float) -> TrainConfig:
-    """``tc`` at ``multiple`` × its learning rate (the method's default when ``tc.lr`` is None)."""
-    if multiple == 1.0:
-        return tc
-    return dataclasses.replace(tc, lr=multiple * (tc.lr if tc.lr is not None else DEFAULT_LR[tc.method]))
 
 
 def _training_key(tc: TrainConfig) -> str:
@@ -340,14 +333,6 @@ def _seed(m: dict[str, Any]) -> int:
 
 def _acc(m: dict[str, Any]) -> float | None:
     return m["train_info"]["metrics"].get("accuracy")
-
-
-def _selection_loss(m: dict[str, Any]) -> float:
-    """A training's held-out loss at its best checkpoint on the examples that chose it (the selection half with
-    ``selection_fraction`` > 0, else the whole held-out split): its ``eval_curve`` entry at ``best_step``."""
-    ti = m["train_info"]
-    at = {e["step"]: e["eval_loss"] for e in ti.get("eval_curve") or []}
-    return float(at.get(ti.get("best_step"), ti["metrics"]["eval_loss"]))
 
 
 def _trained_otherwise(folder: Path, tc: TrainConfig) -> TrainConfig | None:
