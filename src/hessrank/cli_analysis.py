@@ -211,9 +211,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_rates(cfg: Any, args: argparse.Namespace, grid: tuple[float, ...]) -> int:
     """``hessrank train --lr-grid``: one run folder per rate under OUT, the lowest selection loss chosen."""
-    from .trainer.rates import train_rates
-
     from .distributed import is_main_process, shutdown
+    from .trainer.rates import train_rates
 
     doc = train_rates(cfg, args.out, grid, resume=not args.no_resume, overwrite=args.overwrite, progress=not args.quiet)
     shutdown()  # under torchrun: every rank is done

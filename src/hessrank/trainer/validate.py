@@ -638,7 +638,10 @@ def _validate(
     )
     started = time.time()
     runner = _Runner(cfg, out, progress, overwrite=overwrite, backend=backend)
-    runner.run_all(runs)
+    # what the verdict needs first (the advice, the ladder, then the rival's seeds), the other competitors after:
+    # a validation stopped part-way has its verdict's runs done; the result does not depend on the order
+    verdict_runs = {k: v for k, v in runs.items() if k.startswith(("advice-", "rank-"))}
+    runner.run_all(verdict_runs)
     first = f"advice-s{cfg.seeds[0]}"
     # the closest rival gets the other seeds too (a rung identical to the advice is the advice, not a rival)
     rival = closest_rival(runner.results, {k: _training_key(v) for k, v in runner.configs.items()}, first)
@@ -647,6 +650,7 @@ def _validate(
         # improving, judged by the selection half (until session 21 they trained at its longest training's steps)
         base = dataclasses.replace(runner.configs[rival], steps=runner.planned_steps[rival])
         runner.run_all({f"rival-s{s}": dataclasses.replace(base, seed=s) for s in cfg.seeds[1:]})
+    runner.run_all({k: v for k, v in runs.items() if k not in verdict_runs})
     doc = summarise(cfg, facts, runner, rival, started)
     write_json(out / "validation.json", doc)
     atomic_write(out / "validation.md", lambda f: f.write(table_markdown(doc)))
