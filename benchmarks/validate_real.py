@@ -522,12 +522,15 @@ def _recipe_note(case: str, out: Path) -> str | None:
 
 
 def _grid_note(out: Path) -> str | None:
-    """A sentence for a case validated at fewer learning rates than ``validate`` now trains every run at (its stored
-    config's ``lr_grid``; absent before session 21: one rate)."""
+    """A sentence for a case validated at fewer learning rates than ``validate`` now trains every run at (the
+    ``lr_grid`` of the config its verdict was made under — validation.json's, else validate_config.json's for a
+    validation under way; absent before session 21: one rate)."""
     from hessrank.trainer.validate import LR_GRID_BEFORE_THE_FIELD, ValidateConfig
 
-    f = out / "validation" / "validate_config.json"
-    if not f.exists():
+    f = next(
+        (g for g in (out / "validation" / n for n in ("validation.json", "validate_config.json")) if g.exists()), None
+    )
+    if f is None:
         return None
     held = [float(m) for m in json.loads(f.read_text())["config"].get("lr_grid", LR_GRID_BEFORE_THE_FIELD)]
     now = [float(m) for m in ValidateConfig.__dataclass_fields__["lr_grid"].default]

@@ -204,3 +204,6 @@ def test_grid_note_names_a_case_validated_at_fewer_rates_than_validate_now_train
     assert "multiples [1.0] of the recipe's rate" in vr._grid_note(tmp_path)
     cfg.write_text(json.dumps({"config": {"steps": 100, "lr_grid": [1.0, 2.0]}}))
     assert vr._grid_note(tmp_path) is None
+    # the verdict shown is validation.json's: a one-rate verdict being re-run with the grid still gets the sentence
+    (tmp_path / "validation" / "validation.json").write_text(json.dumps({"config": {"steps": 100}}))
+    assert "multiples [1.0]" in vr._grid_note(tmp_path)
