@@ -667,7 +667,7 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
         lr=1e-2,
         seeds=(0, 1),
         multipliers=(2.0,),
-        competitors=(),
+        competitors=("folk",),
         max_extensions=0,
         max_train=120,
         max_eval=40,
@@ -675,6 +675,9 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     )
     out = tmp_path / "val"
     one = val.validate(cfg, out, progress=False)
+    # the tiny model's modules are at most 8 wide, so the rung (2x the advised rank) is rank 8, as folk-8 is: the
+    # same training, trained once (in the first call) and reused by folk-8 (in the last); folk-16 trains its own
+    assert one["ladder"].keys() == {"8"}, one["ladder"]
     runs = out / "runs"
     assert not list(runs.glob("*~lr*")) and one["rival"] is not None
     assert {r["lr_multiple"] for r in one["runs"]} == {1.0}
@@ -690,10 +693,13 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     names = {r["run"] for r in doc["runs"]}
     assert names == {r["run"] for r in one["runs"]}  # the rates are folded into their runs, not rows of their own
-    assert {p.name for p in runs.glob("*~lr2x")} == {f"{n}~lr2x" for n in names}
+    assert {"folk-8", "folk-16", "rank-8"} <= names
+    trained = names - {"folk-8"}  # folk-8 reuses rank-8's trainings at both rates
+    assert {p.name for p in runs.glob("*~lr2x")} == {f"{n}~lr2x" for n in trained}
     for r in doc["runs"]:
         m = json.loads((out / r["folder"] / "metrics.json").read_text())
-        assert r["lr_multiple"] == 2.0 and r["folder"] == f"runs/{r['run']}~lr2x"
+        twin = "rank-8" if r["run"] == "folk-8" else r["run"]
+        assert r["lr_multiple"] == 2.0 and r["folder"] == f"runs/{twin}~lr2x"
         assert lr_of(m) == pytest.approx(2e-2) and r["eval_loss"] == pytest.approx(
             m["train_info"]["metrics"]["eval_loss"]
         )
@@ -712,6 +718,8 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     assert kept["paired"]["n"] == 2
     with pytest.raises(HessrankError, match=r"lr-grid must be positive multiples .* including 1"):
         dataclasses.replace(cfg, lr_grid=(2.0,))
+    with pytest.raises(HessrankError, match="names a multiple twice: 1, 2, 2"):
+        dataclasses.replace(cfg, lr_grid=(1.0, 2.0, 2.0000001))
 
 
 @pytest.mark.slow

@@ -228,11 +228,14 @@ def _train_rates(cfg: Any, args: argparse.Namespace, grid: tuple[float, ...]) ->
     return 0
 
 
-def _floats(text: str | tuple[float, ...], flag: str) -> tuple[float, ...]:
+def _floats(text: str | tuple[float, ...] | None, flag: str) -> tuple[float, ...]:
     """``"1,2"`` as ``(1.0, 2.0)`` (a tuple passes through: the config's default); a clear error naming ``flag``."""
+    from .errors import HessrankError
+
+    if text is None:
+        raise HessrankError(f"{flag} needs comma-separated numbers, e.g. 1,2")
     if not isinstance(text, str):
         return tuple(text)
-    from .errors import HessrankError
 
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())

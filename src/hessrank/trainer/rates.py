@@ -38,6 +38,9 @@ def check_grid(grid: tuple[float, ...], flag: str = "lr-grid") -> None:
     """A grid is positive multiples that include 1 (the configuration's own rate)."""
     if 1.0 not in grid or any(not m > 0 for m in grid):
         raise HessrankError(f"{flag} must be positive multiples of the learning rate including 1, got {list(grid)}")
+    names = [f"{m:g}" for m in grid]
+    if len(set(names)) < len(names):
+        raise HessrankError(f"{flag} names a multiple twice: {', '.join(names)}")
 
 
 def with_rate(tc: TrainConfig, multiple: float) -> TrainConfig:
@@ -66,6 +69,11 @@ def train_rates(
     """Train ``cfg`` at each multiple of ``grid`` into ``out/lr<m>x/`` and write ``out/lr_grid.json``; returns it
     with ``metrics``, the chosen training's ``metrics.json``. Each rate's folder resumes as ``train`` does."""
     check_grid(grid)
+    if not cfg.selection_fraction:
+        log.warning(
+            "choosing the rate by the held-out loss it reports (selection_fraction 0): that loss is biased low; "
+            "--selection-fraction 0.5 chooses on one half and reports the other"
+        )
     out = Path(out)
     if (out / "train_config.json").exists():
         raise HessrankError(f"{out}: holds a single training run; give --lr-grid another --out folder")
@@ -98,5 +106,8 @@ def train_rates(
         "selection_fraction": cfg.selection_fraction,
         "seconds": time.time() - started,
     }
-    write_json(out / "lr_grid.json", doc)
+    from ..distributed import is_main_process
+
+    if is_main_process():  # under torchrun every rank trains; rank 0 writes
+        write_json(out / "lr_grid.json", doc)
     return doc | {"metrics": results[chosen]}

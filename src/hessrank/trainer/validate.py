@@ -486,7 +486,17 @@ class _Runner:
     def run_all(self, runs: dict[str, TrainConfig]) -> None:
         """Train ``runs`` at every rate of the grid (:meth:`_merge_rates`), then each run is the best of its rates."""
         grid = sorted(self.cfg.lr_grid, key=lambda m: (m != 1.0, m))
-        self._run_rates({_rate_name(n, m): _with_rate(tc, m) for n, tc in runs.items() for m in grid})
+        # a run that will reuse a run already merged (folk-16 = rank-16 trained in an earlier call) gets no rates of
+        # its own: it takes its twin's merged result (_share_aliases), whose rates were trained then
+        done = {_training_key(tc) for k, tc in self.configs.items() if k in self.results}
+        self._run_rates(
+            {
+                _rate_name(n, m): _with_rate(tc, m)
+                for n, tc in runs.items()
+                for m in grid
+                if m == 1.0 or _training_key(tc) not in done or (self.out / "runs" / n / "metrics.json").exists()
+            }
+        )
         self._merge_rates(runs, grid)
 
     def _merge_rates(self, runs: dict[str, TrainConfig], grid: list[float]) -> None:
@@ -510,14 +520,10 @@ class _Runner:
                 self.trainings.setdefault(n, {}).update(self.trainings.get(v, {}))
             self.rate.setdefault(n, 1.0)
         for n in runs:
-            if n in self.results:
-                self.errors.pop(n, None)  # a rate that failed does not fail a run another rate trained
             for m in grid:
                 v = _rate_name(n, m)
-                if v != n:
-                    if v in self.errors and n not in self.results:
-                        self.errors.setdefault(n, self.errors[v])
-                    for d in (self.results, self.configs, self.folders, self.extended, self.errors, self.alias):
+                if v != n:  # a rate that failed stays in errors under its own name
+                    for d in (self.results, self.configs, self.folders, self.extended, self.alias):
                         d.pop(v, None)
                     self.shorter_kept.discard(v)
         self._share_aliases()
@@ -598,6 +604,8 @@ class _Runner:
                 self.rate[name] = self.rate.get(same, 1.0)
                 if same in self.shorter_kept:
                     self.shorter_kept.add(name)
+                else:  # its twin may have been merged to another rate since
+                    self.shorter_kept.discard(name)
 
 
 def validate(
