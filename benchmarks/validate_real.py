@@ -37,8 +37,9 @@ from pathlib import Path
 
 from hessrank.io import atomic_write
 from hessrank.results import minus_advice_text
+from hessrank.trainer.rates import selection_loss as _selection_loss
 from hessrank.trainer.train import plateau_status
-from hessrank.trainer.validate import _rank_label, _selection_loss
+from hessrank.trainer.validate import _rank_label
 
 
 def _args(text: str) -> list[str]:

@@ -496,6 +496,14 @@ def tiny_rec(tiny_llama_dir, tmp_path_factory):
     return an / "recommendation.json"
 
 
+def tiny_validation(tiny_rec, **kw):
+    """A validation of ``tiny_rec`` at the smallest settings (4 steps of batch 8, evaluated every 2), ``kw`` on top."""
+    import hessrank.trainer.validate as val
+
+    base = dict(steps=4, eval_every=2, batch_size=8, lr=1e-2, max_train=120, max_eval=40)
+    return val.ValidateConfig(recommendation=str(tiny_rec), **(base | kw))
+
+
 def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_rec, tmp_path, monkeypatch):
     """A run still improving at its end is extended once, steps doubled: under the default linear schedule it is
     retrained from the start in ``runs/<name>@<steps>`` (its learning rate at every step depends on the total) and
@@ -507,18 +515,12 @@ def test_a_validation_extends_a_run_still_improving_under_either_schedule(tiny_r
     # and the longer training did better on the selection half (the other way round is tested below)
     monkeypatch.setattr(val, "_plateaued", lambda m: m["train_info"]["steps"] >= 8)
     monkeypatch.setattr(val, "_selection_loss", lambda m: -m["train_info"]["steps"])
-    cfg = val.ValidateConfig(
-        recommendation=str(tiny_rec),
-        steps=4,
-        eval_every=2,
-        batch_size=8,
-        lr=1e-2,
+    cfg = tiny_validation(
+        tiny_rec,
         seeds=(0,),
         multipliers=(1.0,),
         competitors=(),
         max_extensions=1,
-        max_train=120,
-        max_eval=40,
         lr_grid=(1.0,),
     )
     assert cfg.lr_scheduler == "linear"
@@ -619,18 +621,12 @@ def test_the_rivals_other_seeds_follow_its_protocol_and_an_old_longer_folder_bec
 
     monkeypatch.setattr(val, "_plateaued", lambda m: m["train_info"]["steps"] >= 8)
     monkeypatch.setattr(val, "_selection_loss", lambda m: -m["train_info"]["steps"])
-    cfg = val.ValidateConfig(
-        recommendation=str(tiny_rec),
-        steps=4,
-        eval_every=2,
-        batch_size=8,
-        lr=1e-2,
+    cfg = tiny_validation(
+        tiny_rec,
         seeds=(0, 1),
         multipliers=(2.0,),
         competitors=(),
         max_extensions=1,
-        max_train=120,
-        max_eval=40,
         lr_grid=(1.0,),
     )
     out = tmp_path / "val"
@@ -659,18 +655,12 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     resume retrains nothing; a folder validated at one rate is extended by the grid, its runs reused."""
     import hessrank.trainer.validate as val
 
-    cfg = val.ValidateConfig(
-        recommendation=str(tiny_rec),
-        steps=4,
-        eval_every=2,
-        batch_size=8,
-        lr=1e-2,
+    cfg = tiny_validation(
+        tiny_rec,
         seeds=(0, 1),
         multipliers=(2.0,),
         competitors=("folk",),
         max_extensions=0,
-        max_train=120,
-        max_eval=40,
         lr_grid=(1.0,),
     )
     out = tmp_path / "val"
