@@ -696,6 +696,14 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     assert doc["recipe"]["lr"] == pytest.approx(1e-2) and doc["recipe"]["lr_grid"] == [1.0, 2.0]
     md = (out / "validation.md").read_text()
     assert "lr 0.01 × {1, 2}" in md and "| lr × |" in md
+    verdict_runs = [n for n in names if n.startswith(("advice-", "rank-", "rival-"))]
+    assert doc["lr_choice"] == {
+        "runs": len(verdict_runs),
+        "chosen": {"1": 0, "2": len(verdict_runs)},
+        "edge": "highest",
+        "widen": [1.0, 2.0, 4.0],
+    }
+    assert "Most chose the grid's highest multiple" in md and "`--lr-grid 1,2,4`" in md
     rung = f"rank-{doc['ladder'] and next(iter(doc['ladder']))}"
     spent = [json.loads(f.read_text())["train_info"]["train_time"] for f in runs.glob(f"{rung}*/metrics.json")]
     assert len(spent) == 2 and doc["cost"]["ladder_train_time"] == pytest.approx(sum(spent))
@@ -705,11 +713,38 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
     kept = val.validate(grid, out, progress=False)
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
     assert all(r["lr_multiple"] == 1.0 and "~" not in r["folder"] for r in kept["runs"])
+    assert kept["lr_choice"]["edge"] == "lowest" and kept["lr_choice"]["widen"] == [0.5, 1.0, 2.0]
+    assert one["lr_choice"] is None and "Learning rate judged" not in val.table_markdown(one)
     assert kept["paired"]["n"] == 2
     with pytest.raises(HessrankError, match=r"lr-grid must be positive multiples .* including 1"):
         dataclasses.replace(cfg, lr_grid=(2.0,))
     with pytest.raises(HessrankError, match="names a multiple twice: 1, 2, 2"):
         dataclasses.replace(cfg, lr_grid=(1.0, 2.0, 2.0000001))
+
+
+def test_lr_choice_flags_a_grid_end_only_when_most_verdict_runs_crowd_it():
+    """Counts the multiple each verdict run (advice, rungs, rival seeds; not other competitors) was judged at and
+    names an end of the grid only when at least 3/4 of them chose it."""
+    from hessrank.trainer.validate import lr_choice, lr_choice_sentence
+
+    def rows(*pairs):
+        return [{"run": n, "lr_multiple": m} for n, m in pairs]
+
+    # 6 of 8 verdict runs at 2x (exactly 3/4); EVA's choice does not count
+    six = rows(*[(f"rank-{r}", 2.0) for r in (4, 8, 16)], *[(f"advice-s{s}", 2.0) for s in (0, 1, 2)])
+    mixed = six + rows(("rival-s1", 1.0), ("rival-s2", 1.0), ("eva", 1.0), ("eva-x", 1.0))
+    c = lr_choice(mixed, [1.0, 2.0])
+    assert c == {"runs": 8, "chosen": {"1": 2, "2": 6}, "edge": "highest", "widen": [1.0, 2.0, 4.0]}
+    assert "×1 by 2, ×2 by 6" in lr_choice_sentence(c) and "`--lr-grid 1,2,4`" in lr_choice_sentence(c)
+    # 5 of 8 is not most: counts only, no advice to widen
+    c = lr_choice(mixed[1:] + rows(("rank-4", 1.0)), [1.0, 2.0])
+    assert c["chosen"] == {"1": 3, "2": 5} and c["edge"] is None and "lr-grid" not in lr_choice_sentence(c)
+    # a three-point grid: the middle is no end
+    mid = rows(*[(f"rank-{r}", 2.0) for r in (4, 8, 16, 32)])
+    assert lr_choice(mid, [0.5, 1.0, 2.0, 4.0])["edge"] is None
+    assert lr_choice(mid, [1.0, 2.0])["edge"] == "highest"
+    assert lr_choice(rows(("rank-4", 0.5), ("advice-s0", 0.5)), [0.5, 1.0])["widen"] == [0.25, 0.5, 1.0]
+    assert lr_choice(mid, [1.0]) is None
 
 
 @pytest.mark.slow

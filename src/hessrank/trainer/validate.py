@@ -813,6 +813,48 @@ def _quant_after_training(cfg: ValidateConfig, facts: dict[str, Any], results: d
     return out
 
 
+#: share of the verdict's runs at one end of the learning-rate grid above which the grid likely does not bracket
+#: their best rate (``lr_choice``'s ``edge``)
+EDGE_SHARE = 0.75
+
+
+def lr_choice(rows: list[dict[str, Any]], grid: list[float]) -> dict[str, Any] | None:
+    """Which multiple of the learning-rate grid each of the verdict's runs (advice, ladder rungs, the rival's seeds:
+    the ``runs`` rows named ``advice-*``, ``rank-*``, ``rival-*``) was judged at, and whether they crowd one end.
+
+    A run judged at the grid's highest (lowest) multiple might do better still higher (lower): the grid shows no
+    turn there. One such run is expected — every run of a two-point grid sits at an end — but when at least
+    :data:`EDGE_SHARE` of the verdict's runs chose the *same* end, the rate that suits this task likely lies beyond
+    it, and the verdict compares runs that were all held back the same way. ``edge`` names that end (``"highest"``
+    or ``"lowest"``) and ``widen`` the grid that would test it (one more doubling or halving); ``None`` for a
+    one-rate validation."""
+    if len(grid) < 2:
+        return None
+    verdict = [r for r in rows if r["run"].startswith(("advice-", "rank-", "rival-"))]
+    chosen = {f"{m:g}": sum(1 for r in verdict if float(r.get("lr_multiple", 1.0)) == m) for m in grid}
+    lo, hi = min(grid), max(grid)
+    edge, widen = None, None
+    if verdict and chosen[f"{hi:g}"] >= EDGE_SHARE * len(verdict):
+        edge, widen = "highest", [*grid, 2 * hi]
+    elif verdict and chosen[f"{lo:g}"] >= EDGE_SHARE * len(verdict):
+        edge, widen = "lowest", [lo / 2, *grid]
+    return {"runs": len(verdict), "chosen": chosen, "edge": edge, "widen": widen}
+
+
+def lr_choice_sentence(choice: dict[str, Any]) -> str:
+    """``lr_choice`` in words (validation.md)."""
+    counts = ", ".join(f"×{m} by {n}" for m, n in choice["chosen"].items())
+    s = f"Learning rate judged per run over the verdict's {choice['runs']} runs: {counts}."
+    if choice["edge"]:
+        grid = ",".join(f"{m:g}" for m in choice["widen"])
+        s += (
+            f" **Most chose the grid's {choice['edge']} multiple**: the rate that suits this task may lie beyond the "
+            f"grid, and every run was held back the same way; `--lr-grid {grid}` tests it (the runs already trained "
+            "are kept)."
+        )
+    return s
+
+
 def _recipe_lr(runner: _Runner, name: str, lr: float | None) -> float | None:
     """The recipe's learning rate (the grid's 1×): ``lr``, or the rate run ``name`` resolved it to."""
     if lr is not None or name not in runner.results:
@@ -879,6 +921,7 @@ def summarise(
     table = _competitor_table(results, adv, adv_params, v["band"], s0, _seedless_keys(runner.configs))
     ladder_params = sorted(int(m["train_info"]["num_trainable_params"]) for m in ladder.values())
     rec: Recommendation = facts["rec"]
+    rows = _rows(runner)
     an_seconds = rec.analysis.get("seconds_units")
     doc = {
         "schema": SCHEMA,
@@ -939,7 +982,8 @@ def summarise(
             "analysis_seconds": an_seconds,
             "analysis_settings": {k: rec.analysis["config"].get(k) for k in ("top_k", "batch_size", "num_batches")},
         },
-        "runs": _rows(runner),
+        "runs": rows,
+        "lr_choice": lr_choice(rows, [float(m) for m in cfg.lr_grid]),
         "errors": runner.errors,
         "seconds": time.time() - started,
     }
@@ -1014,6 +1058,8 @@ def table_markdown(doc: dict[str, Any]) -> str:
         rel = "" if p["relative"] is None else f", {p['relative']:+.1%} of the advice's loss"
         lines.append(f"Paired by seed, {doc['rival']} minus advice: {per}; mean {p['mean']:+.4f}{rel}.")
     lines.append(knee_sentence(doc))
+    if doc.get("lr_choice"):
+        lines.append(lr_choice_sentence(doc["lr_choice"]))
     if doc.get("accuracy_note"):
         lines.append(doc["accuracy_note"] + ".")
     if doc["competitors"]:
