@@ -14,6 +14,7 @@
     .venv/bin/python benchmarks/validate_real.py summary --out reports/real --report reports/validation.md
 
     .venv/bin/python benchmarks/validate_real.py archive     # copy what the summary reads into reports/real
+    .venv/bin/python benchmarks/validate_real.py restore smollm2-gsm8k --out runs/real   # continue an archived case
 
 Each stage resumes, so an interrupted case continues where it stopped. The settings of each case are printed
 with its results and kept in reports/validation.md together with the command. ``summary --report FILE``
@@ -23,7 +24,9 @@ reading of the tables); without ``--report`` it prints the generated part.
 Run folders (``runs/real``, adapters and checkpoints included) are not kept in git; a case ends by copying the
 files the summary reads (:data:`ARCHIVED`, no weights) to ``reports/real/<case>/`` with the same layout, so the
 tables can be regenerated from a fresh clone with ``summary --out reports/real``. ``archive`` does the same for
-every case under ``--out`` at any time (a validation still running is archived as far as it got).
+every case under ``--out`` at any time (a validation still running is archived as far as it got), and
+``restore`` copies an archived case back into ``--out`` so that rerunning it trains only what is missing
+(:func:`restore`): a long case can be finished across machines that keep nothing but the repository.
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ ARCHIVED = (
     "validation/validation.md",
     "validation/validate_config.json",
     "validation/runs/*/metrics.json",
+    "validation/runs/*/train_config.json",  # since session 22; :func:`restore` rebuilds it for older archives
 )
 
 
@@ -169,6 +173,45 @@ def archive(src: Path, dst: Path) -> list[Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(target, lambda fh, data=data: fh.write(data), mode="wb")
                 written.append(target)
+    return written
+
+
+def restore(case: str, src: Path, dst: Path) -> list[Path]:
+    """Copy case ``case`` from the archive ``src`` (``reports/real``) to ``dst/<case>`` so that rerunning the case
+    with ``--out dst`` resumes it: every archived training counts as finished and only what is missing trains.
+
+    Why: a validation of a large case outlives the machine that ran it (GSM8K on 2 CPU cores: ~5 h of trainings
+    after the ~7 h archived), and only the archived files survive it. ``train`` returns a run folder's
+    ``metrics.json`` as the finished run when the folder's ``train_config.json`` holds the configuration asked for
+    (:func:`hessrank.trainer.train.train`), and a decaying schedule's extension is a training of its own from the
+    start (``runs/<name>@<steps>``), so no weights are needed. Runs archived before session 22 have no
+    ``train_config.json``; it is rebuilt from the copy their ``metrics.json`` keeps (``run_info.train_config``,
+    written by the same ``TrainConfig.to_dict``). What no archived file holds — adapters, checkpoints — stays absent
+    (validate reads only ``metrics.json``); a run unfinished when archived trains again from its start.
+
+    A file already at ``dst`` with other bytes is never replaced (the error names it). Returns the files written."""
+    from hessrank.io import write_config
+    from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig
+
+    if not (src / case / "analysis" / "recommendation.json").exists():
+        raise SystemExit(f"{src / case}: no archived analysis of case {case} to restore")
+    written = []
+    for f in sorted(p for p in (src / case).rglob("*") if p.is_file()):
+        target = dst / case / f.relative_to(src / case)
+        data = f.read_bytes()
+        if target.exists():
+            if target.read_bytes() != data:
+                raise SystemExit(f"{target}: exists and differs from the archived {f}; move it away to restore")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda fh, data=data: fh.write(data), mode="wb")
+        written.append(target)
+    for m in sorted((dst / case / "validation" / "runs").glob("*/metrics.json")):
+        made = m.parent / "train_config.json"
+        if not made.exists():
+            held = json.loads(m.read_text())["run_info"]["train_config"]
+            write_config(made, CONFIG_SCHEMA, TrainConfig.from_dict(held).to_dict())
+            written.append(made)
     return written
 
 
@@ -627,14 +670,22 @@ def write_report(generated: str, report: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost", "archive", "retime"])
-    ap.add_argument("cases", nargs="*", metavar="CASE", help="retime only: the cases to re-time")
+    ap.add_argument("case", choices=[*sorted(CASES), "summary", "cost", "archive", "retime", "restore"])
+    ap.add_argument("cases", nargs="*", metavar="CASE", help="retime and restore only: the cases")
     ap.add_argument("--out", default="runs/real")
     ap.add_argument("--archive", type=Path, default=Path("reports/real"), help="where a case's results are copied")
     ap.add_argument("--report", type=Path, help="summary only: rewrite this report's generated part")
     args = ap.parse_args()
-    if args.cases and args.case != "retime":
-        ap.error(f"extra case names {args.cases} are for retime only")
+    if args.cases and args.case not in ("retime", "restore"):
+        ap.error(f"extra case names {args.cases} are for retime and restore only")
+    if args.case == "restore":
+        unknown = [c for c in args.cases if c not in CASES]
+        if not args.cases or unknown:
+            ap.error(f"restore needs case names out of {', '.join(sorted(CASES))}; got {args.cases}")
+        for case in args.cases:
+            for f in restore(case, args.archive, Path(args.out)):
+                print(f"restored {f}")
+        return
     if args.case == "cost":
         print(cost_table(Path(args.out)))
         return

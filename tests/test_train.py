@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 from hessrank.errors import HessrankError
 from hessrank.trainer.train import TrainConfig, evaluate, gsm8k_answer, load_trained, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OPTS = {"label_names": ["negative", "positive"], "template": "Review: {text}\nSentiment:"}
 
@@ -720,6 +723,51 @@ def test_every_run_is_judged_at_its_better_rate_of_the_grid(tiny_rec, tmp_path, 
         dataclasses.replace(cfg, lr_grid=(2.0,))
     with pytest.raises(HessrankError, match="names a multiple twice: 1, 2, 2"):
         dataclasses.replace(cfg, lr_grid=(1.0, 2.0, 2.0000001))
+
+
+def test_an_archived_validation_restored_elsewhere_resumes_without_training(tiny_rec, tmp_path):
+    """benchmarks/validate_real.py: ``archive`` keeps no weights, ``restore`` copies a case back (rebuilding the
+    ``train_config.json`` of runs archived without one from their metrics.json) into another folder, and the
+    validation resumed there — its recommendation now at another path — trains nothing and gives the same result.
+    A file in the way with other bytes is never replaced."""
+    import importlib.util
+
+    import hessrank.trainer.validate as val
+
+    spec = importlib.util.spec_from_file_location("validate_real", ROOT / "benchmarks" / "validate_real.py")
+    vr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vr)
+    case = "minilm-sst2"  # any case name: the layout is what counts
+    first = tmp_path / "machine-1" / case
+    shutil.copytree(tiny_rec.parent, first / "analysis")
+    cfg = tiny_validation(
+        first / "analysis" / "recommendation.json", seeds=(0, 1), multipliers=(2.0,), competitors=(), max_extensions=0
+    )
+    doc = val.validate(cfg, first / "validation", progress=False)
+    archived = tmp_path / "reports"
+    vr.archive(tmp_path / "machine-1", archived)
+    assert not list(archived.rglob("*.safetensors")) and list(archived.rglob("runs/*/train_config.json"))
+    for f in archived.rglob("runs/advice-*/train_config.json"):  # as archived before session 22
+        f.unlink()
+    second = tmp_path / "machine-2"
+    restored = vr.restore(case, archived, second)
+    assert {f.name for f in restored} >= {"metrics.json", "train_config.json", "recommendation.json"}
+    assert vr.restore(case, archived, second) == []  # what is there already is left alone
+    runs = second / case / "validation" / "runs"
+    for f in runs.glob("*/train_config.json"):
+        held = json.loads(f.read_text())
+        made = json.loads((first / "validation" / "runs" / f.parent.name / "train_config.json").read_text())
+        assert held == made, f
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")}
+    moved = dataclasses.replace(cfg, recommendation=str(second / case / "analysis" / "recommendation.json"))
+    again = val.validate(moved, second / case / "validation", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.json")} == stamps
+    assert not list(runs.glob("*/adapter")) and not list(runs.glob("*/checkpoints"))
+    assert again["verdict"] == doc["verdict"] and again["paired"] == doc["paired"]
+    assert {r["run"]: r["eval_loss"] for r in again["runs"]} == {r["run"]: r["eval_loss"] for r in doc["runs"]}
+    (runs / "advice-s0" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"advice-s0/metrics.json: exists and differs"):
+        vr.restore(case, archived, second)
 
 
 def test_lr_choice_flags_a_grid_end_only_when_most_verdict_runs_crowd_it():

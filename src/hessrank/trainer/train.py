@@ -64,6 +64,9 @@ from ..runtime import _versions, resolve_device
 log = logging.getLogger(__name__)
 
 SCHEMA = "hessrank.metrics/1"
+#: a run folder's ``train_config.json`` (the configuration a resume must match; metrics.json keeps a copy in
+#: ``run_info.train_config``)
+CONFIG_SCHEMA = "hessrank.train_config/1"
 TIMING_FILE = "hessrank_time.json"  # train seconds and tokens up to a checkpoint (resume keeps the whole cost)
 METHODS = ("lora", "rslora", "dora", "lora-eva", "adalora", "ia3", "prefix", "prompt", "bitfit", "full")
 #: Default learning rates (AdamW) when ``lr`` is None: adapters and BitFit 1e-3 (the rate the validation cases of
@@ -582,7 +585,7 @@ def _prepare_run(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> 
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    write_config(cfg_file, "hessrank.train_config/1", cfg.to_dict())
+    write_config(cfg_file, CONFIG_SCHEMA, cfg.to_dict())
     return None
 
 

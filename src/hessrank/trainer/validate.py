@@ -357,7 +357,9 @@ def _check_folder(cfg: ValidateConfig, out: Path, runs: dict[str, TrainConfig], 
         return
     # fields that only add or remove runs (more seeds, another format, ...) extend a validation: the finished
     # runs stay valid; anything else (steps, lr, data, ...) would compare runs made under different recipes
-    differ = differing_fields(held[1], cfg.to_dict())
+    # where the recommendation file lies is no part of the recipe: a validation moved or restored elsewhere (with
+    # its analysis) resumes; what the file advises is checked below, by what the advice runs trained
+    differ = [k for k in differing_fields(held[1], cfg.to_dict()) if k != "recommendation"]
     recipe = [k for k in differ if k not in EXTENDING_FIELDS]
     if recipe:
         refuse_other_config(out, "a validation", recipe)
