@@ -189,6 +189,10 @@ def restore(case: str, src: Path, dst: Path) -> list[Path]:
     written by the same ``TrainConfig.to_dict``). What no archived file holds — adapters, checkpoints — stays absent
     (validate reads only ``metrics.json``); a run unfinished when archived trains again from its start.
 
+    The analysis stage's intermediate units are not archived: when the analysis configuration gained a field since
+    the archive (its hash changes), rerunning the whole case recomputes the analysis; ``hessrank validate`` with the
+    case's validate flags on ``dst/<case>/analysis`` reads only the recommendation and resumes the validation alone.
+
     A file already at ``dst`` with other bytes is never replaced (the error names it). Returns the files written."""
     from hessrank.io import write_config
     from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig
