@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from hessrank.errors import HessrankError
 from hessrank.io import atomic_write
 from hessrank.results import minus_advice_text
 from hessrank.trainer.rates import selection_loss as _selection_loss
@@ -142,8 +143,8 @@ CASES: dict[str, dict[str, list[str]]] = {
 }
 
 
-#: what :func:`summarize` and :func:`cost_table` read from a case folder (relative globs), and all that
-#: :func:`archive` keeps
+#: what :func:`summarize` and :func:`cost_table` read from a case folder (relative globs) and what :func:`restore`
+#: needs to resume one (``train_config.json``): all that :func:`archive` keeps
 ARCHIVED = (
     "analysis_wall.json",
     "analysis/analysis.json",
@@ -176,6 +177,10 @@ def archive(src: Path, dst: Path) -> list[Path]:
     return written
 
 
+#: written by :func:`restore` into the case folder: the analysis there is the archived one, not to be recomputed
+RESTORED = "restored.json"
+
+
 def restore(case: str, src: Path, dst: Path) -> list[Path]:
     """Copy case ``case`` from the archive ``src`` (``reports/real``) to ``dst/<case>`` so that rerunning the case
     with ``--out dst`` resumes it: every archived training counts as finished and only what is missing trains.
@@ -189,9 +194,11 @@ def restore(case: str, src: Path, dst: Path) -> list[Path]:
     written by the same ``TrainConfig.to_dict``). What no archived file holds — adapters, checkpoints — stays absent
     (validate reads only ``metrics.json``); a run unfinished when archived trains again from its start.
 
-    The analysis stage's intermediate units are not archived: when the analysis configuration gained a field since
-    the archive (its hash changes), rerunning the whole case recomputes the analysis; ``hessrank validate`` with the
-    case's validate flags on ``dst/<case>/analysis`` reads only the recommendation and resumes the validation alone.
+    The analysis stage's intermediate units are not archived, so ``analyze`` on a restored folder would compute the
+    whole analysis again (and could give other advice on other hardware, which the validation then refuses); the
+    restored case is marked (:data:`RESTORED`) and rerunning it skips ``analyze`` and ``recommend``: the validation
+    resumes on the archived advice. Under a schedule constant after warm-up an extension continues a run from its
+    checkpoint, which the archive lacks: such a run (the ``*-constant`` variants) is retrained from its start.
 
     A file already at ``dst`` with other bytes is never replaced (the error names it). Returns the files written."""
     from hessrank.io import write_config
@@ -213,10 +220,25 @@ def restore(case: str, src: Path, dst: Path) -> list[Path]:
     for m in sorted((dst / case / "validation" / "runs").glob("*/metrics.json")):
         made = m.parent / "train_config.json"
         if not made.exists():
-            held = json.loads(m.read_text())["run_info"]["train_config"]
-            write_config(made, CONFIG_SCHEMA, TrainConfig.from_dict(held).to_dict())
+            try:
+                held = TrainConfig.from_dict(json.loads(m.read_text())["run_info"]["train_config"])
+            except (ValueError, KeyError, TypeError, HessrankError) as e:
+                raise SystemExit(f"{m}: no training configuration to rebuild {made.name} from ({e})") from e
+            write_config(made, CONFIG_SCHEMA, held.to_dict())
             written.append(made)
+    marker = dst / case / RESTORED
+    if not marker.exists():
+        stamp = {"from": str(src / case), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(marker, lambda f: json.dump(stamp, f))
+        written.append(marker)
     return written
+
+
+def stages(out: Path) -> list[str]:
+    """The stages a case run executes in ``out``: all three, or ``validate`` alone in a restored case whose
+    archived analysis and advice are there (:func:`restore`)."""
+    restored = (out / RESTORED).exists() and (out / "analysis" / "recommendation.json").exists()
+    return ["validate"] if restored else ["analyze", "recommend", "validate"]
 
 
 def run(cmd: list[str], quiet: bool = False) -> None:
@@ -713,8 +735,12 @@ def main() -> None:
     out = Path(args.out) / args.case
     hr = [sys.executable, "-m", "hessrank"]
     fresh = not (out / "analysis" / "analysis.json").exists()
+    todo = stages(out)
     t0 = time.time()
-    run([*hr, "analyze", *c["analyze"], "--out", str(out / "analysis"), "--quiet"])
+    if "analyze" in todo:
+        run([*hr, "analyze", *c["analyze"], "--out", str(out / "analysis"), "--quiet"])
+    else:
+        print(f"{out}: restored from an archive; its analysis and advice are kept (analyze and recommend skipped)")
     t1 = time.time()
     if fresh:
         # the whole analysis stage as a user waits for it (model loading and the probe included); an interrupted
@@ -724,7 +750,8 @@ def main() -> None:
 
     # the memory forecast is for the device the validation trains on (validate's --device auto)
     device = ["--device", "cuda"] if torch.cuda.is_available() else []
-    run([*hr, "recommend", str(out / "analysis"), *c["recommend"], *device])
+    if "recommend" in todo:
+        run([*hr, "recommend", str(out / "analysis"), *c["recommend"], *device])
     run([*hr, "validate", str(out / "analysis"), *c["validate"], "--out", str(out / "validation"), "--quiet"])
     t2 = time.time()
     val = json.loads((out / "validation" / "validation.json").read_text())

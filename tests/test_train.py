@@ -753,6 +753,8 @@ def test_an_archived_validation_restored_elsewhere_resumes_without_training(tiny
     restored = vr.restore(case, archived, second)
     assert {f.name for f in restored} >= {"metrics.json", "train_config.json", "recommendation.json"}
     assert vr.restore(case, archived, second) == []  # what is there already is left alone
+    # rerunning the case there resumes the validation on the archived advice, without a new analysis
+    assert vr.stages(second / case) == ["validate"] and vr.stages(first) == ["analyze", "recommend", "validate"]
     runs = second / case / "validation" / "runs"
     for f in runs.glob("*/train_config.json"):
         held = json.loads(f.read_text())
@@ -793,6 +795,8 @@ def test_lr_choice_flags_a_grid_end_only_when_most_verdict_runs_crowd_it():
     assert lr_choice(mid, [1.0, 2.0])["edge"] == "highest"
     assert lr_choice(rows(("rank-4", 0.5), ("advice-s0", 0.5)), [0.5, 1.0])["widen"] == [0.25, 0.5, 1.0]
     assert lr_choice(mid, [1.0]) is None
+    unordered = lr_choice(mid, [2.0, 1.0])
+    assert unordered["chosen"] == {"1": 0, "2": 4} and unordered["widen"] == [1.0, 2.0, 4.0]
 
 
 @pytest.mark.slow

@@ -833,8 +833,9 @@ def lr_choice(rows: list[dict[str, Any]], grid: list[float]) -> dict[str, Any] |
     if len(grid) < 2:
         return None
     verdict = [r for r in rows if r["run"].startswith(("advice-", "rank-", "rival-"))]
-    chosen = {f"{m:g}": sum(1 for r in verdict if float(r.get("lr_multiple", 1.0)) == m) for m in grid}
-    lo, hi = min(grid), max(grid)
+    chosen = {f"{m:g}": sum(1 for r in verdict if float(r.get("lr_multiple", 1.0)) == m) for m in sorted(grid)}
+    grid = sorted(grid)
+    lo, hi = grid[0], grid[-1]
     edge, widen = None, None
     if verdict and chosen[f"{hi:g}"] >= EDGE_SHARE * len(verdict):
         edge, widen = "highest", [*grid, 2 * hi]
@@ -851,8 +852,8 @@ def lr_choice_sentence(choice: dict[str, Any]) -> str:
         grid = ",".join(f"{m:g}" for m in choice["widen"])
         s += (
             f" **Most chose the grid's {choice['edge']} multiple**: the rate that suits this task may lie beyond the "
-            f"grid, and every run was held back the same way; `--lr-grid {grid}` tests it (the runs already trained "
-            "are kept)."
+            f"grid, and every run was held back the same way; `--lr-grid {grid}` tests it (runs already trained are "
+            "kept; should the closest rival change, validate names its seeds' runs and --overwrite retrains them)."
         )
     return s
 
