@@ -332,7 +332,10 @@ def test_float32_factor_algebra_gives_the_float64_curves_and_compensation():
 
 def test_float32_directions_below_the_cutoff_carry_no_energy():
     """In float32 a direction matrix's singular values below 7·√eps ≈ 2.4e-3 of the largest are not resolved: their
-    cross-fitted energies are 0 (zero-padded), the resolved ones equal the float64 SVD's."""
+    cross-fitted energies are 0 (zero-padded), the resolved ones equal the float64 SVD's to the accuracy of the
+    Gram-matrix eigenvectors they come from: direction l moves by about eps·σ₁²/gap_l, gap_l = min_k |σ_l² − σ_k²|
+    (Davis–Kahan), so σ = 0.01 next to 1e-3 is good to ~1e-3 relative, not better: the fixed rtol 1e-3 this test used
+    until session 22 passed on earlier machines and failed on session 22's (1.4e-3 on that direction)."""
     from hessrank.engine.kfac import _energies
 
     gen = torch.Generator().manual_seed(5)
@@ -347,7 +350,10 @@ def test_float32_directions_below_the_cutoff_carry_no_energy():
     want = proj[0] * proj[1]
     assert got.shape == (n,)
     assert torch.all(got[4:] == 0)
-    assert torch.allclose(got[:4].double(), want[:4], rtol=1e-3, atol=1e-5)
+    s2 = s.double() ** 2
+    gap = torch.stack([min(abs(s2[i] - s2[k]) for k in range(n) if k != i) for i in range(4)])
+    tol = 4 * torch.finfo(torch.float32).eps * s2[0] / gap  # 2.6e-6, 2.7e-5, 2.0e-4, 4.8e-3
+    assert torch.all((got[:4].double() - want[:4]).abs() <= tol * want[:4].abs() + 1e-6), (got, want, tol)
     assert torch.allclose(_energies(D, Ms, [2, 3]), want, rtol=1e-6, atol=1e-9)  # float64 resolves all six
 
 
