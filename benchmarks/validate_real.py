@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 from hessrank.errors import HessrankError
-from hessrank.io import atomic_write
+from hessrank.io import atomic_write, write_config
 from hessrank.results import minus_advice_text
 from hessrank.trainer.rates import selection_loss as _selection_loss
-from hessrank.trainer.train import plateau_status
+from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig, plateau_status
 from hessrank.trainer.validate import _rank_label
 
 
@@ -168,13 +168,23 @@ def archive(src: Path, dst: Path) -> list[Path]:
         for pattern in ARCHIVED:
             for f in sorted((src / case).glob(pattern)):
                 target = dst / case / f.relative_to(src / case)
-                data = f.read_bytes()
-                if target.exists() and target.read_bytes() == data:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, lambda fh, data=data: fh.write(data), mode="wb")
-                written.append(target)
+                if _copy(f, target, replace=True):
+                    written.append(target)
     return written
+
+
+def _copy(f: Path, target: Path, replace: bool) -> bool:
+    """Copy ``f`` to ``target`` atomically unless ``target`` already holds its bytes; a ``target`` with other bytes
+    is replaced, or with ``replace`` false an error naming both. Returns whether it wrote."""
+    data = f.read_bytes()
+    if target.exists():
+        if target.read_bytes() == data:
+            return False
+        if not replace:
+            raise SystemExit(f"{target}: exists and differs from the archived {f}; move it away to restore")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda fh: fh.write(data), mode="wb")
+    return True
 
 
 #: written by :func:`restore` into the case folder: the analysis there is the archived one, not to be recomputed
@@ -201,22 +211,13 @@ def restore(case: str, src: Path, dst: Path) -> list[Path]:
     checkpoint, which the archive lacks: such a run (the ``*-constant`` variants) is retrained from its start.
 
     A file already at ``dst`` with other bytes is never replaced (the error names it). Returns the files written."""
-    from hessrank.io import write_config
-    from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig
-
     if not (src / case / "analysis" / "recommendation.json").exists():
         raise SystemExit(f"{src / case}: no archived analysis of case {case} to restore")
     written = []
     for f in sorted(p for p in (src / case).rglob("*") if p.is_file()):
         target = dst / case / f.relative_to(src / case)
-        data = f.read_bytes()
-        if target.exists():
-            if target.read_bytes() != data:
-                raise SystemExit(f"{target}: exists and differs from the archived {f}; move it away to restore")
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda fh, data=data: fh.write(data), mode="wb")
-        written.append(target)
+        if _copy(f, target, replace=False):
+            written.append(target)
     for m in sorted((dst / case / "validation" / "runs").glob("*/metrics.json")):
         made = m.parent / "train_config.json"
         if not made.exists():

@@ -832,9 +832,9 @@ def lr_choice(rows: list[dict[str, Any]], grid: list[float]) -> dict[str, Any] |
     one-rate validation."""
     if len(grid) < 2:
         return None
-    verdict = [r for r in rows if r["run"].startswith(("advice-", "rank-", "rival-"))]
-    chosen = {f"{m:g}": sum(1 for r in verdict if float(r.get("lr_multiple", 1.0)) == m) for m in sorted(grid)}
     grid = sorted(grid)
+    verdict = [r for r in rows if r["run"].startswith(("advice-", "rank-", "rival-"))]
+    chosen = {f"{m:g}": sum(1 for r in verdict if float(r.get("lr_multiple", 1.0)) == m) for m in grid}
     lo, hi = grid[0], grid[-1]
     edge, widen = None, None
     if verdict and chosen[f"{hi:g}"] >= EDGE_SHARE * len(verdict):
