@@ -126,12 +126,22 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def all_json_parse(out: Path) -> list[str]:
-    """Every JSON file hessrank has put in place under ``out`` parses (temporary files start with a dot)."""
+    """Every JSON file hessrank has put in place under ``out`` parses (temporary files start with a dot).
+
+    transformers' Trainer checkpoints (``RUN/checkpoints/``) are not hessrank's writes: the Trainer writes them in
+    place and deletes old ones while we poll, and ``train`` treats a checkpoint without ``trainer_state.json`` as
+    unfinished. A file removed between listing and reading (a rotated checkpoint, a run restarted) is skipped: what
+    is checked is that no reader ever sees a half-written file."""
     names = []
     for f in sorted(out.rglob("*.json")):
-        if not f.name.startswith("."):
-            json.loads(f.read_text())
-            names.append(f.name)
+        if f.name.startswith(".") or "checkpoints" in f.relative_to(out).parts:
+            continue
+        try:
+            text = f.read_text()
+        except FileNotFoundError:
+            continue
+        json.loads(text)
+        names.append(f.name)
     return names
 
 

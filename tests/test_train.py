@@ -391,7 +391,7 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert redone["verdict"] in ("right", "too small", "beaten", "too large", "inconclusive")
     assert ladder_stamp and all(p.stat().st_mtime_ns == t for p, t in ladder_stamp.items())
     # advice that drops a module is tested against one uniform rank on every analysed module
-    from hessrank.trainer.validate import plan_runs
+    from hessrank.trainer.validate import plan_runs, table_markdown
 
     dropped = sorted(rec["modules"])[0]
     rec["modules"][dropped]["rank"] = 0
@@ -401,6 +401,22 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert dropped not in runs["advice-s0"].target_modules and dropped not in runs[lowest].target_modules
     assert runs["uniform-all"].target_modules == sorted(rec["modules"])
     assert runs["uniform-all"].rank == facts["uniform_all_rank"] >= 1
+    assert "uniform-all" not in facts["competitors_not_trained"]
+    # a requested competitor that is not a run of its own is named with the reason (validation.json and .md)
+    ru = facts["uniform_budget_rank"]
+    assert ("uniform-budget" in runs) == (ru not in facts["ladder"])
+    assert ("uniform-budget" in facts["competitors_not_trained"]) == (ru in facts["ladder"])
+    every = json.loads(json.dumps(rec))
+    for d in every["modules"].values():
+        d["rank"], d["alpha"] = max(1, d["rank"]), max(2, d["alpha"])
+    (an / "recommendation.json").write_text(json.dumps(every))
+    all_runs, all_facts = plan_runs(cfg)
+    assert "uniform-all" not in all_runs
+    assert f"all {len(rec['modules'])} analysed modules" in all_facts["competitors_not_trained"]["uniform-all"]
+    assert all_facts["competitors_not_trained"]["uniform-all"] in table_markdown(
+        {**redone, "competitors_not_trained": all_facts["competitors_not_trained"]}
+    )
+    (an / "recommendation.json").write_text(json.dumps(rec))
     # the budget competitors get the smallest uniform rank with at least the advice's LoRA parameters
     per_rank = sum(o + i for o, i in (a.shape for a in facts["rec"].adapted.values()))
     ru = facts["uniform_budget_rank"]

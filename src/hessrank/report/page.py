@@ -419,6 +419,11 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
                         "better by more than the band):",
                     ),
                     ("table", _competitor_table(val)),
+                    *(
+                        [("text", "Not trained on their own: " + "; ".join(f"{k}: {v}" for k, v in nt.items()) + ".")]
+                        if (nt := val.extra.get("competitors_not_trained"))
+                        else []
+                    ),
                     ("table", _runs_table(val)),
                 ],
             )

@@ -242,9 +242,11 @@ def _resolved_steps(cfg: ValidateConfig, base: TrainConfig) -> int:
 
 def _competitor_runs(
     cfg: ValidateConfig, plain: TrainConfig, rec: Recommendation, advice_params: int, ru: int, ladder: list[int]
-) -> tuple[dict[str, TrainConfig], int | None]:
-    """The baselines users would pick, at stated budgets (see the module docstring)."""
+) -> tuple[dict[str, TrainConfig], int | None, dict[str, str]]:
+    """The baselines users would pick, at stated budgets (see the module docstring), and why a requested one is not
+    trained on its own (it would train what a ladder rung trains, or the advice leaves no analysed module out)."""
     runs: dict[str, TrainConfig] = {}
+    skipped: dict[str, str] = {}
     mods = rec.adapted
     if "folk" in cfg.competitors:
         for r in FOLK_RANKS:
@@ -254,15 +256,23 @@ def _competitor_runs(
     if "adalora" in cfg.competitors:
         # AdaLoRA scales by α/r in its own layers (no rank-stable option): its published recipe, α = 2r
         runs["adalora"] = dataclasses.replace(plain, method="adalora", rank=ru, alpha=2 * ru, use_rslora=False)
-    if "uniform-budget" in cfg.competitors and ru not in ladder:
-        runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=_alpha(plain, ru))
+    if "uniform-budget" in cfg.competitors:
+        if ru not in ladder:
+            runs["uniform-budget"] = dataclasses.replace(plain, rank=ru, alpha=_alpha(plain, ru))
+        else:
+            skipped["uniform-budget"] = f"uniform rank {ru} at the advice's budget is the ladder's rank-{ru}"
     ru_all = None
-    if "uniform-all" in cfg.competitors and len(rec.modules) > len(mods):
-        ru_all = _uniform_rank_for_params(advice_params, [a.shape for a in rec.modules.values()])
-        runs["uniform-all"] = dataclasses.replace(
-            plain, rank=ru_all, alpha=_alpha(plain, ru_all), target_modules=sorted(rec.modules)
-        )
-    return runs, ru_all
+    if "uniform-all" in cfg.competitors:
+        if len(rec.modules) > len(mods):
+            ru_all = _uniform_rank_for_params(advice_params, [a.shape for a in rec.modules.values()])
+            runs["uniform-all"] = dataclasses.replace(
+                plain, rank=ru_all, alpha=_alpha(plain, ru_all), target_modules=sorted(rec.modules)
+            )
+        else:
+            skipped["uniform-all"] = (
+                f"the advice adapts all {len(mods)} analysed modules, so it would train uniform-budget (rank {ru})"
+            )
+    return runs, ru_all, skipped
 
 
 def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, Any]]:
@@ -296,7 +306,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         runs[f"rank-{rr}"] = dataclasses.replace(plain, rank=rr, alpha=_alpha(plain, rr))
     advice_params = sum(a.rank * (a.shape[0] + a.shape[1]) for a in mods.values())
     ru = _uniform_rank_for_params(advice_params, shapes)
-    comp, ru_all = _competitor_runs(cfg, plain, rec, advice_params, ru, ladder)
+    comp, ru_all, skipped = _competitor_runs(cfg, plain, rec, advice_params, ru, ladder)
     runs.update(comp)
     for f in cfg.formats:
         if f != base.quantization:
@@ -316,6 +326,7 @@ def plan_runs(cfg: ValidateConfig) -> tuple[dict[str, TrainConfig], dict[str, An
         "steps": steps,
         "uniform_budget_rank": ru,
         "uniform_all_rank": ru_all,
+        "competitors_not_trained": skipped,
         "advice_params": advice_params,
         "format": base.quantization,
         "rec": rec,  # the typed Recommendation
@@ -977,6 +988,7 @@ def summarise(
         "paired": paired,
         "band": v["band"],
         "competitors": table,
+        "competitors_not_trained": facts["competitors_not_trained"],
         "accuracy_note": _accuracy_note(ladder, advice),
         "quantization_after_training": _quant_after_training(cfg, facts, results),
         "cost": {
@@ -1085,6 +1097,9 @@ def table_markdown(doc: dict[str, Any]) -> str:
                 f"{minus_advice_text(r)} | {r['winner']} |"
             )
         lines.append("")
+    if doc.get("competitors_not_trained"):
+        not_trained = "; ".join(f"{k}: {v}" for k, v in doc["competitors_not_trained"].items())
+        lines += [f"Not trained on their own: {not_trained}.", ""]
     for f, q in doc["quantization_after_training"].items():
         mb = q["measured_before_training"]
         lines.append(
