@@ -258,6 +258,22 @@ def test_closest_rival_is_never_the_advice_itself():
     assert closest_rival({"advice-s0": m(0.3)}, {"advice-s0": "A"}, "advice-s0") is None
 
 
+def test_closest_rival_is_chosen_on_the_selection_half_not_the_reported_loss():
+    """The rival is a selection: made on the examples that chose checkpoints and rates (eval_curve at best_step),
+    never on the reported half the verdict then pairs with the advice's."""
+    from hessrank.trainer.validate import closest_rival
+
+    def m(selection: float, reported: float) -> dict:
+        curve = [{"step": 25, "eval_loss": selection + 0.5}, {"step": 50, "eval_loss": selection}]
+        return {"train_info": {"metrics": {"eval_loss": reported}, "best_step": 50, "eval_curve": curve}}
+
+    results = {"advice-s0": m(0.40, 0.40), "rank-4": m(0.30, 0.35), "rank-8": m(0.33, 0.31), "rank-16": m(0.36, 0.30)}
+    keys = {k: k for k in results}
+    assert closest_rival(results, keys, "advice-s0") == "rank-4"
+    # a tie on the selection half goes to the lower reported loss
+    assert closest_rival({**results, "rank-8": m(0.30, 0.32)}, keys, "advice-s0") == "rank-8"
+
+
 @pytest.mark.slow
 def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
     from hessrank.advisor import recommend, write_recommendation

@@ -679,12 +679,20 @@ def _validate(
 
 
 def closest_rival(results: dict[str, dict[str, Any]], keys: dict[str, Any], advice: str) -> str | None:
-    """The ladder rung with the lowest held-out loss that does not train what the advice trains (``keys``: each
-    run's :func:`_training_key`; an aliased rung shares the advice's key)."""
+    """The ladder rung with the lowest *selection*-half loss at its best checkpoint (:func:`rates.selection_loss`)
+    that does not train what the advice trains (``keys``: each run's :func:`_training_key`; an aliased rung shares
+    the advice's key).
+
+    Choosing the rival is a model selection like choosing a checkpoint or a rate, so it is made on the examples
+    that made those, not on the reported half: the minimum of several noisy reported losses is biased low (the
+    winner's curse; Cawley & Talbot 2010, "On over-fitting in model selection and subsequent selection bias in
+    performance evaluation", JMLR 11), and the verdict then pairs that same reported loss at the first seed with
+    the advice's, which would tilt it toward "too small". Until session 23 the rival was the lowest *reported*
+    loss. With ``selection_fraction`` 0 both are the same number."""
     cands = [
         k for k in results if k.startswith("rank-") and keys.get(k) is not None and keys.get(k) != keys.get(advice)
     ]
-    return min(cands, key=lambda k: _loss(results[k])) if cands else None
+    return min(cands, key=lambda k: (_selection_loss(results[k]), _loss(results[k]))) if cands else None
 
 
 # ----------------------------------------------------------------------------------------------------------
