@@ -86,6 +86,30 @@ def test_report_is_self_contained_and_complete(reported):
     assert "Verdict:" in md and "| module | shape | rank |" in md
 
 
+@pytest.mark.slow
+def test_report_names_competitors_not_trained_on_their_own(reported, tmp_path):
+    """validation.json's competitors_not_trained (a competitor that is a ladder rung, or uniform-all when the advice
+    adapts every module) is stated under the who-wins table, in the HTML and the Markdown."""
+    import html as _html
+    import json
+
+    from hessrank.report import write_report
+
+    d, _ = reported
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    val_file = copy / "validation" / "validation.json"
+    val = json.loads(val_file.read_text())
+    why = "uniform rank 2 at the advice's budget is the ladder's rank-2"
+    val["competitors_not_trained"] = {"uniform-budget": why}
+    val_file.write_text(json.dumps(val))
+    write_report(copy)
+    line = f"Not trained on their own: uniform-budget: {why}."
+    assert line in (copy / "report.md").read_text()
+    assert _html.escape(line) in (copy / "report.html").read_text()
+    assert "Not trained on their own" not in (d / "report.md").read_text()
+
+
 def test_report_refuses_a_folder_without_an_analysis(tmp_path):
     from hessrank.cli import main
 
