@@ -610,7 +610,8 @@ def _grid_note(out: Path) -> str | None:
     return (
         f"Validated at the learning-rate multiples {held} of the recipe's rate (validate now trains every run at "
         f"{now} by default, since session 21); rerunning the case resumes this folder and trains the other rates "
-        "(if the grid changes the rival, validate stops naming its seeds' runs: --overwrite retrains them)."
+        "(if the grid, or since session 23 the rival chosen on the selection half, changes the rival, validate stops "
+        "naming its seeds' runs: --overwrite retrains them)."
     )
 
 

@@ -128,20 +128,25 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
 def all_json_parse(out: Path) -> list[str]:
     """Every JSON file hessrank has put in place under ``out`` parses (temporary files start with a dot).
 
-    transformers' Trainer checkpoints (``RUN/checkpoints/``) are not hessrank's writes: the Trainer writes them in
-    place and deletes old ones while we poll, and ``train`` treats a checkpoint without ``trainer_state.json`` as
-    unfinished. A file removed between listing and reading (a rotated checkpoint, a run restarted) is skipped: what
-    is checked is that no reader ever sees a half-written file."""
+    Inside transformers' Trainer checkpoints (``RUN/checkpoints/checkpoint-N/``) only hessrank's own timing file is
+    checked: the Trainer writes its files in place (``train`` treats a checkpoint without ``trainer_state.json`` as
+    unfinished) and deletes old checkpoints while we poll. A folder or file removed between listing and reading (a
+    rotated checkpoint, a run restarted) is skipped — ``os.walk`` ignores folders that vanish, unlike
+    ``Path.rglob`` — what is checked is that no reader ever sees a half-written file."""
+    from hessrank.trainer.train import TIMING_FILE
+
     names = []
-    for f in sorted(out.rglob("*.json")):
-        if f.name.startswith(".") or "checkpoints" in f.relative_to(out).parts:
-            continue
-        try:
-            text = f.read_text()
-        except FileNotFoundError:
-            continue
-        json.loads(text)
-        names.append(f.name)
+    for root, _dirs, files in sorted(os.walk(out)):
+        in_checkpoint = "checkpoints" in Path(root).relative_to(out).parts
+        for name in sorted(files):
+            if not name.endswith(".json") or name.startswith(".") or (in_checkpoint and name != TIMING_FILE):
+                continue
+            try:
+                text = (Path(root) / name).read_text()
+            except FileNotFoundError:
+                continue
+            json.loads(text)
+            names.append(name)
     return names
 
 

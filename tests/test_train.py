@@ -258,13 +258,42 @@ def test_closest_rival_is_never_the_advice_itself():
     assert closest_rival({"advice-s0": m(0.3)}, {"advice-s0": "A"}, "advice-s0") is None
 
 
+def test_competitors_not_trained_on_their_own_are_named_with_the_reason():
+    """uniform-budget is planned unless its rank is a ladder rung; uniform-all unless the advice adapts every
+    analysed module (it would train uniform-budget); each skip says why."""
+    from types import SimpleNamespace
+
+    from hessrank.trainer.validate import ValidateConfig, _competitor_runs
+
+    plain = TrainConfig(model="m", data="d", target_modules=["a", "b"], rank=1)
+    shape = SimpleNamespace(shape=(8, 8))
+    every = SimpleNamespace(modules={"a": shape, "b": shape}, adapted={"a": shape, "b": shape})
+    cfg = ValidateConfig(recommendation="x", competitors=("uniform-budget", "uniform-all"))
+    runs, ru_all, skipped = _competitor_runs(cfg, plain, every, 48, 3, [1, 2, 4])
+    assert runs["uniform-budget"].rank == 3 and ru_all is None and "uniform-all" not in runs
+    why = "the advice adapts all 2 analysed modules, so it would train uniform-budget (rank 3)"
+    assert skipped == {"uniform-all": why}
+    runs, _, skipped = _competitor_runs(cfg, plain, every, 48, 2, [1, 2, 4])
+    assert runs == {} and skipped["uniform-budget"] == "uniform rank 2 at the advice's budget is the ladder's rank-2"
+    some = SimpleNamespace(modules={"a": shape, "b": shape}, adapted={"a": shape})
+    runs, ru_all, skipped = _competitor_runs(cfg, plain, some, 48, 3, [1, 2, 4])
+    assert skipped == {} and ru_all == 2 and runs["uniform-all"].target_modules == ["a", "b"]
+
+
 def test_closest_rival_is_chosen_on_the_selection_half_not_the_reported_loss():
     """The rival is a selection: made on the examples that chose checkpoints and rates (eval_curve at best_step),
     never on the reported half the verdict then pairs with the advice's."""
     from hessrank.trainer.validate import closest_rival
 
     def m(selection: float, reported: float) -> dict:
-        curve = [{"step": 25, "eval_loss": selection + 0.5}, {"step": 50, "eval_loss": selection}]
+        # the best step is not the curve's minimum nor its last point: a later evaluation was lower, but the run
+        # kept the checkpoint it chose (best_step) — that is the loss the rival is chosen by
+        curve = [
+            {"step": 25, "eval_loss": selection + 0.5},
+            {"step": 50, "eval_loss": selection},
+            {"step": 75, "eval_loss": 0.9 - 2 * selection},
+            {"step": 100, "eval_loss": selection + 0.2},
+        ]
         return {"train_info": {"metrics": {"eval_loss": reported}, "best_step": 50, "eval_curve": curve}}
 
     results = {"advice-s0": m(0.40, 0.40), "rank-4": m(0.30, 0.35), "rank-8": m(0.33, 0.31), "rank-16": m(0.36, 0.30)}
@@ -406,8 +435,14 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert held["rank_pattern"].get(first, held["rank"]) == rec["modules"][first]["rank"]
     assert redone["verdict"] in ("right", "too small", "beaten", "too large", "inconclusive")
     assert ladder_stamp and all(p.stat().st_mtime_ns == t for p, t in ladder_stamp.items())
+    # the competitors not trained on their own reach validation.json and validation.md as planned
+    from hessrank.trainer.validate import plan_runs
+
+    planned_skips = plan_runs(cfg)[1]["competitors_not_trained"]
+    assert redone["competitors_not_trained"] == planned_skips
+    assert ("Not trained on their own" in (out / "validation.md").read_text()) == bool(planned_skips)
     # advice that drops a module is tested against one uniform rank on every analysed module
-    from hessrank.trainer.validate import plan_runs, table_markdown
+    from hessrank.trainer.validate import table_markdown
 
     dropped = sorted(rec["modules"])[0]
     rec["modules"][dropped]["rank"] = 0

@@ -5,8 +5,8 @@ Runs (each a :func:`hessrank.trainer.train.train` folder under ``VAL/runs/``, so
 * ``advice-s<seed>`` — the recommendation as given (per-module ranks, advised format), for each seed (default 3);
 * ``rank-<r>`` — the uniform rank ladder {r/4, r/2, r, 2r, 4r} around the advised global rank r (advised format,
   same target modules);
-* ``rival-s<seed>`` — the closest rival (the best rank run at the first seed) again with the other seeds, under the
-  same protocol (planned steps, extensions, rates);
+* ``rival-s<seed>`` — the closest rival (:func:`closest_rival`: the rung with the lowest selection-half loss at the
+  first seed) again with the other seeds, under the same protocol (planned steps, extensions, rates);
 * competitors (``--competitors``, default all): ``folk-8`` / ``folk-16`` (the folk rule: uniform r = 8 and 16 on
   the advised modules), ``eva`` (PEFT's EVA initialisation and rank redistribution, ``lora-eva``, at the advice's
   budget), ``adalora`` (AdaLoRA with the advice's final budget), ``uniform-budget`` (one uniform rank at the advice's
@@ -43,10 +43,11 @@ seed, so the advice is compared with its rival *seed by seed*: dₛ = L(rival, s
 standard error se = sd(d)/√n over n ≥ 3 seeds. The band is max(tolerance·L_best, 2·se). The advice is *too small*
 when d̄ < −band (the rival is better by more than the band) and the rival trains more parameters, *beaten* when
 the better rival trains fewer; otherwise *right* when it trains at most twice the knee's parameters, else *too
-large*. The knee r* is the smallest ladder rank within the band of the best rung at
-the first seed. A run that is still improving after the extensions makes the verdict *inconclusive* (the would-be
-verdict is kept as provisional). Competitors are single-seed and compared with the advice at the same seed under
-the same band; the table says who wins at which budget. Loss decides; accuracy is reported beside it.
+large*. The rival is the rung with the lowest selection-half loss at the first seed (:func:`closest_rival`); the
+knee r* is the smallest ladder rank within the band of the rung with the lowest reported loss at the first seed. A
+run that is still improving after the extensions makes the verdict *inconclusive* (the would-be verdict is kept as
+provisional). Competitors are single-seed and compared with the advice at the same seed under the same band; the
+table says who wins at which budget. Loss decides; accuracy is reported beside it.
 """
 
 from __future__ import annotations
@@ -728,10 +729,12 @@ def _verdict(
     ladder: dict[int, dict[str, Any]],
     paired: dict,
     rival_params: int | None = None,
+    rival: str | None = None,
 ) -> dict[str, Any]:
     """Band, knee and verdict from the paired differences (see the module docstring). A rival better by more than
     the band that trains *fewer* parameters than the advice does not make it "too small": the verdict is then
     "beaten" (a smaller uniform rank does better than the advised allocation)."""
+    who = f"the closest rival ({rival}, the rung best on the selection half)" if rival else "the closest rival"
     s0 = cfg.seeds[0]
     adv_mean = float(np.mean(list(adv.values())))
     scale = min(adv_mean, adv_mean + paired["mean"]) if paired.get("mean") is not None else adv_mean
@@ -746,20 +749,20 @@ def _verdict(
         smaller = rival_params is not None and rival_params < adv_params
         verdict = "beaten" if smaller else "too small"
         why = (
-            f"the best rung beats the advice by {-mean:.4f} on average seed by seed ({basis}), beyond the band "
+            f"{who} beats the advice by {-mean:.4f} on average seed by seed ({basis}), beyond the band "
             f"{band:.4f} (max of {cfg.tolerance:.0%} and 2x the paired standard error {se or 0:.4f})"
             + (f", with fewer parameters ({rival_params:,} vs {adv_params:,})" if smaller else "")
         )
     elif knee_params is not None and adv_params > 2 * knee_params:
         verdict = "too large"
         why = (
-            f"the advice is within the band ({band:.4f}, {basis}) of the best rung but trains {adv_params:,} "
+            f"the advice is within the band ({band:.4f}, {basis}) of {who} but trains {adv_params:,} "
             f"parameters, more than twice the knee's {knee_params:,} (rank {knee})"
         )
     else:
         verdict = "right"
         why = (
-            f"the advice is within {band:.4f} of the best rung ({basis}; rival minus advice "
+            f"the advice is within {band:.4f} of {who} ({basis}; rival minus advice "
             f"{0.0 if mean is None else mean:+.4f}) with {adv_params:,} trainable parameters"
             + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
         )
@@ -928,7 +931,7 @@ def summarise(
     rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
     paired = paired_differences(_by_seed(rival_runs), adv) if rival else {"n": 0, "mean": None, "se": None}
     rival_params = int(results[rival]["train_info"]["num_trainable_params"]) if rival else None
-    v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params)
+    v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params, rival)
     judged = {f"rank-{r}": m for r, m in ladder.items()} | {f"advice-s{_seed(m)}": m for m in advice}
     judged |= {k: m for k, m in results.items() if k.startswith("rival-")}  # the rival at the first seed is a rung
     unsettled = sorted(k for k, m in judged.items() if not _plateaued(m) and k not in runner.shorter_kept)
