@@ -161,7 +161,8 @@ ARCHIVED = (
 def archive(src: Path, dst: Path) -> list[Path]:
     """Copy the :data:`ARCHIVED` files of every case folder under ``src`` to the same place under ``dst``.
 
-    Each file is written atomically; a file whose bytes are already there is left alone. Returns the files
+    Each file is written atomically; a file whose bytes are already there is left alone. An archived run's
+    ``metrics.json`` that no longer describes its run folder is removed (:func:`_stale_metrics`). Returns the files
     written."""
     written = []
     for case in sorted(CASES):
@@ -170,7 +171,34 @@ def archive(src: Path, dst: Path) -> list[Path]:
                 target = dst / case / f.relative_to(src / case)
                 if _copy(f, target, replace=True):
                     written.append(target)
+        for stale in _stale_metrics(src / case, dst / case):
+            print(f"removed {stale} (its run now trains another configuration)", flush=True)
+            stale.unlink()
     return written
+
+
+def _stale_metrics(src: Path, dst: Path) -> list[Path]:
+    """Archived ``metrics.json`` files under ``dst`` whose run folder under ``src`` now holds another training, not
+    finished: a ``train_config.json`` that differs from the archived run's and no ``metrics.json``.
+
+    Why: ``validate`` can move a run folder (a rival seed trained before session 21 at its longest configuration
+    became ``rival-s<seed>@<steps>``) or retrain it under ``--overwrite``; until the new training finishes, the
+    archive would otherwise hold the old metrics beside the new ``train_config.json`` — a pair that describes no
+    training, which the summary would show and ``restore`` would copy back. The moved training is archived under
+    its new name by the same call."""
+    out = []
+    for m in sorted(dst.glob("validation/runs/*/metrics.json")):
+        run = src / m.relative_to(dst).parent
+        if (run / "metrics.json").exists() or not (run / "train_config.json").exists():
+            continue
+        try:
+            now = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text())["config"]).to_dict()
+            held = TrainConfig.from_dict(json.loads(m.read_text())["run_info"]["train_config"]).to_dict()
+        except (ValueError, KeyError, TypeError, HessrankError):
+            continue  # unreadable: leave both for a person to look at
+        if now != held:
+            out.append(m)
+    return out
 
 
 def _copy(f: Path, target: Path, replace: bool) -> bool:

@@ -207,3 +207,41 @@ def test_grid_note_names_a_case_validated_at_fewer_rates_than_validate_now_train
     # the verdict shown is validation.json's: a one-rate verdict being re-run with the grid still gets the sentence
     (tmp_path / "validation" / "validation.json").write_text(json.dumps({"config": {"steps": 100}}))
     assert "multiples [1.0]" in vr._grid_note(tmp_path)
+
+
+def test_archive_removes_metrics_that_no_longer_describe_their_run(tmp_path: Path) -> None:
+    """A run folder that now trains another configuration (moved to its extension's name, or retrained under
+    --overwrite) and has not finished: its old archived metrics.json goes, the moved training is archived under its
+    new name; a run still training what its archived metrics describe keeps them."""
+    import json
+
+    from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig
+
+    vr = _bench()
+    old, new = TrainConfig(model="m", data="d", steps=400), TrainConfig(model="m", data="d", steps=200)
+    runs = tmp_path / "runs" / "smollm2-gsm8k" / "validation" / "runs"
+    dst = tmp_path / "reports"
+
+    def metrics(tc: TrainConfig) -> str:
+        return json.dumps({"run_info": {"train_config": tc.to_dict()}, "train_info": {}})
+
+    def config(tc: TrainConfig) -> str:
+        return json.dumps({"schema": CONFIG_SCHEMA, "config": tc.to_dict()})
+
+    for name in ("rival-s1", "rank-8"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(metrics(old))
+        (runs / name / "train_config.json").write_text(config(old))
+    vr.archive(tmp_path / "runs", dst)
+    # validate moves rival-s1 to its extension's name and starts the planned 200-step training in rival-s1;
+    # rank-8's training restarts (killed) under the configuration its archived metrics describe
+    (runs / "rival-s1").rename(runs / "rival-s1@400")
+    (runs / "rival-s1").mkdir()
+    (runs / "rival-s1" / "train_config.json").write_text(config(new))
+    (runs / "rank-8" / "metrics.json").unlink()
+    vr.archive(tmp_path / "runs", dst)
+    kept = dst / "smollm2-gsm8k" / "validation" / "runs"
+    assert not (kept / "rival-s1" / "metrics.json").exists()
+    assert json.loads((kept / "rival-s1" / "train_config.json").read_text())["config"]["steps"] == 200
+    assert (kept / "rival-s1@400" / "metrics.json").read_text() == metrics(old)
+    assert (kept / "rank-8" / "metrics.json").read_text() == metrics(old)
