@@ -323,7 +323,11 @@ def extension_table(val: Path) -> str | None:
         return None
     graded = any(_rate(f) != 1.0 for fam in families.values() for f, _ in fam)
     vj = val / "validation.json"
-    used = {r["run"]: r.get("folder") for r in json.loads(vj.read_text())["runs"]} if vj.exists() else {}
+    # a row names the training it used by folder and loss: while a validation is resumed, a folder it names can
+    # already hold another training (a rival seed's folder moved to its extension's name and trained anew)
+    used = (
+        {r["run"]: (r.get("folder"), r["eval_loss"]) for r in json.loads(vj.read_text())["runs"]} if vj.exists() else {}
+    )
     rows = [
         "Runs with more than one training (extended, or at other rates of the learning-rate grid) beside each other "
         "(selection: the held-out half that chose the checkpoint, at the best step; reported: the other half; the "
@@ -348,7 +352,7 @@ def extension_table(val: Path) -> str | None:
                 rows.append(
                     f"| {folder} | " + (f"{rate:g} | " if graded else "") + f"{steps} | {ti['steps']} | "
                     f"{ti['best_step']} | {_selection_loss(m):.4f} | {ti['metrics']['eval_loss']:.4f} | "
-                    f"{'yes' if used.get(name) == f'runs/{folder}' else 'no'} |"
+                    f"{'yes' if used.get(name) == (f'runs/{folder}', ti['metrics']['eval_loss']) else 'no'} |"
                 )
             if len(chain) > 1:
                 extended += 1

@@ -140,7 +140,8 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     metrics("rank-8", 100, 100, 100, {50: 0.9, 100: 0.5}, 0.52)
     metrics("rank-8@200", 200, 150, 100, {50: 0.9, 100: 0.6, 150: 0.7}, 0.50)
     # which training the verdict used is validation.json's runs[].folder (the lower selection loss since session 20)
-    (tmp_path / "validation.json").write_text(json.dumps({"runs": [{"run": "rank-8", "folder": "runs/rank-8"}]}))
+    row = {"run": "rank-8", "folder": "runs/rank-8", "eval_loss": 0.52}
+    (tmp_path / "validation.json").write_text(json.dumps({"runs": [row]}))
     table = vr.extension_table(tmp_path)
     assert "| rank-8 | 100 | 100 | 100 | 0.5000 | 0.5200 | yes |" in table
     assert "| rank-8@200 | 200 | 150 | 100 | 0.6000 | 0.5000 | no |" in table
@@ -148,10 +149,15 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     assert "lower selection loss in 1 of 1 extended runs and the lower reported loss in 0 of 1" in table
     # the learning-rate grid (session 21): a run's other rates are its trainings too, in a column of their own
     metrics("rank-8~lr2x", 100, 100, 75, {50: 0.7, 75: 0.45, 100: 0.5}, 0.48)
-    (tmp_path / "validation.json").write_text(json.dumps({"runs": [{"run": "rank-8", "folder": "runs/rank-8~lr2x"}]}))
+    row = {"run": "rank-8", "folder": "runs/rank-8~lr2x", "eval_loss": 0.48}
+    (tmp_path / "validation.json").write_text(json.dumps({"runs": [row]}))
     table = vr.extension_table(tmp_path)
     assert "| rank-8 | 1 | 100 | 100 | 100 | 0.5000 | 0.5200 | no |" in table
     assert "| rank-8~lr2x | 2 | 100 | 100 | 75 | 0.4500 | 0.4800 | yes |" in table
+    # a resumed validation can train anew in a folder the stored verdict names (a rival seed's old training moved to
+    # its extension's name): the row it used is the one with its loss, not whatever the folder holds now
+    (tmp_path / "validation.json").write_text(json.dumps({"runs": [{**row, "eval_loss": 0.47}]}))
+    assert "| rank-8~lr2x | 2 | 100 | 100 | 75 | 0.4500 | 0.4800 | no |" in vr.extension_table(tmp_path)
     assert "Another rate than the recipe's had the lower selection loss in 1 of 1 runs." in table
 
 
