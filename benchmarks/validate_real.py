@@ -42,7 +42,7 @@ from hessrank.errors import HessrankError
 from hessrank.io import atomic_write, write_config
 from hessrank.results import minus_advice_text
 from hessrank.trainer.rates import selection_loss as _selection_loss
-from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig, plateau_status
+from hessrank.trainer.train import CONFIG_SCHEMA, TrainConfig, _normalise, plateau_status
 from hessrank.trainer.validate import _rank_label
 
 
@@ -192,9 +192,10 @@ def _stale_metrics(src: Path, dst: Path) -> list[Path]:
         if (run / "metrics.json").exists() or not (run / "train_config.json").exists():
             continue
         try:
-            now = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text())["config"]).to_dict()
-            held = TrainConfig.from_dict(json.loads(m.read_text())["run_info"]["train_config"]).to_dict()
-        except (ValueError, KeyError, TypeError, HessrankError):
+            now = _normalise(json.loads((run / "train_config.json").read_text())["config"])
+            held = _normalise(json.loads(m.read_text())["run_info"]["train_config"])
+        except (ValueError, KeyError, TypeError, HessrankError) as e:
+            print(f"kept {m}: cannot compare it with {run / 'train_config.json'} ({e})", flush=True)
             continue  # unreadable: leave both for a person to look at
         if now != held:
             out.append(m)
