@@ -107,8 +107,39 @@ def test_a_smaller_rung_that_beats_the_advice_makes_it_beaten_not_too_small():
 def test_knee_sentence_names_the_rank_or_says_there_is_none():
     from hessrank.trainer.validate import knee_sentence
 
+    assert knee_sentence({"knee_rank": 8, "band": 0.0123, "knee_reference_loss": 0.5}) == (
+        "Knee rank r* = 8 (smallest ladder rank within 0.0123 of the run best on the selection half at the first "
+        "seed (reported loss 0.5000))."
+    )
+    # a validation written before session 24 measured the knee from the lowest reported loss and says so
     assert knee_sentence({"knee_rank": 8, "band": 0.0123}) == (
         "Knee rank r* = 8 (smallest ladder rank within 0.0123 of the best run at the first seed)."
     )
     none = knee_sentence({"knee_rank": None, "band": 0.0038})
     assert "None" not in none and "no ladder rank is within 0.0038" in none
+
+
+def _selected(reported: float, selection: float, params: int) -> dict:
+    """A run whose best checkpoint (step 100) has ``selection`` on the selection half and ``reported`` on the rest."""
+    m = _metrics(reported, 0, params)
+    m["train_info"].update(eval_curve=[{"step": 100, "eval_loss": selection}], best_step=100)
+    return m
+
+
+def test_knee_is_measured_from_the_run_best_on_the_selection_half_not_the_lowest_reported_loss():
+    from hessrank.trainer.validate import ValidateConfig, _verdict, knee_reference, paired_differences
+
+    adv = {0: 1.0, 1: 1.0, 2: 1.0}
+    p = paired_differences({0: 1.0, 1: 1.0, 2: 1.0}, adv)  # no paired spread: the band is 2% of 1.0
+    # rank 2 has the lowest reported loss only by luck of the reported half; rank 1 is best where runs are chosen
+    ladder = {1: _selected(1.00, 0.95, 100), 2: _selected(0.97, 0.99, 200)}
+    advice = _selected(1.0, 0.98, 300)
+    assert knee_reference([*ladder.values(), advice]) == 1.00
+    v = _verdict(ValidateConfig(recommendation="x"), adv, 300, ladder, p, advice_first=advice)
+    # from the lowest reported loss (0.97) rank 1 (1.00) is outside the band: knee 2 (200 params) and "right"
+    assert v["knee"] == 1 and v["knee_params"] == 100 and v["knee_ref"] == 1.00
+    assert v["verdict"] == "too large", v["why"]
+    # the advice best on the selection half and every rung beyond the band of its reported loss: no knee
+    best = _selected(0.90, 0.90, 300)
+    v = _verdict(ValidateConfig(recommendation="x"), {0: 0.9, 1: 0.9, 2: 0.9}, 300, ladder, p, advice_first=best)
+    assert v["knee"] is None and v["verdict"] == "right"

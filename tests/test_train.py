@@ -355,6 +355,9 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
     assert {"advice-s0", "advice-s1", "advice-s2", "method-ia3", "folk-8", "folk-16", "eva", "adalora"} <= names
     assert any(n.startswith("rank-") for n in names) and {"rival-s1", "rival-s2"} <= names
     assert doc["knee_rank"] in {int(k) for k in doc["ladder"]}
+    assert doc["knee_reference_loss"] >= doc["best_rank_run_loss"] or doc["knee_reference_loss"] in {
+        r["eval_loss"] for r in doc["runs"] if r["run"] == "advice-s0"
+    }
     md = (out / "validation.md").read_text()
     assert md.startswith("# hessrank validation") and "Who wins at which budget" in md
     # every run still improving was extended once (steps doubled), and the table says whether it plateaued

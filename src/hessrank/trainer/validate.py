@@ -44,7 +44,8 @@ standard error se = sd(d)/√n over n ≥ 3 seeds. The band is max(tolerance·L_
 when d̄ < −band (the rival is better by more than the band) and the rival trains more parameters, *beaten* when
 the better rival trains fewer; otherwise *right* when it trains at most twice the knee's parameters, else *too
 large*. The rival is the rung with the lowest selection-half loss at the first seed (:func:`closest_rival`); the
-knee r* is the smallest ladder rank within the band of the rung with the lowest reported loss at the first seed. A
+knee r* is the smallest ladder rank whose reported loss at the first seed is within the band of the reported loss
+of the run — a rung or the advice — with the lowest selection-half loss (:func:`knee_reference`). A
 run that is still improving after the extensions makes the verdict *inconclusive* (the would-be verdict is kept as
 provisional). Competitors are single-seed and compared with the advice at the same seed under the same band; the
 table says who wins at which budget. Loss decides; accuracy is reported beside it.
@@ -722,6 +723,21 @@ def _by_seed(runs: list[dict[str, Any]]) -> dict[int, float]:
     return {_seed(m): _loss(m) for m in runs}
 
 
+def knee_reference(runs: list[dict[str, Any]]) -> float | None:
+    """The reported loss the knee is measured from: that of the run with the lowest *selection*-half loss among
+    ``runs`` (the rungs and the advice at the first seed; ties broken by the reported loss).
+
+    Like the rival (:func:`closest_rival`), the best run is a model selection and is made on the selection half.
+    The minimum of the reported losses themselves is biased low (the winner's curse; Cawley & Talbot 2010, JMLR
+    11), which raised the bar a rung had to clear, pushed the knee up and made *too large* rarer; until session 24
+    the knee was measured from that minimum. The reference is at least that minimum, so the knee can only be
+    smaller or equal: the change can make a verdict *too large*, never *right* instead. With
+    ``selection_fraction`` 0 both rules are the same."""
+    if not runs:
+        return None
+    return _loss(min(runs, key=lambda m: (_selection_loss(m), _loss(m))))
+
+
 def _verdict(
     cfg: ValidateConfig,
     adv: dict[int, float],
@@ -730,18 +746,22 @@ def _verdict(
     paired: dict,
     rival_params: int | None = None,
     rival: str | None = None,
+    advice_first: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Band, knee and verdict from the paired differences (see the module docstring). A rival better by more than
     the band that trains *fewer* parameters than the advice does not make it "too small": the verdict is then
-    "beaten" (a smaller uniform rank does better than the advised allocation)."""
+    "beaten" (a smaller uniform rank does better than the advised allocation). ``advice_first``: the advice's run
+    at the first seed (its metrics), a candidate for the knee's reference (:func:`knee_reference`)."""
     who = f"the closest rival ({rival}, the rung best on the selection half)" if rival else "the closest rival"
     s0 = cfg.seeds[0]
     adv_mean = float(np.mean(list(adv.values())))
     scale = min(adv_mean, adv_mean + paired["mean"]) if paired.get("mean") is not None else adv_mean
     se = paired.get("se")
     band = max(cfg.tolerance * scale, 2 * se) if se is not None else cfg.tolerance * scale
-    best0 = min([_loss(m) for m in ladder.values()] + ([adv[s0]] if s0 in adv else []))
-    knee = min((r for r, m in ladder.items() if _loss(m) <= best0 + band + 1e-12), default=None)
+    ref = knee_reference(list(ladder.values()) + ([advice_first] if advice_first is not None else []))
+    if ref is None:  # no rung finished: the advice's own loss at the first seed
+        ref = adv.get(s0, adv_mean)
+    knee = min((r for r, m in ladder.items() if _loss(m) <= ref + band + 1e-12), default=None)
     knee_params = ladder[knee]["train_info"]["num_trainable_params"] if knee is not None else None
     mean = paired.get("mean")
     basis = f"paired over {paired['n']} seeds" if paired.get("n", 0) >= 2 else "one seed: no paired spread"
@@ -766,7 +786,7 @@ def _verdict(
             f"{0.0 if mean is None else mean:+.4f}) with {adv_params:,} trainable parameters"
             + (f" (knee rank {knee}: {knee_params:,})" if knee else "")
         )
-    return {"verdict": verdict, "why": why, "band": band, "knee": knee, "knee_params": knee_params}
+    return {"verdict": verdict, "why": why, "band": band, "knee": knee, "knee_params": knee_params, "knee_ref": ref}
 
 
 def _competitor_table(
@@ -931,7 +951,8 @@ def summarise(
     rival_runs = [results[k] for k in results if k.startswith("rival-")] + ([results[rival]] if rival else [])
     paired = paired_differences(_by_seed(rival_runs), adv) if rival else {"n": 0, "mean": None, "se": None}
     rival_params = int(results[rival]["train_info"]["num_trainable_params"]) if rival else None
-    v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params, rival)
+    first = next((m for m in advice if _seed(m) == cfg.seeds[0]), None)
+    v = _verdict(cfg, adv, adv_params, ladder, paired, rival_params, rival, advice_first=first)
     judged = {f"rank-{r}": m for r, m in ladder.items()} | {f"advice-s{_seed(m)}": m for m in advice}
     judged |= {k: m for k, m in results.items() if k.startswith("rival-")}  # the rival at the first seed is a rung
     unsettled = sorted(k for k, m in judged.items() if not _plateaued(m) and k not in runner.shorter_kept)
@@ -991,6 +1012,7 @@ def summarise(
         "best_rank_run_loss": min((_loss(m) for m in ladder.values()), default=None),
         "knee_rank": v["knee"],
         "knee_params": v["knee_params"],
+        "knee_reference_loss": v["knee_ref"],
         "verdict": verdict,
         "provisional_verdict": provisional,
         "unsettled_runs": unsettled,
@@ -1031,9 +1053,17 @@ def _accuracy_note(ladder: dict[int, dict[str, Any]], advice: list[dict[str, Any
 
 
 def knee_sentence(doc: dict[str, Any]) -> str:
-    """The knee in words; with no knee (``knee_rank`` null) the advice at the first seed beat every rung by more
-    than the band, which the sentence says instead of printing ``None``."""
-    within = f"within {doc['band']:.4f} of the best run at the first seed"
+    """The knee in words; with no knee (``knee_rank`` null) the advice at the first seed was the best run and
+    beat every rung by more than the band, which the sentence says instead of printing ``None``. A validation
+    written before session 24 (no ``knee_reference_loss``) measured the knee from the lowest reported loss at the
+    first seed, and its sentence says so."""
+    if "knee_reference_loss" in doc:
+        within = (
+            f"within {doc['band']:.4f} of the run best on the selection half at the first seed "
+            f"(reported loss {doc['knee_reference_loss']:.4f})"
+        )
+    else:
+        within = f"within {doc['band']:.4f} of the best run at the first seed"
     if doc.get("knee_rank") is None:
         return f"Knee rank r*: none — no ladder rank is {within} (the advice is better than every rung)."
     return f"Knee rank r* = {doc['knee_rank']} (smallest ladder rank {within})."
