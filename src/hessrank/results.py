@@ -394,6 +394,8 @@ class ValidationResult(_Document):
     best_rank_run_loss: float | None = field(default=None, metadata=_md(types=_NUM))
     knee_rank: int | None = field(default=None, metadata=_md(types=(int,)))
     knee_params: int | None = field(default=None, metadata=_md(types=(int,)))
+    #: the reported loss the knee is measured from (since session 24; absent before: the lowest reported loss)
+    knee_reference_loss: float | None = field(default=None, metadata=_md(types=_NUM))
     verdict: str = field(metadata=_md(required=True, types=(str,)))
     provisional_verdict: str | None = field(default=None, metadata=_md(types=(str,)))
     unsettled_runs: tuple[str, ...] | None = field(default=None, metadata=_md(kind="tuple"))

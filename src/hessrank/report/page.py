@@ -182,7 +182,12 @@ def _figures(src: Sources) -> list[Figure]:
             "ladder",
             "Rank ladder",
             lambda: plots.ladder(val),
-            "Every run judged at its best held-out checkpoint; the knee is the smallest rung within the band.",
+            "Every run judged at its best held-out checkpoint; the knee is the smallest rung within the band of "
+            + (
+                "the run best on the selection half."
+                if val.get("knee_reference_loss") is not None
+                else "the best run."  # a validation written before session 24
+            ),
         )
         curves = {n: m["train_info"].get("eval_curve") or [] for n, m in src.metrics.items()}
         add(

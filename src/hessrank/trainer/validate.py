@@ -1057,7 +1057,7 @@ def knee_sentence(doc: dict[str, Any]) -> str:
     beat every rung by more than the band, which the sentence says instead of printing ``None``. A validation
     written before session 24 (no ``knee_reference_loss``) measured the knee from the lowest reported loss at the
     first seed, and its sentence says so."""
-    if "knee_reference_loss" in doc:
+    if doc.get("knee_reference_loss") is not None:
         within = (
             f"within {doc['band']:.4f} of the run best on the selection half at the first seed "
             f"(reported loss {doc['knee_reference_loss']:.4f})"
