@@ -310,6 +310,30 @@ def _rate(folder: str) -> float:
     return float(tail.removesuffix("x")) if tail else 1.0
 
 
+def _plan_key(m: dict) -> str:
+    """What a training trains apart from its length and rate: the configuration its extensions and other rates
+    share (``train_config`` normalised, without ``steps`` and ``lr``)."""
+    tc = _normalise(m["run_info"]["train_config"])
+    return json.dumps({k: v for k, v in tc.items() if k not in ("steps", "lr")}, sort_keys=True, default=str)
+
+
+def _current_plan(families: dict[str, list[tuple[str, dict]]]) -> tuple[dict, list[str]]:
+    """``families`` without the trainings of an earlier plan: a folder ``<name>@<steps>`` or ``<name>~lr<m>x``
+    whose configuration (:func:`_plan_key`) is not that of ``<name>`` itself — GSM8K's ``eva@400`` is the
+    400-step EVA at rank 4 of session 19, while ``eva`` now trains rank 5 (validate retrains such a folder under
+    ``--overwrite`` when it needs it). Returns the kept families and the folders left out."""
+    kept, left = {}, []
+    for name, trainings in families.items():
+        planned = next((m for f, m in trainings if f == name), None)
+        if planned is None:
+            kept[name] = trainings
+            continue
+        key = _plan_key(planned)
+        kept[name] = [(f, m) for f, m in trainings if _plan_key(m) == key]
+        left += [f for f, m in trainings if _plan_key(m) != key]
+    return kept, sorted(left)
+
+
 def extension_table(val: Path) -> str | None:
     """Every run with more than one training — extended (``runs/<name>@<steps>``) or trained at other rates of the
     learning-rate grid (``runs/<name>~lr<m>x``) — beside its other trainings, from their ``metrics.json``: each
@@ -319,6 +343,7 @@ def extension_table(val: Path) -> str | None:
     families: dict[str, list[tuple[str, dict]]] = {}
     for mf in sorted(val.glob("runs/*/metrics.json")):
         families.setdefault(_family(mf.parent.name), []).append((mf.parent.name, json.loads(mf.read_text())))
+    families, earlier = _current_plan(families)
     families = {k: v for k, v in families.items() if len(v) > 1}
     if not families:
         return None
@@ -363,6 +388,11 @@ def extension_table(val: Path) -> str | None:
             rated += 1
             higher_rate_kept += min(best, key=lambda r: best[r]) != 1.0
     rows.append("")
+    if earlier:
+        rows.append(
+            f"Left out, trained under an earlier plan of the same run (another configuration than the run's own "
+            f"folder; validate retrains them when it needs them): {', '.join(earlier)}."
+        )
     if extended:
         rows.append(
             f"A shorter training had the lower selection loss in {shorter_by_selection} of {extended} extended runs "

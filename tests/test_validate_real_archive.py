@@ -122,9 +122,11 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
 
     vr = _bench()
 
-    def metrics(folder: str, steps: int, run: int, best: int, curve: dict[int, float], reported: float) -> None:
+    def metrics(
+        folder: str, steps: int, run: int, best: int, curve: dict[int, float], reported: float, rank: int = 8
+    ) -> None:
         m = {
-            "run_info": {"train_config": {"steps": steps}},
+            "run_info": {"train_config": {"model": "m", "data": "d", "rank": rank, "steps": steps}},
             "train_info": {
                 "steps": run,
                 "best_step": best,
@@ -159,6 +161,12 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     (tmp_path / "validation.json").write_text(json.dumps({"runs": [{**row, "eval_loss": 0.47}]}))
     assert "| rank-8~lr2x | 2 | 100 | 100 | 75 | 0.4500 | 0.4800 | no |" in vr.extension_table(tmp_path)
     assert "Another rate than the recipe's had the lower selection loss in 1 of 1 runs." in table
+    # a folder of the same name trained under an earlier plan (GSM8K's eva@400: EVA at rank 4, while eva now trains
+    # rank 5) is no training of the run: left out of its rows and of the counts, and named
+    metrics("rank-8~lr2x@200", 200, 200, 200, {100: 0.3, 200: 0.2}, 0.25, rank=4)
+    table = vr.extension_table(tmp_path)
+    assert "| rank-8~lr2x@200 |" not in table and "earlier plan" in table and "rank-8~lr2x@200." in table
+    assert "lower selection loss in 1 of 1 extended runs" in table
 
 
 def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_criterion(tmp_path: Path) -> None:
