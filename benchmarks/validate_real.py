@@ -329,8 +329,9 @@ def _current_plan(families: dict[str, list[tuple[str, dict]]]) -> tuple[dict, li
             kept[name] = trainings
             continue
         key = _plan_key(planned)
-        kept[name] = [(f, m) for f, m in trainings if _plan_key(m) == key]
-        left += [f for f, m in trainings if _plan_key(m) != key]
+        same = [_plan_key(m) == key for _, m in trainings]
+        kept[name] = [fm for fm, ok in zip(trainings, same) if ok]
+        left += [f for (f, _), ok in zip(trainings, same) if not ok]
     return kept, sorted(left)
 
 
