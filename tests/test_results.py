@@ -17,6 +17,8 @@ from hessrank.results import (
     RepeatResult,
     ScopeResult,
     ValidationResult,
+    adalora_init_rank,
+    competitor_notes,
     load_analysis_result,
     load_recommendation,
     load_validation,
@@ -248,3 +250,16 @@ def test_loaders_refuse_missing_and_foreign_files(tmp_path):
         HessrankError, match=re.escape(f"{tmp_path / 'analysis.json'}: required field 'model' is missing")
     ):
         load_analysis_result(tmp_path)
+
+
+def test_competitor_notes_explain_adalora_initial_count_only():
+    """AdaLoRA's parameter count is PEFT's at its initial rank (1.5x the final, at least one more); other rows get
+    no note, and a rank column that names no single rank gets none either."""
+    assert [adalora_init_rank(r) for r in (1, 2, 5, 8)] == [2, 3, 7, 12]
+    rows = [
+        {"run": "eva", "method": "lora-eva", "ranks": "5 (60 modules)"},
+        {"run": "adalora", "method": "adalora", "ranks": "5"},
+    ]
+    (note,) = competitor_notes(rows)
+    assert note.startswith("adalora: ") and "initial rank 7 per module" in note and "to rank 5 per module" in note
+    assert competitor_notes([{"run": "adalora", "method": "adalora", "ranks": "-"}]) == []

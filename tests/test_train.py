@@ -187,6 +187,14 @@ def test_every_method_trains(method, tiny_llama_dir, tiny_data, tmp_path):
     ti = doc["train_info"]
     assert ti["num_trainable_params"] > 0 and ti["steps"] == 3
     assert torch.isfinite(torch.tensor(ti["metrics"]["eval_loss"]))
+    if method == "adalora":
+        # the count competitor_notes describes: PEFT's at AdaLoRA's initial rank, A (r0×in), B (out×r0) and E (r0)
+        # per module; the tiny Llama's q_proj is 16→16 and v_proj 16→8, in 2 layers
+        from hessrank.results import adalora_init_rank
+
+        r0 = adalora_init_rank(doc["run_info"]["train_config"]["rank"])
+        assert r0 > doc["run_info"]["train_config"]["rank"]
+        assert ti["num_trainable_params"] == 2 * (r0 * (16 + 16) + r0 + r0 * (16 + 8) + r0)
 
 
 @pytest.mark.slow
@@ -307,6 +315,7 @@ def test_closest_rival_is_chosen_on_the_selection_half_not_the_reported_loss():
 def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path):
     from hessrank.advisor import recommend, write_recommendation
     from hessrank.analysis import AnalysisConfig, analyze
+    from hessrank.results import adalora_init_rank, competitor_notes
     from hessrank.trainer.validate import ValidateConfig, validate
 
     an = tmp_path / "an"
@@ -392,6 +401,9 @@ def test_validate_ladder_verdict_and_resume(tiny_llama_dir, tiny_data, tmp_path)
             assert r["minus_advice"] == r["minus_advice_first_seed"]
     assert comp[doc["rival"]]["seeds"] == 3 and "(paired, 3 seeds)" in md
     assert comp["folk-16"]["trainable_params"] > comp["folk-8"]["trainable_params"]
+    # AdaLoRA's count is PEFT's at its initial rank, and the table says so under it
+    assert competitor_notes([comp["adalora"]])[0] in md
+    assert f"AdaLoRA's initial rank {adalora_init_rank(int(comp['adalora']['ranks']))} per module" in md
     # resume: one run lost its result -> only that run is retrained
     victim = out / "runs" / "method-ia3" / "metrics.json"
     victim.unlink()

@@ -418,6 +418,34 @@ def minus_advice_text(row: dict[str, Any]) -> str:
     return f"{row['minus_advice']:+.4f}" + (f" (paired, {n} seeds)" if n > 1 else "")
 
 
+def adalora_init_rank(target_rank: int) -> int:
+    """AdaLoRA's initial rank per module for a final budget of ``target_rank`` per module on average: 1.5× it, at
+    least one more — the initial budget b(0) = 1.5·b(T) of the AdaLoRA paper's experiments (Zhang et al., "Adaptive
+    Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023)."""
+    return max(target_rank + target_rank // 2, target_rank + 1)
+
+
+def competitor_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Sentences the competitor table needs to be read fairly (rendered under it in validation.md and the HTML
+    report). AdaLoRA: its "trainable params" is PEFT's count at its initial rank (:func:`adalora_init_rank`), which
+    its schedule prunes to the final budget its rank column names; the comparison "at equal or fewer parameters"
+    uses that initial count, as PEFT reports it."""
+    notes = []
+    for r in rows:
+        if r.get("method") != "adalora":
+            continue
+        try:
+            target = int(str(r["ranks"]).split()[0])
+        except ValueError:
+            continue
+        notes.append(
+            f"{r['run']}: trainable params as PEFT counts them at AdaLoRA's initial rank {adalora_init_rank(target)} "
+            f"per module; its budget schedule prunes them to rank {target} per module on average (the final budget "
+            f"of uniform rank {target})."
+        )
+    return notes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # loaders
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..results import (
     AnalysisResult,
     Recommendation,
     ValidationResult,
+    competitor_notes,
     load_analysis_result,
     load_recommendation,
     load_validation,
@@ -424,6 +425,7 @@ def _sections(src: Sources) -> list[tuple[str, list[tuple[str, Any]]]]:
                         "better by more than the band):",
                     ),
                     ("table", _competitor_table(val)),
+                    *(("text", n) for n in competitor_notes(val.competitors or ())),
                     *(
                         [("text", "Not trained on their own: " + "; ".join(f"{k}: {v}" for k, v in nt.items()) + ".")]
                         if (nt := val.extra.get("competitors_not_trained"))

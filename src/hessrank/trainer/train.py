@@ -59,6 +59,7 @@ from ..io import (
     write_json,
 )
 from ..models import load_model, resolve_targets, resolve_task
+from ..results import adalora_init_rank
 from ..runtime import _versions, resolve_device
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def build_peft_model(
     if m == "adalora":
         steps = total_steps or cfg.steps or 200
         conf = AdaLoraConfig(
-            init_r=max(cfg.rank + cfg.rank // 2, cfg.rank + 1),
+            init_r=adalora_init_rank(cfg.rank),
             target_r=cfg.rank,
             lora_alpha=alpha,
             target_modules=targets(),

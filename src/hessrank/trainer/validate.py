@@ -78,7 +78,7 @@ from ..io import (
     write_config,
     write_json,
 )
-from ..results import Recommendation, minus_advice_text
+from ..results import Recommendation, competitor_notes, minus_advice_text
 from .rates import check_grid
 from .rates import selection_loss as _selection_loss
 from .rates import with_rate as _with_rate
@@ -1137,7 +1137,8 @@ def table_markdown(doc: dict[str, Any]) -> str:
                 f"| {r['run']} | {r['method']} | {r['ranks']} | {r['trainable_params']:,} | {r['eval_loss']:.4f} | "
                 f"{minus_advice_text(r)} | {r['winner']} |"
             )
-        lines.append("")
+        notes = competitor_notes(doc["competitors"])
+        lines += ["", *notes, *([""] if notes else [])]
     if doc.get("competitors_not_trained"):
         not_trained = "; ".join(f"{k}: {v}" for k, v in doc["competitors_not_trained"].items())
         lines += [f"Not trained on their own: {not_trained}.", ""]
