@@ -366,6 +366,7 @@ def extension_table(val: Path) -> str | None:
     ]
     extended, shorter_by_selection, shorter_by_reported = 0, 0, 0
     rated, higher_rate_kept = 0, 0
+    unasked: list[str] = []  # longer trainings of a run whose shorter one had its plateau: no extension validate makes
     for name, trainings in families.items():
         trainings.sort(key=lambda fm: (_rate(fm[0]), fm[1]["run_info"]["train_config"]["steps"]))
         best: dict[float, float] = {}
@@ -381,7 +382,12 @@ def extension_table(val: Path) -> str | None:
                     f"{ti['best_step']} | {_selection_loss(m):.4f} | {ti['metrics']['eval_loss']:.4f} | "
                     f"{'yes' if used.get(name) == (f'runs/{folder}', ti['metrics']['eval_loss']) else 'no'} |"
                 )
-            if len(chain) > 1:
+            # an extension is made only for a training still improving at its last evaluation (``plateaued``
+            # false); a longer folder after one that had its plateau is a leftover of an earlier session (GSM8K's
+            # rival-s2@400), listed but not counted as an extension
+            asked = [not m["train_info"].get("plateaued", False) for _, m in chain[:-1]]
+            unasked += [f for (f, _), a in zip(chain[1:], asked) if not a]
+            if len(chain) > 1 and asked[-1]:
                 extended += 1
                 shorter_by_selection += min(sel[:-1]) < sel[-1]
                 shorter_by_reported += min(rep[:-1]) < rep[-1]
@@ -393,6 +399,11 @@ def extension_table(val: Path) -> str | None:
         rows.append(
             f"Left out, trained under an earlier plan of the same run (another configuration than the run's own "
             f"folder; validate retrains them when it needs them): {', '.join(earlier)}."
+        )
+    if unasked:
+        rows.append(
+            f"Not extensions of the current protocol (the shorter training had reached its plateau, so validate "
+            f"does not extend it; kept from an earlier session, not counted below): {', '.join(unasked)}."
         )
     if extended:
         rows.append(

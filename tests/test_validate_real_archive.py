@@ -167,6 +167,16 @@ def test_extension_table_puts_each_extended_run_beside_the_training_it_replaced(
     table = vr.extension_table(tmp_path)
     assert "| rank-8~lr2x@200 |" not in table and "earlier plan" in table and "rank-8~lr2x@200." in table
     assert "lower selection loss in 1 of 1 extended runs" in table
+    # a longer folder after a training that had its plateau is no extension validate makes (GSM8K's rival-s2@400,
+    # kept from session 19): listed, named, and not counted
+    metrics("rank-16", 100, 100, 100, {50: 0.9, 100: 0.5}, 0.52, rank=16)
+    metrics("rank-16@200", 200, 150, 100, {50: 0.9, 100: 0.45, 150: 0.7}, 0.50, rank=16)
+    assert "lower selection loss in 1 of 2 extended runs" in vr.extension_table(tmp_path)
+    m16 = tmp_path / "runs" / "rank-16" / "metrics.json"
+    m16.write_text(m16.read_text().replace('"best_step": 100,', '"best_step": 100, "plateaued": true,'))
+    table = vr.extension_table(tmp_path)
+    assert "| rank-16@200 | 1 | 200 | 150 | 100 | 0.4500 | 0.5000 | no |" in table
+    assert "not counted below): rank-16@200." in table and "lower selection loss in 1 of 1 extended runs" in table
 
 
 def test_scoreboard_marks_competitors_with_fewer_parameters_and_counts_the_criterion(tmp_path: Path) -> None:
