@@ -262,4 +262,4 @@ def test_competitor_notes_explain_adalora_initial_count_only():
     ]
     (note,) = competitor_notes(rows)
     assert note.startswith("adalora: ") and "initial rank 7 per module" in note and "to rank 5 per module" in note
-    assert competitor_notes([{"run": "adalora", "method": "adalora", "ranks": "-"}]) == []
+    assert competitor_notes([{"run": "adalora", "method": "adalora", "ranks": r} for r in ("-", "")]) == []

@@ -432,12 +432,10 @@ def competitor_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     uses that initial count, as PEFT reports it."""
     notes = []
     for r in rows:
-        if r.get("method") != "adalora":
+        head = str(r.get("ranks", "")).split()[:1]  # "5", or "5 (60 modules)"
+        if r.get("method") != "adalora" or not head or not head[0].isdigit():
             continue
-        try:
-            target = int(str(r["ranks"]).split()[0])
-        except ValueError:
-            continue
+        target = int(head[0])
         notes.append(
             f"{r['run']}: trainable params as PEFT counts them at AdaLoRA's initial rank {adalora_init_rank(target)} "
             f"per module; its budget schedule prunes them to rank {target} per module on average (the final budget "
